@@ -1,0 +1,3 @@
+"""gptforge: train GPT-style language models from scratch."""
+
+__version__ = "0.1.0"
