@@ -1,0 +1,85 @@
+# shellcheck shell=bash
+# Shared by scripts/*.sh (sourced, never run): GPU vendor detection, the docker flags each vendor
+# needs, and --dry-run printing. Everything here is plain bash and side-effect free until run_cmd.
+
+GPTFORGE_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PROG=$(basename "$0")
+DRY_RUN=0
+
+die() { # one-line error, non-zero exit
+  echo "$PROG: error: $*" >&2
+  exit 2
+}
+
+usage_error() { # $1: usage line, $2: what was wrong
+  echo "$PROG: error: $2; usage: $1" >&2
+  exit 2
+}
+
+# Prints the command as one shell-quoted line (the exact command, copy-pasteable) with --dry-run,
+# otherwise runs it in place of this script.
+run_cmd() {
+  if [ "$DRY_RUN" = 1 ]; then
+    local out
+    printf -v out '%q ' "$@"
+    echo "${out% }"
+    return 0
+  fi
+  exec "$@"
+}
+
+# rocm | cuda. GPTFORGE_GPU overrides detection.
+detect_gpu() {
+  local v=${GPTFORGE_GPU:-}
+  if [ -n "$v" ]; then
+    case "$v" in
+      rocm | cuda) echo "$v"; return 0 ;;
+      *) die "GPTFORGE_GPU='$v' is not a GPU vendor; set GPTFORGE_GPU=rocm or GPTFORGE_GPU=cuda" ;;
+    esac
+  fi
+  if [ -e /dev/kfd ] || command -v rocm-smi >/dev/null 2>&1; then
+    echo rocm
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    echo cuda
+  else
+    die "no GPU found (no /dev/kfd, rocm-smi or nvidia-smi); install the driver, or set GPTFORGE_GPU=rocm|cuda"
+  fi
+}
+
+# Fills the array GPU_ARGS with the docker run flags for vendor $1.
+gpu_docker_args() {
+  local vendor=$1 render
+  GPU_ARGS=()
+  if [ "$vendor" = rocm ]; then
+    # Device groups must carry the host's gid (the render gid differs between distributions).
+    render=$(getent group render 2>/dev/null | cut -d: -f3 || true)
+    GPU_ARGS+=(--device=/dev/kfd --device=/dev/dri --group-add video --group-add "${render:-render}"
+      --security-opt seccomp=unconfined --cap-add SYS_PTRACE)
+    if [ -n "${HSA_OVERRIDE_GFX_VERSION:-}" ]; then GPU_ARGS+=(-e "HSA_OVERRIDE_GFX_VERSION=$HSA_OVERRIDE_GFX_VERSION"); fi
+    if [ -n "${HIP_VISIBLE_DEVICES:-}" ]; then GPU_ARGS+=(-e "HIP_VISIBLE_DEVICES=$HIP_VISIBLE_DEVICES"); fi
+  else
+    GPU_ARGS+=(--gpus "${GPTFORGE_GPUS:-all}")
+    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then GPU_ARGS+=(-e "CUDA_VISIBLE_DEVICES=$CUDA_VISIBLE_DEVICES"); fi
+  fi
+  # PyTorch DataLoader workers and NCCL/RCCL need shared memory; pinned memory needs memlock.
+  GPU_ARGS+=(--ipc host --shm-size "${GPTFORGE_SHM:-16g}" --ulimit memlock=-1 --ulimit stack=67108864)
+}
+
+# Fills VOLUME_ARGS: data, runs and a cache volume shared with the compose files.
+volume_args() {
+  local data=${GPTFORGE_DATA:-$GPTFORGE_ROOT/data} runs=${GPTFORGE_RUNS:-$GPTFORGE_ROOT/runs}
+  # Created here so they belong to the user, not to root (docker would create them as root).
+  [ "$DRY_RUN" = 1 ] || mkdir -p "$data" "$runs"
+  # shellcheck disable=SC2034  # used by the scripts that source this file
+  VOLUME_ARGS=(-v "$data:/workspace/data" -v "$runs:/workspace/runs" -v gptforge_cache:/cache -w /workspace)
+}
+
+image_for() { echo "${GPTFORGE_IMAGE:-gptforge:$1}"; }
+
+is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }
+
+valid_iface() { [[ $1 =~ ^[A-Za-z0-9_.:@-]{1,15}$ ]]; }
+
+valid_host() { [[ $1 =~ ^[A-Za-z0-9]([A-Za-z0-9_.:-]*[A-Za-z0-9])?$ ]]; }
+
+valid_port() { is_uint "$1" && [ "$1" -ge 1 ] && [ "$1" -le 65535 ]; }

@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One node of a multi-node DDP run in Docker (host network). Run it on every node, rank 0 first or
+# not: the nodes wait for each other.
+#   node 0:  scripts/docker_run_ddp.sh 0 10.0.0.1 tiny 5 eth0
+#   node 1:  scripts/docker_run_ddp.sh 1 10.0.0.1 tiny 5 eth0
+# Presets (1 GPU per node; effective batch 256 sequences over 2 nodes):
+#   tiny 50M: micro 16 x accum 8   small 124M: 8 x 16   medium 350M: 4 x 32
+# Accumulation is 256 / (micro x NNODES x GPUS_PER_NODE), so other node counts keep the batch.
+# Output goes to runs/<preset>. Extra pretrain arguments go after "--".
+# Environment: NNODES (2), MASTER_PORT (29500), GPUS_PER_NODE (1), GRAD_ACCUM (override),
+# GPTFORGE_NO_IB=1 (no InfiniBand: NCCL over sockets), plus those of scripts/docker_run.sh.
+set -euo pipefail
+# shellcheck source=SCRIPTDIR/../docker/common.sh
+source "$(dirname "${BASH_SOURCE[0]}")/../docker/common.sh"
+
+USAGE="$PROG [--dry-run] <node_rank> <master_addr> [preset=tiny] [epochs=5] [iface=eth0] [-- pretrain args]"
+pos=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY_RUN=1; shift ;;
+    -h | --help) echo "usage: $USAGE"; exit 0 ;;
+    --) shift; break ;;
+    -*) usage_error "$USAGE" "unknown option '$1'" ;;
+    *) pos+=("$1"); shift ;;
+  esac
+done
+[ ${#pos[@]} -ge 2 ] || usage_error "$USAGE" "node_rank and master_addr are required"
+[ ${#pos[@]} -le 5 ] || usage_error "$USAGE" "too many arguments"
+rank=${pos[0]}
+master=${pos[1]}
+preset=${pos[2]:-tiny}
+epochs=${pos[3]:-5}
+iface=${pos[4]:-eth0}
+nnodes=${NNODES:-2}
+port=${MASTER_PORT:-29500}
+gpus=${GPUS_PER_NODE:-1}
+
+is_uint "$nnodes" && [ "$nnodes" -ge 1 ] || usage_error "$USAGE" "NNODES='$nnodes' must be a positive integer"
+is_uint "$rank" && [ "$rank" -lt "$nnodes" ] || usage_error "$USAGE" "node_rank '$rank' must be an integer in 0..$((nnodes - 1))"
+valid_host "$master" || usage_error "$USAGE" "master_addr '$master' is not an address or host name"
+is_uint "$epochs" && [ "$epochs" -ge 1 ] || usage_error "$USAGE" "epochs '$epochs' must be a positive integer"
+valid_iface "$iface" || usage_error "$USAGE" "iface '$iface' is not an interface name (see 'ip -br addr')"
+valid_port "$port" || usage_error "$USAGE" "MASTER_PORT='$port' must be in 1..65535"
+is_uint "$gpus" && [ "$gpus" -ge 1 ] || usage_error "$USAGE" "GPUS_PER_NODE='$gpus' must be a positive integer"
+
+case "$preset" in
+  tiny) micro=16 ;;   # 50M
+  small) micro=8 ;;   # 124M
+  medium) micro=4 ;;  # 350M
+  *) usage_error "$USAGE" "unknown preset '$preset' (tiny, small or medium)" ;;
+esac
+accum=${GRAD_ACCUM:-$((256 / (micro * nnodes * gpus)))}
+is_uint "$accum" || usage_error "$USAGE" "GRAD_ACCUM='$accum' must be a positive integer"
+[ "$accum" -ge 1 ] || accum=1
+
+vendor=$(detect_gpu)
+gpu_docker_args "$vendor"
+volume_args
+
+net_env=(-e "NODE_RANK=$rank" -e "NNODES=$nnodes" -e "MASTER_ADDR=$master" -e "MASTER_PORT=$port"
+  -e "NCCL_SOCKET_IFNAME=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
+launch=(gptforge launch --nnodes "$nnodes" --node-rank "$rank" --master-addr "$master" --master-port "$port" --iface "$iface")
+if [ "$gpus" -gt 1 ]; then launch+=(--nproc-per-node "$gpus"); fi
+if [ "${GPTFORGE_NO_IB:-0}" = 1 ]; then
+  net_env+=(-e NCCL_IB_DISABLE=1)
+  launch+=(--no-ib)
+fi
+launch+=(-- pretrain "--model.preset=$preset" "--train.micro_batch=$micro" "--train.grad_accum=$accum"
+  "--train.epochs=$epochs" "--train.out_dir=runs/$preset" "$@")
+
+cmd=(docker run --rm --name "gptforge-node$rank" --network host)
+if [ -t 0 ] && [ -t 1 ]; then cmd+=(-it); fi
+cmd+=("${GPU_ARGS[@]}" "${net_env[@]}" "${VOLUME_ARGS[@]}" "$(image_for "$vendor")" "${launch[@]}")
+run_cmd "${cmd[@]}"
