@@ -1,0 +1,227 @@
+"""One GPT module for one device: GPT-2 style (learned positions, LayerNorm, GELU) and Llama style
+(RoPE, RMSNorm, SwiGLU, grouped-query attention) chosen by config. No distributed code in here:
+parallelism is applied from outside (gptforge.parallel). Build on the meta device, then init_weights()."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    arch: str = "gpt2"  # "gpt2" | "llama"
+    vocab_size: int = 50304
+    block_size: int = 1024  # context length
+    n_layer: int = 12
+    n_head: int = 12
+    n_kv_head: int | None = None  # < n_head: grouped-query attention (llama); None = n_head
+    d_model: int = 768
+    d_ff: int = 3072  # hidden size of the MLP
+    dropout: float = 0.0
+    bias: bool = True
+    tie_embeddings: bool = True
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"model.arch must be 'gpt2' or 'llama', got {self.arch!r}")
+        if self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def rope_cache(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (block_size, head_dim // 2), in float32."""
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device, dtype=torch.float32) / cfg.head_dim))
+    t = torch.arange(cfg.block_size, device=device, dtype=torch.float32)
+    freqs = torch.outer(t, inv)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); rotate-half convention (as Hugging Face Llama)."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d], x[..., d:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.n_head * cfg.head_dim, bias=cfg.bias)
+        self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x, rope=None, kv_cache=None, layer_idx: int = 0, attn_mask=None):
+        B, T, _ = x.shape
+        # -1 rather than n_head: under tensor parallel each rank holds a slice of the heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer_idx, k, v)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        drop = self.dropout if self.training else 0.0
+        if attn_mask is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
+        elif kv_cache is not None and T != k.shape[2]:
+            # new tokens attend to the whole cache and causally among themselves
+            Tk = k.shape[2]
+            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.llama = cfg.arch == "llama"
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        if self.llama:
+            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+
+    def forward(self, x):
+        if self.llama:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.attn_norm = _norm(cfg)
+        self.attn = Attention(cfg)
+        self.mlp_norm = _norm(cfg)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope=None, kv_cache=None, layer_idx: int = 0, attn_mask=None):
+        x = x + self.drop(self.attn(self.attn_norm(x), rope, kv_cache, layer_idx, attn_mask))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        # a ModuleDict keyed "0".."n-1" keeps FQNs stable when layers are wrapped or sharded
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
+        self.norm = _norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        if cfg.arch == "llama":
+            cos, sin = rope_cache(cfg, device=self.tok_emb.weight.device)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+
+    # ---- initialisation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None, device: torch.device | str | None = None) -> "GPT":
+        """Materialise (from meta) on `device` and initialise like GPT-2: N(0, 0.02), residual
+        projections scaled by 1/sqrt(2 * n_layer), zero biases, unit norms."""
+        if device is not None:
+            self.to_empty(device=device)
+            if self.cfg.tie_embeddings:  # to_empty unties parameters
+                self.lm_head.weight = self.tok_emb.weight
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        std = self.cfg.init_std
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                s = std / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.fill_(1.0)
+        if self.cfg.arch == "llama":
+            cos, sin = rope_cache(self.cfg, device=self.tok_emb.weight.device)
+            self.rope_cos, self.rope_sin = cos, sin
+        return self
+
+    # ---- forward --------------------------------------------------------------------------------
+    def forward(self, idx: torch.Tensor, kv_cache=None, attn_mask=None, positions=None) -> torch.Tensor:
+        """idx: (B, T) token ids -> logits (B, T, vocab). With kv_cache, idx holds only the new tokens.
+        attn_mask (optional, bool (B, 1, T, T)) overrides the causal mask (document masking for packing);
+        positions (optional, (T,) or (B, T)) overrides 0..T-1 (restarts per packed document)."""
+        B, T = idx.shape
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.cfg.block_size:
+            raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.block_size})")
+        if positions is None:
+            positions = torch.arange(start, start + T, device=idx.device)
+        x = self.tok_emb(idx)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(positions)
+        else:
+            rope = (self.rope_cos[positions], self.rope_sin[positions])
+            if rope[0].dim() == 3:  # per-batch positions -> (B, 1, T, D/2)
+                rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
+        x = self.drop(x)
+        for i, layer in enumerate(self.layers.values()):
+            x = layer(x, rope, kv_cache, i, attn_mask)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return self.lm_head(self.norm(x))
+
+    # ---- bookkeeping ----------------------------------------------------------------------------
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())  # tied weights are counted once
+        if non_embedding:
+            n -= self.tok_emb.weight.numel()
+            if self.pos_emb is not None:
+                n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
+        T = seq_len or self.cfg.block_size
+        c = self.cfg
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+
+def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:
+    """Build on meta (no memory), then materialise and initialise on `device`."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    return model.init_weights(seed=seed, device=device)

@@ -1,0 +1,67 @@
+"""parallelize(model, env, cfg): applied from outside the model, in torchtitan's order:
+tensor parallel -> activation checkpointing -> torch.compile -> FSDP2 or DDP."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from gptforge.errors import UserError
+
+
+def resolve_strategy(env, parallel_cfg) -> str:
+    """none | ddp | fsdp for this world: auto shards when dp_shard > 1, else replicates."""
+    if env.dp_size == 1:
+        return "none"
+    if parallel_cfg.strategy == "none":
+        raise UserError("parallel.strategy=none but there are several data-parallel ranks; use ddp or fsdp")
+    if parallel_cfg.strategy == "auto":
+        return "fsdp" if env.mesh["dp_shard"].size() > 1 else "ddp"
+    return parallel_cfg.strategy
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    for name, block in list(model.layers.named_children()):
+        model.layers.register_module(name, checkpoint_wrapper(block, preserve_rng_state=False))
+
+
+def parallelize(model: nn.Module, env, cfg) -> nn.Module:
+    """Returns the module to train (may be a DDP wrapper). cfg is the whole Config."""
+    if env.tp_size > 1:
+        from gptforge.parallel.tp import apply_tp
+
+        apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if cfg.train.compile:
+        for name, block in list(model.layers.named_children()):
+            model.layers.register_module(name, torch.compile(block))
+    strategy = resolve_strategy(env, cfg.parallel)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        rep, shard = env.mesh["dp_replicate"].size(), env.mesh["dp_shard"].size()
+        dp_mesh = env.mesh["dp_replicate", "dp_shard"] if rep > 1 else env.mesh["dp_shard"]
+        mp = None
+        if cfg.parallel.mixed_precision and cfg.train.precision in ("bf16", "auto") and env.device.type == "cuda":
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        kw = {"mesh": dp_mesh} | ({"mp_policy": mp} if mp else {})
+        for block in model.layers.values():
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dp_mesh = env.mesh["dp_replicate", "dp_shard"]._flatten("dp_ddp") if env.tp_size > 1 else None
+        kw = {"device_mesh": dp_mesh} if dp_mesh is not None else {}
+        ids = [env.device.index] if env.device.type == "cuda" else None
+        return DDP(model, device_ids=ids, **kw)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain GPT inside a DDP wrapper (FSDP2 and TP modify in place)."""
+    return model.module if hasattr(model, "module") and not hasattr(model, "cfg") else model

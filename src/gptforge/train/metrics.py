@@ -1,0 +1,74 @@
+"""Per-step logging: an llm.c-style line, TensorBoard scalars, metrics.jsonl, MFU."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+# dense bf16/fp16 tensor-core peak FLOP/s per device (no sparsity)
+_PEAK = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("MI300X", 1307e12), ("MI325X", 1307e12),
+         ("MI250", 362e12), ("4090", 165e12), ("3090", 71e12), ("L40S", 362e12), ("A10", 125e12),
+         ("7900 XTX", 123e12), ("9700", 191e12), ("V100", 125e12), ("T4", 65e12)]
+
+
+def peak_flops(device: torch.device) -> float:
+    """Peak FLOP/s of one device, for MFU. CPU: a rough cores x 2.5 GHz x 32 FLOP/cycle (AVX2 FMA fp32)."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, val in _PEAK:
+            if key in name:
+                return val
+        return 100e12
+    return torch.get_num_threads() * 2.5e9 * 32
+
+
+def fmt_duration(s: float) -> str:
+    s = int(max(s, 0))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsLogger:
+    """Rank 0 only: TensorBoard (optional), metrics.jsonl (always: tests and tools read it), wandb (optional)."""
+
+    def __init__(self, out_dir: Path, enabled: bool, tensorboard: bool, wandb: bool, config: dict):
+        self.enabled = enabled
+        self.tb = self.wb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tb"))
+        if wandb:
+            try:
+                import wandb as wb
+            except ImportError:
+                from gptforge.errors import UserError
+
+                raise UserError("train.wandb=true but wandb is not installed; pip install wandb") from None
+            self.wb = wb.init(project="gptforge", config=config, dir=str(out_dir))
+
+    def log(self, step: int, scalars: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, "time": time.time()} | scalars) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+        if self.wb is not None:
+            self.wb.log(scalars, step=step)
+
+    def close(self) -> None:
+        if self.jsonl:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()

@@ -1,0 +1,269 @@
+"""One training loop for every stage: the objective (lm, dpo) and the loaders are plugged in.
+
+Gradient accumulation without needless communication, AMP (bf16; fp16 with loss scaling), clipping,
+LR schedule, eval averaged over ranks, NaN/inf guard, exact-resume checkpoints, rank-0 logging."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from gptforge.errors import UserError
+from gptforge.parallel.mesh import all_reduce_mean, barrier
+from gptforge.parallel.parallelize import unwrap
+from gptforge.train import checkpoint as ckpt_mod
+from gptforge.train.metrics import MetricsLogger, fmt_duration, peak_flops
+from gptforge.train.optim import build_optimizer, lr_at
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    if name != "auto":
+        if name == "fp16" and device.type == "cpu":
+            raise UserError("train.precision=fp16 is for GPUs; use bf16 or fp32 on the CPU")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16"  # CPU autocast bf16 is about twice as fast as fp32 here (DESIGN.md)
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def grad_sync(model, sync: bool):
+    """Skip the all-reduce / reduce-scatter on non-final micro-steps (DDP no_sync, FSDP2 flag)."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(model, "no_sync"):
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
+                 model_cfg, sample_fn=None, extra_state_fn=None):
+        self.cfg, self.env, self.tcfg = cfg, env, cfg.train
+        self.model, self.objective = model, objective
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
+        self.device = env.device
+        self.precision = resolve_precision(self.tcfg.precision, self.device)
+        self.optimizer = build_optimizer(model, self.tcfg, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
+        self.out_dir = Path(self.tcfg.out_dir)
+        t = self.tcfg
+        self.seqs_per_step = t.micro_batch * t.grad_accum * env.dp_size
+        self.tokens_per_step = self.seqs_per_step * model_cfg.block_size
+        self.total_steps = self._total_steps()
+        self.step, self.tokens_seen = 0, 0
+        self.history: list[float] = []
+        self.last_val: float | None = None
+        self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
+        self.flops_per_token = unwrap(model).flops_per_token() if hasattr(unwrap(model), "flops_per_token") else 0.0
+
+    # ---- set-up ---------------------------------------------------------------------------------
+    def _total_steps(self) -> int:
+        t = self.tcfg
+        if t.max_steps is not None:
+            n = t.max_steps
+        elif t.max_tokens is not None:
+            n = math.ceil(t.max_tokens / self.tokens_per_step)
+        elif t.epochs is not None:
+            n = math.ceil(t.epochs * self.train_loader.windows_per_epoch / self.seqs_per_step)
+        else:
+            raise UserError("set the training length: --train.max_steps=N, --train.max_tokens=N or --train.epochs=X")
+        if n < 1:
+            raise UserError(f"the run would have {n} optimizer steps; raise train.max_steps/max_tokens/epochs")
+        return n
+
+    def print(self, *a, **kw) -> None:
+        if self.env.is_main:
+            from tqdm import tqdm
+
+            tqdm.write(" ".join(str(x) for x in a), file=kw.get("file", sys.stdout))
+
+    def maybe_resume(self) -> None:
+        r = self.tcfg.resume
+        if r in ("none", "", None):
+            return
+        candidates = ckpt_mod.list_checkpoints(self.out_dir) if r == "auto" else [ckpt_mod.checkpoint_dir_of(r)]
+        if not candidates:
+            self.print(f"resume=auto: no checkpoint in {self.out_dir / 'checkpoints'}, starting from step 0")
+            return
+        for i, ck in enumerate(reversed(candidates)):
+            self._check_compatible(ck)
+            try:
+                state = ckpt_mod.load_checkpoint(ck, self.model, self.optimizer, self.env)
+            except UserError as e:
+                if r == "auto" and i + 1 < len(candidates):
+                    self.print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
+                    continue
+                raise
+            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+            self.train_loader.load_state_dict(state["loader"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            if state.get("seqs_per_step") != self.seqs_per_step:
+                self.print(f"note: global batch changed from {state.get('seqs_per_step')} to "
+                           f"{self.seqs_per_step} sequences per step since {ck.name}")
+            self.print(f"resumed from {ck} at step {self.step}")
+            return
+
+    def _check_compatible(self, ck: Path) -> None:
+        saved = ckpt_mod.read_json(ck, "model_config.json")
+        now = self.model_cfg.to_dict()
+        diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
+                if k not in ("dropout",) and saved.get(k) != now[k]]
+        if diff:
+            raise UserError(f"cannot resume from '{ck}': the model differs ({'; '.join(diff[:3])}); "
+                            "use the same model config or a new train.out_dir")
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def train_step(self) -> tuple[float, float, dict]:
+        model, t = self.model, self.tcfg
+        lr = lr_at(self.step, self.total_steps, t)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss_sum = torch.zeros((), device=self.device)
+        extra: dict[str, torch.Tensor] = {}
+        for micro in range(t.grad_accum):
+            batch = to_device(self.train_loader.next_batch(), self.device)
+            with grad_sync(model, micro == t.grad_accum - 1), autocast(self.device, self.precision):
+                loss, metrics = self.objective(model, batch)
+                scaled = loss / t.grad_accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            loss_sum += loss.detach()
+            for k, v in metrics.items():
+                extra[k] = extra.get(k, 0) + v.detach().float() / t.grad_accum
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        loss = all_reduce_mean(loss_sum / t.grad_accum, self.env).item()
+        if not math.isfinite(loss) and self.scaler is None:
+            raise UserError(f"loss became {loss} at step {self.step} (lr {lr:.2e}); lower train.lr, raise "
+                            f"train.warmup_steps or use bf16; the last saved checkpoint is untouched")
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        metrics = {k: all_reduce_mean(v, self.env).item() for k, v in extra.items()}
+        return loss, float(norm), metrics | {"lr": lr}
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_loader is None:
+            return None
+        self.model.eval()
+        total, n = torch.zeros((), device=self.device), 0
+        for batch in self.val_loader.iter_eval(self.tcfg.eval_batches):
+            with autocast(self.device, self.precision):
+                loss, _ = self.objective(self.model, to_device(batch, self.device))
+            total += loss.float()
+            n += 1
+        self.model.train()
+        if n == 0:
+            return None
+        return all_reduce_mean(total / n, self.env).item()
+
+    def save(self) -> Path:
+        t = self.tcfg
+        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
+                 "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
+                 "scaler": self.scaler.state_dict() if self.scaler else None,
+                 "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
+        files = dict(self.files) | {"model_config.json": _json(self.model_cfg.to_dict())}
+        return ckpt_mod.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
+                                        files, keep_last=t.keep_last)
+
+    def fit(self) -> dict:
+        t, env = self.tcfg, self.env
+        self.maybe_resume()
+        self.model.train()
+        self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
+                   f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks) = "
+                   f"{self.tokens_per_step:,} tokens/step | precision {self.precision} | device {self.device}")
+        bar = None
+        if env.is_main and t.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
+                       file=sys.stderr)
+        peak = peak_flops(self.device) * env.world_size
+        t_start, step_start = time.perf_counter(), self.step
+        window_t, window_steps = time.perf_counter(), 0
+        saved_at = -1
+        while self.step < self.total_steps:
+            loss, norm, metrics = self.train_step()
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            self.history.append(loss)
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}")
+            last = self.step == self.total_steps
+            if self.step % t.log_every == 0 or last or self.step == 1:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                dt = (now - window_t) / window_steps
+                tok_s = self.tokens_per_step / dt
+                mfu = self.flops_per_token * tok_s / peak if peak else 0.0
+                eta = (now - t_start) / max(1, self.step - step_start) * (self.total_steps - self.step)
+                self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
+                           f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
+                           f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
+                           + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
+                self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
+                                         "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000}
+                             | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
+                window_t, window_steps = time.perf_counter(), 0
+            else:
+                self.log.log(self.step, {"train/loss": loss})
+            if (t.eval_every and self.step % t.eval_every == 0) or last:
+                self.last_val = self.evaluate()
+                if self.last_val is not None:
+                    self.print(f"step {self.step}: val loss {self.last_val:.4f}")
+                    self.log.log(self.step, {"val/loss": self.last_val})
+                window_t = time.perf_counter()  # keep eval out of the step time
+            if (t.save_every and self.step % t.save_every == 0) or last:
+                path = self.save()
+                saved_at = self.step
+                self.print(f"saved checkpoint {path}")
+                window_t = time.perf_counter()
+        if bar is not None:
+            bar.close()
+        if saved_at != self.step and self.step > 0 and self.history:
+            self.save()
+        wall = time.perf_counter() - t_start
+        result = {"steps": self.step, "train_loss": self.history[-1] if self.history else None,
+                  "val_loss": self.last_val, "wall_s": wall, "losses": self.history,
+                  "tok_s": (self.step - step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
+        if self.sample_fn is not None and t.sample_tokens > 0:
+            text = self.sample_fn(unwrap(self.model))
+            self.print("---- sample ----\n" + text + "\n----------------")
+        self.log.close()
+        barrier(env)
+        return result
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, indent=2) + "\n"

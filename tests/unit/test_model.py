@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from gptforge.config.presets import EXPECTED_PARAMS, MODEL_PRESETS
+from gptforge.generate import generate_ids
+from gptforge.model.gpt import GPT, GPTConfig, build_model
+from gptforge.model.kv_cache import KVCache
+
+
+@pytest.mark.parametrize("name", list(MODEL_PRESETS))
+def test_preset_parameter_counts_on_meta(name):
+    with torch.device("meta"):
+        model = GPT(GPTConfig(**MODEL_PRESETS[name]))
+    n = model.num_params()
+    assert abs(n - EXPECTED_PARAMS[name]) / EXPECTED_PARAMS[name] < 0.02, (name, n)
+    assert all(p.is_meta for p in model.parameters())  # nothing materialised
+
+
+SMALL = dict(n_layer=2, n_head=4, d_model=64, d_ff=128, block_size=32, vocab_size=97)
+
+
+@pytest.mark.parametrize("arch,kv", [("gpt2", 4), ("llama", 2), ("llama", 4)])
+def test_kv_cache_greedy_equals_no_cache(arch, kv):
+    model = build_model(GPTConfig(arch=arch, n_kv_head=kv, bias=arch == "gpt2", **SMALL), seed=3)
+    prompt = [5, 17, 3, 42]
+    a = list(generate_ids(model, prompt, 20, temperature=0, use_cache=True))
+    b = list(generate_ids(model, prompt, 20, temperature=0, use_cache=False))
+    assert a == b and len(a) == 20
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_incremental_logits_match_full_forward(arch):
+    model = build_model(GPTConfig(arch=arch, **SMALL), seed=1).eval()
+    x = torch.randint(0, 97, (2, 12))
+    full = model(x)
+    cache = KVCache.for_model(model, batch=2)
+    parts = [model(x[:, :5], kv_cache=cache), model(x[:, 5:6], kv_cache=cache), model(x[:, 6:], kv_cache=cache)]
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_init_is_seeded_and_tied():
+    a = build_model(GPTConfig(**SMALL), seed=7)
+    b = build_model(GPTConfig(**SMALL), seed=7)
+    for (na, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), na
+    assert a.lm_head.weight is a.tok_emb.weight
+    # residual projections get the smaller GPT-2 init
+    std_o = a.layers["0"].attn.o_proj.weight.std().item()
+    std_q = a.layers["0"].attn.q_proj.weight.std().item()
+    assert std_o < std_q * 0.7
+
+
+def test_causality():
+    model = build_model(GPTConfig(arch="llama", **SMALL), seed=2).eval()
+    x = torch.randint(0, 97, (1, 10))
+    y = x.clone()
+    y[0, 7] = (y[0, 7] + 1) % 97
+    torch.testing.assert_close(model(x)[:, :7], model(y)[:, :7])
+    assert not torch.allclose(model(x)[:, 7:], model(y)[:, 7:])
+
+
+def test_context_overflow_is_clear():
+    model = build_model(GPTConfig(**SMALL))
+    with pytest.raises(ValueError, match="longer than the context"):
+        model(torch.zeros(1, 33, dtype=torch.long))
