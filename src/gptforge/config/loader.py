@@ -64,8 +64,14 @@ def coerce(value: Any, tp, key: str) -> Any:
         if tp is int:
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
                 raise ValueError
-            if isinstance(value, str):
-                return int(float(value)) if value.lower().replace("e", "").replace("_", "").isdigit() else int(value)
+            if isinstance(value, str):  # accepts 200, 1_000, 2e6
+                try:
+                    return int(value)
+                except ValueError:
+                    f = float(value)
+                    if not f.is_integer():
+                        raise
+                    return int(f)
             return int(value)
         if tp is float:
             if isinstance(value, bool):

@@ -46,6 +46,8 @@ class TrainSection:
     """training length in optimizer steps (or give max_tokens or epochs)"""
     max_tokens: Optional[int] = None
     epochs: Optional[float] = None
+    stop_after: Optional[int] = None
+    """end this invocation after this step (the LR schedule still spans the full length); resume later"""
     micro_batch: int = 32
     grad_accum: int = 1
     lr: float = 1e-3
