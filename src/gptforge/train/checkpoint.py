@@ -11,11 +11,13 @@ import os
 import pickle
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,19 +37,15 @@ _STEP_RE = re.compile(r"^step_(\d+)$")
 class _SafeUnpickler(pickle.Unpickler):
     """DCP's .metadata is a pickle; allow only the plain data classes it is made of."""
 
-    ALLOWED_PREFIXES = ("torch.distributed.checkpoint.", "torch.distributed._shard.")
-    ALLOWED = {("torch", "Size"), ("torch", "float32"), ("collections", "OrderedDict"), ("builtins", "set"),
-               ("torch._utils", "_rebuild_tensor_v2"), ("torch.storage", "_load_from_bytes")}
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set")}
 
     def find_class(self, module, name):
-        if module.startswith(self.ALLOWED_PREFIXES) or (module, name) in self.ALLOWED:
-            return super().find_class(module, name)
-        if module == "torch" and (name.endswith("dtype") or isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        if module == "torch" and name in ("strided", "sparse_coo", "contiguous_format", "channels_last",
-                                          "preserve_format", "device"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in self.ALLOWED
+              or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))))
+        if not ok:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
+        return super().find_class(module, name)
 
 
 class SafeFileSystemReader(FileSystemReader):
@@ -65,12 +63,7 @@ class SafeFileSystemReader(FileSystemReader):
 
 # ---- helpers ----------------------------------------------------------------------------------
 def rng_state() -> dict:
-    import random
-
-    import numpy as np
-
-    st = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode(),
-          "python": repr(random.getstate()), "numpy": repr(np.random.get_state()[1].tolist()[:0])}
+    st = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
         st["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
     return st
@@ -130,7 +123,9 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_st
     barrier(env)
     msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
     state = {"model": msd} | ({"optim": osd} if osd is not None else {}) | (extra_state or {})
-    dcp.save(state, checkpoint_id=str(partial))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=str(partial))
     # every rank writes its own RNG state: exact resume at the same world size
     (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
     barrier(env)
@@ -163,8 +158,10 @@ def _fsync_dir(path: Path) -> None:
 # ---- load -------------------------------------------------------------------------------------
 def _dcp_load(state: dict, ckpt: Path) -> None:
     try:
-        dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)))
-    except Exception as e:  # noqa: BLE001 - DCP raises many kinds; all mean an unusable checkpoint
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)))
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated ({msg}); "
                         "resume from an earlier one or delete it") from None

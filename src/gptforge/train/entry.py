@@ -17,7 +17,8 @@ from gptforge.parallel.mesh import DistEnv, barrier, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 
 # The zero-argument run: a ~10M GPT on Shakespeare, character level, a few minutes on a laptop CPU.
-PRETRAIN_DEFAULTS = {"train": {"out_dir": "runs/shakespeare", "max_steps": 600, "micro_batch": 32,
+DEFAULT_STEPS = 600  # when none of train.max_steps / max_tokens / epochs is given
+PRETRAIN_DEFAULTS = {"train": {"out_dir": "runs/shakespeare", "micro_batch": 32,
                                "lr": 2e-3, "warmup_steps": 30, "eval_every": 200, "log_every": 20},
                      "model": {"preset": "micro"}}
 
@@ -126,6 +127,9 @@ def _base(defaults: dict) -> Config:
 
 def pretrain_main(argv: list[str]) -> int:
     cfg = parse_config(argv, _base(PRETRAIN_DEFAULTS), prog="gptforge pretrain")
+    t = cfg.train
+    if t.max_steps is None and t.max_tokens is None and t.epochs is None:
+        t.max_steps = DEFAULT_STEPS
     if cfg.train.auto:
         from gptforge.launch.hardware import apply_auto
 

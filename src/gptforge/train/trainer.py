@@ -76,6 +76,9 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------
     def _total_steps(self) -> int:
         t = self.tcfg
+        given = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(t, k) is not None]
+        if len(given) > 1:
+            raise UserError(f"give only one training length, not {' and '.join('train.' + k for k in given)}")
         if t.max_steps is not None:
             n = t.max_steps
         elif t.max_tokens is not None:
@@ -208,7 +211,8 @@ class Trainer:
         t_start, step_start = time.perf_counter(), self.step
         window_t, window_steps = time.perf_counter(), 0
         saved_at = -1
-        while self.step < self.total_steps:
+        end = min(self.total_steps, t.stop_after or self.total_steps)
+        while self.step < end:
             loss, norm, metrics = self.train_step()
             self.step += 1
             self.tokens_seen += self.tokens_per_step
@@ -217,7 +221,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
-            last = self.step == self.total_steps
+            last = self.step == end
             if self.step % t.log_every == 0 or last or self.step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -225,7 +229,7 @@ class Trainer:
                 dt = (now - window_t) / window_steps
                 tok_s = self.tokens_per_step / dt
                 mfu = self.flops_per_token * tok_s / peak if peak else 0.0
-                eta = (now - t_start) / max(1, self.step - step_start) * (self.total_steps - self.step)
+                eta = (now - t_start) / max(1, self.step - step_start) * (end - self.step)
                 self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
                            f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
                            f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
