@@ -135,6 +135,30 @@ def cpu_bf16_supported() -> bool:
         return False
 
 
+def gfx_name(target_version: int) -> str:
+    """KFD ``gfx_target_version`` (major*10000 + minor*100 + stepping) -> 'gfx1201', 'gfx90a', 'gfx942'."""
+    major, minor, step = target_version // 10000, (target_version // 100) % 100, target_version % 100
+    return f"gfx{major}{minor:x}{step:x}"
+
+
+def rocm_arch_from_kfd(root: str = "/sys/class/kfd/kfd/topology/nodes") -> str | None:
+    """The gfx name of the first AMD GPU from the KFD topology, without initialising HIP (no GPU context)."""
+    try:
+        nodes = sorted(os.listdir(root), key=lambda x: int(x) if x.isdigit() else 0)
+    except OSError:
+        return None
+    for n in nodes:
+        try:
+            with open(os.path.join(root, n, "properties")) as f:
+                for line in f:
+                    k, _, v = line.partition(" ")
+                    if k == "gfx_target_version" and v.strip().isdigit() and int(v) > 0:
+                        return gfx_name(int(v))
+        except OSError:
+            continue
+    return None
+
+
 def detect() -> DeviceInfo:
     """Describe the visible accelerator (device 0 and the count), or the CPU."""
     import torch
