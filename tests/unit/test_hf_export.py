@@ -104,7 +104,7 @@ def test_tokenizer_loads_in_transformers_with_specials_and_template(tmp_path, to
     text = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == f"{IM_START}user\nhi{IM_END}\n{IM_START}assistant\n"
     batch = ht(["a", "a b c"], padding=True)
-    assert batch["input_ids"][0][-1] == tok.pad_id or batch["input_ids"][0][0] == tok.pad_id
+    assert tok.pad_id in batch["input_ids"][0] and tok.pad_id not in batch["input_ids"][1]
 
 
 def test_export_cli_bf16_and_shards(tmp_path, tok):
@@ -132,7 +132,7 @@ def _hf_random(kind: str, path: Path):
     torch.manual_seed(0)
     if kind == "gpt2":  # distilgpt2 shape, scaled down: GPT2LMHeadModel, tied
         conf = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=3, n_head=4,
-                                       layer_norm_epsilon=1e-5)
+                                       layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(conf)
     else:  # TinyLlama shape, scaled down: GQA, untied
         conf = transformers.LlamaConfig(vocab_size=103, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
