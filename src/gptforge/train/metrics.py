@@ -14,15 +14,27 @@ _PEAK = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("MI300X", 1307e1
          ("7900 XTX", 123e12), ("9700", 191e12), ("V100", 125e12), ("T4", 65e12)]
 
 
-def peak_flops(device: torch.device) -> float:
-    """Peak FLOP/s of one device, for MFU. CPU: a rough cores x 2.5 GHz x 32 FLOP/cycle (AVX2 FMA fp32)."""
+def _cpu_flops_per_cycle(precision: str) -> int:
+    """Per-core FLOP/cycle from the CPU's vector extensions (rough: for MFU only)."""
+    try:
+        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
+    except OSError:
+        flags = []
+    if precision == "bf16" and "amx_bf16" in flags:
+        return 1024
+    base = 64 if "avx512f" in flags else 32  # FMA: 2 x lanes x 2 ops
+    return base * 2 if precision == "bf16" and "avx512_bf16" in flags else base
+
+
+def peak_flops(device: torch.device, precision: str = "bf16") -> float:
+    """Peak FLOP/s of one device, for MFU. CPU: threads x 2.5 GHz x FLOP/cycle of its vector unit."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, val in _PEAK:
             if key in name:
                 return val
         return 100e12
-    return torch.get_num_threads() * 2.5e9 * 32
+    return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle(precision)
 
 
 def fmt_duration(s: float) -> str:

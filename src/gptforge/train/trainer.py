@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from gptforge.errors import UserError
+from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier
 from gptforge.parallel.parallelize import unwrap
 from gptforge.train import checkpoint as ckpt_mod
@@ -152,9 +153,7 @@ class Trainer:
                 extra[k] = extra.get(k, 0) + v.detach().float() / t.grad_accum
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
+        norm = clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         loss = all_reduce_mean(loss_sum / t.grad_accum, self.env).item()
         if not math.isfinite(loss) and self.scaler is None:
             raise UserError(f"loss became {loss} at step {self.step} (lr {lr:.2e}); lower train.lr, raise "
@@ -207,7 +206,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
                        file=sys.stderr)
-        peak = peak_flops(self.device) * env.world_size
+        peak = peak_flops(self.device, self.precision) * env.world_size
         t_start, step_start = time.perf_counter(), self.step
         window_t, window_steps = time.perf_counter(), 0
         saved_at = -1
