@@ -31,16 +31,20 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs.cpu(), 1, generator=gen).to(logits.device)
 
 
+def check_prompt(n_tokens: int, block_size: int) -> None:
+    if n_tokens == 0:
+        raise UserError("the prompt is empty; give at least one token of text")
+    if n_tokens >= block_size:
+        raise UserError(f"the prompt is {n_tokens} tokens but the context is {block_size}; shorten the prompt")
+
+
 @torch.no_grad()
 def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
                  top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
                  use_cache: bool = True, stop_ids: set[int] | None = None) -> Iterator[int]:
     """Yields new token ids one at a time. Stops at max_new_tokens, a stop id, or the context end."""
     block = model.cfg.block_size
-    if len(prompt_ids) == 0:
-        raise UserError("the prompt is empty; give at least one token of text")
-    if len(prompt_ids) >= block:
-        raise UserError(f"the prompt is {len(prompt_ids)} tokens but the context is {block}; shorten the prompt")
+    check_prompt(len(prompt_ids), block)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -134,6 +138,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--device", default="auto")
     a = p.parse_args(argv)
     model, tok, _ = load_for_inference(a.checkpoint, a.device)
+    check_prompt(len(tok.encode(a.prompt)), model.cfg.block_size)
     for i in range(a.num_samples):
         if i:
             print("\n---")
