@@ -154,7 +154,7 @@ def rss(key):
         if l.startswith(key): return int(l.split()[1]) * 1024
 torch.set_num_threads(2)
 base = rss("VmRSS")
-b, T = 8, 256
+b, T = 4, 256
 d = dict(MODEL_PRESETS["nano"], block_size=T)
 cfg = GPTConfig(**{k: v for k, v in d.items() if k in GPTConfig.__dataclass_fields__})
 m = build_model(cfg); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
@@ -172,7 +172,7 @@ def test_estimate_against_measured_cpu_peak():
     r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    est = hw.estimate_memory(MODEL_PRESETS["nano"] | {"block_size": 256}, 8, 256, "fp32", device="cpu")
+    est = hw.estimate_memory(MODEL_PRESETS["nano"] | {"block_size": 256}, 4, 256, "fp32", device="cpu")
     assert 0.8 <= est / peak <= 1.8, (est, peak)
 
 
@@ -203,3 +203,19 @@ def test_step_time_and_parse_size():
     assert 1e-3 < t < 1.0
     assert hw.parse_size("24GB") == 24 * GiB and hw.parse_size("512M") == 512 * 1024**2
     assert hw.peak_tflops("NVIDIA H100 PCIe") == 756.0 and hw.peak_tflops("AMD Instinct MI300X") == 1307.0
+
+
+def test_apply_auto_on_a_config(capsys):
+    schema = pytest.importorskip("gptforge.config.schema")
+    cfg = schema.Config()
+    cfg.model.preset, cfg.train.micro_batch, cfg.train.grad_accum = "small", 8, 16
+    ac = hw.apply_auto(cfg, DEVICES["RTX 4090 24GB"], world_size=2)
+    assert (cfg.train.micro_batch, cfg.train.grad_accum) == (ac.micro_batch, ac.grad_accum)
+    assert cfg.train.micro_batch * cfg.train.grad_accum * 2 == 8 * 16 * 2  # effective batch kept
+    assert cfg.train.precision == "bf16" and "auto-config for" in capsys.readouterr().out
+    cfg = schema.Config()
+    cfg.model.preset, cfg.train.precision = "llama-1b", "fp32"
+    from gptforge.errors import UserError
+
+    with pytest.raises(UserError, match="does not fit"):
+        hw.apply_auto(cfg, DEVICES["V100 16GB"], world_size=1)

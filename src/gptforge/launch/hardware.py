@@ -422,3 +422,45 @@ def parse_size(text: str) -> int:
     if not m:
         raise ValueError(f"bad size {text!r}")
     return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
+
+
+def resolved_model(model_section: Any) -> dict:
+    """A config's model section (preset + explicit overrides, None = from the preset) as a plain dict."""
+    from gptforge.config.presets import MODEL_PRESETS
+
+    preset = _get(model_section, "preset", None)
+    out = dict(MODEL_PRESETS.get(preset, {})) if preset else {}
+    fields = dataclasses.asdict(model_section) if dataclasses.is_dataclass(model_section) else dict(model_section)
+    out.update({k: v for k, v in fields.items() if v is not None and k != "preset"})
+    return out
+
+
+def apply_auto(cfg: Any, device_info: DeviceInfo | None = None, world_size: int | None = None,
+               log=None) -> AutoConfig:
+    """`gptforge pretrain --train.auto=true`: keep the configured effective batch (micro_batch x grad_accum x
+    data-parallel ranks) and pick micro-batch, accumulation, precision (when train.precision=auto) and
+    activation checkpointing for this device. Raises UserError when the model does not fit."""
+    from gptforge.errors import UserError
+
+    t, par = cfg.train, getattr(cfg, "parallel", None)
+    world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    tp = int(_get(par, "tp", 1) or 1) if par is not None else 1
+    dp = max(1, world // tp)
+    strategy = _get(par, "strategy", "auto") if par is not None else "none"
+    rep = int(_get(par, "dp_replicate", 1) or 1) if par is not None else 1
+    shard = max(1, dp // rep) if strategy in ("auto", "fsdp") and dp > 1 else 1
+    if strategy == "ddp":
+        shard = 1
+    model = resolved_model(cfg.model)
+    target = t.micro_batch * t.grad_accum * dp
+    dev = device_info or detect()
+    prec = None if t.precision == "auto" else t.precision
+    ac = auto_config(model, dev, target, dp, model.get("block_size"), shard=shard, precision=prec)
+    if not ac.fits:
+        raise UserError(f"train.auto: {ac.reason}")
+    t.micro_batch, t.grad_accum, t.activation_checkpointing = ac.micro_batch, ac.grad_accum, ac.activation_checkpointing
+    if t.precision == "auto":
+        t.precision = ac.precision
+    if int(os.environ.get("RANK", "0")) == 0:
+        (log or (lambda m: print(m, flush=True)))(f"auto-config for {dev.describe()}: {ac.reason}")
+    return ac
