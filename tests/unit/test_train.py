@@ -99,3 +99,11 @@ def test_training_length_in_tokens_or_epochs(tmp_path, char_data, length):
         assert n == 10  # 2560 tokens / (4 x 64 tokens per step)
     else:
         assert n >= 1
+
+
+def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
+    assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=1", "--train.grad_accum=2",
+                                        "--train.auto=true")]) == 0
+    out = capsys.readouterr().out
+    assert "auto: " in out and "micro-batch 8 x accumulation 1" in out  # 4 x 2 fits in one micro-batch on CPU
+    assert "training 1 steps x 8 sequences" in out

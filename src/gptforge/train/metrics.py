@@ -8,12 +8,6 @@ from pathlib import Path
 
 import torch
 
-# dense bf16/fp16 tensor-core peak FLOP/s per device (no sparsity)
-_PEAK = [("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("MI300X", 1307e12), ("MI325X", 1307e12),
-         ("MI250", 362e12), ("4090", 165e12), ("3090", 71e12), ("L40S", 362e12), ("A10", 125e12),
-         ("7900 XTX", 123e12), ("9700", 191e12), ("V100", 125e12), ("T4", 65e12)]
-
-
 def _cpu_flops_per_cycle(precision: str) -> int:
     """Per-core FLOP/cycle from the CPU's vector extensions (rough: for MFU only)."""
     try:
@@ -29,11 +23,9 @@ def _cpu_flops_per_cycle(precision: str) -> int:
 def peak_flops(device: torch.device, precision: str = "bf16") -> float:
     """Peak FLOP/s of one device, for MFU. CPU: threads x 2.5 GHz x FLOP/cycle of its vector unit."""
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, val in _PEAK:
-            if key in name:
-                return val
-        return 100e12
+        from gptforge.launch.hardware import peak_tflops
+
+        return (peak_tflops(torch.cuda.get_device_name(device)) or 100.0) * 1e12
     return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle(precision)
 
 
