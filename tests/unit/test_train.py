@@ -107,3 +107,23 @@ def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
     out = capsys.readouterr().out
     assert "auto: " in out and "micro-batch 8 x accumulation 1" in out  # 4 x 2 fits in one micro-batch on CPU
     assert "training 1 steps x 8 sequences" in out
+
+
+def test_missing_and_empty_data(tmp_path, capsys):
+    assert main(["pretrain", f"--data.path={tmp_path / 'nope.txt'}", f"--train.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "nope.txt" in err, err
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert main(["pretrain", f"--data.path={empty}", f"--train.out_dir={tmp_path}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err and "empty" in err.splitlines()[-1], err
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tmp_path, char_data):
+    eager, comp = tmp_path / "eager", tmp_path / "compiled"
+    assert main(["pretrain", *tiny_args(eager, char_data, "--train.max_steps=3")]) == 0
+    assert main(["pretrain", *tiny_args(comp, char_data, "--train.max_steps=3", "--train.compile=true")]) == 0
+    a, b = read_losses(eager), read_losses(comp)
+    assert len(b) == 3 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4, (a, b)
