@@ -51,6 +51,27 @@ def build(cfg: Config, env: DistEnv, vocab_size: int, init_model_cfg=None):
     return model, mcfg
 
 
+def init_model(cfg: Config, env: DistEnv, vocab_size: int):
+    """build() from the config, or from --init-from's model config and weights. -> (model, model_cfg)."""
+    init_cfg = None
+    if cfg.train.init_from:
+        from gptforge.model.init import init_model_config
+
+        init_cfg = init_model_config(cfg.train.init_from)
+    model, mcfg = build(cfg, env, vocab_size, init_cfg)
+    if cfg.train.init_from:
+        from gptforge.model.init import load_init_weights
+
+        load_init_weights(cfg.train.init_from, model)
+    return model, mcfg
+
+
+def describe_model(cfg: Config, model, mcfg) -> str:
+    src = f"init from {cfg.train.init_from}" if cfg.train.init_from else cfg.model.preset
+    return (f"model: {src} ({mcfg.arch}) {model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
+            f"d_model {mcfg.d_model}, context {mcfg.block_size}, vocab {mcfg.vocab_size}")
+
+
 def _sampler(cfg: Config, tok, env: DistEnv):
     from gptforge.generate import generate_text
 
@@ -80,20 +101,9 @@ def run_pretrain(cfg: Config) -> dict:
             data_dir = ensure_prepared(_data_path(cfg), cfg.data.tokenizer, val_fraction=cfg.data.val_fraction,
                                        field=cfg.data.field, progress=False)
         tok = load_tokenizer(data_dir)
-        init_cfg = None
-        if cfg.train.init_from:
-            from gptforge.model.init import init_model_config
-
-            init_cfg = init_model_config(cfg.train.init_from)
-        model, mcfg = build(cfg, env, tok.vocab_size, init_cfg)
-        if cfg.train.init_from:
-            from gptforge.model.init import load_init_weights
-
-            load_init_weights(cfg.train.init_from, model)
+        model, mcfg = init_model(cfg, env, tok.vocab_size)
         if env.is_main:
-            n = model.num_params()
-            print(f"model: {cfg.model.preset} ({mcfg.arch}) {n / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
-                  f"d_model {mcfg.d_model}, context {mcfg.block_size}, vocab {mcfg.vocab_size} | data: {data_dir}")
+            print(describe_model(cfg, model, mcfg) + f" | data: {data_dir}")
         if cfg.train.auto:
             apply_auto(cfg, mcfg, env)
         model = parallelize(model, env, cfg)

@@ -1,0 +1,431 @@
+"""SFT data: chat JSONL -> token examples -> packed or length-bucketed batches.
+
+Formats (one JSON object per line in .jsonl; a .json file may hold a list of them):
+    {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}   (+ optional "system")
+    {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}      (ShareGPT)
+    {"instruction": ..., "input": ..., "output": ...}                              (Alpaca, + optional "system")
+
+Loss only on assistant tokens including each turn's <|im_end|> (chat_template.encode_chat); labels are
+-100 elsewhere. Examples longer than the context are truncated or dropped (sft.overflow), and counted.
+
+Batches (SFTLoader, same interface as data/loader.TokenLoader):
+  * packing (sft.packing=true): examples are packed first-fit-decreasing into rows of block_size tokens;
+    `attn_mask` (B,1,T,T) lets a token see only earlier tokens of its own example and `positions`
+    restart at 0 for each example, so a packed row computes exactly what the separate examples would.
+  * padding: examples of similar length are grouped (length buckets) and right-padded per micro-batch.
+Every micro-batch carries `loss_denom` = (label tokens in the whole optimizer step, all ranks and
+micro-steps) / (grad_accum * dp_size): the LM objective divides its summed loss by it, so the step's
+loss is the mean over all its label tokens whatever the split over ranks and micro-steps (a 2-rank run
+equals a 1-rank run with twice the micro-batch)."""
+
+from __future__ import annotations
+
+import bisect
+import glob
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gptforge.data.chat_template import check_messages, encode_chat
+from gptforge.errors import UserError
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bing": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
+DATA_SUFFIXES = (".jsonl", ".json")
+
+
+# ---- files and records ------------------------------------------------------------------------------
+def resolve_files(spec: str | list[str]) -> list[Path]:
+    """Comma-separated files, folders (their *.jsonl / *.json) and globs -> existing files."""
+    parts = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
+    if not parts:
+        raise UserError("no data given; pass --data.path=FILE_OR_DIR (JSONL)")
+    files: list[Path] = []
+    for s in parts:
+        p = Path(s)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
+            if not found:
+                raise UserError(f"folder '{p}' holds no .jsonl or .json files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        elif any(c in s for c in "*?["):
+            found = sorted(Path(f) for f in glob.glob(s, recursive=True) if Path(f).is_file())
+            if not found:
+                raise UserError(f"'{s}' matches no files")
+            files += found
+        else:
+            raise UserError(f"data file '{s}' does not exist")
+    return files
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    bad_lines: int = 0
+    examples: int = 0
+    truncated: int = 0
+    dropped_long: int = 0
+    dropped_empty: int = 0
+    first_bad: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def bad(self, where: str, why: str) -> None:
+        self.bad_lines += 1
+        if not self.first_bad:
+            self.first_bad = f"{where}: {why}"
+
+    def summary(self, what: str = "conversations") -> str:
+        s = (f"{self.records} {what} -> {self.examples} examples; {self.truncated} truncated, "
+             f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped with nothing to learn")
+        if self.bad_lines:
+            s += f", {self.bad_lines} malformed lines skipped (first: {self.first_bad})"
+        return s
+
+
+def iter_records(files: list[Path], skip_bad: bool, stats: DataStats) -> Iterator[tuple[str, object]]:
+    """(where, parsed JSON) for every record; where = 'file:line' (or 'file[item]' in a .json list)."""
+    for f in files:
+        if f.suffix == ".json":
+            try:
+                data = json.loads(f.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                msg = f"{f}:{e.lineno}: invalid JSON ({e.msg})"
+                if skip_bad:
+                    stats.bad(f"{f}:{e.lineno}", f"invalid JSON ({e.msg}); the whole file is skipped")
+                    continue
+                raise UserError(msg + "; fix it or pass --sft.skip_bad_lines=true") from None
+            items = data if isinstance(data, list) else [data]
+            for i, obj in enumerate(items):
+                yield f"{f}[{i}]", obj
+            continue
+        with open(f, encoding="utf-8", errors="strict") as fh:
+            lineno = 0
+            while True:
+                try:
+                    line = fh.readline()
+                except UnicodeDecodeError:
+                    raise UserError(f"{f}:{lineno + 1}: not valid UTF-8") from None
+                if not line:
+                    break
+                lineno += 1
+                if not line.strip():
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as e:
+                    if skip_bad:
+                        stats.bad(f"{f}:{lineno}", f"invalid JSON ({e.msg})")
+                        continue
+                    raise UserError(f"{f}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+                                    "fix the line or pass --sft.skip_bad_lines=true") from None
+                yield f"{f}:{lineno}", obj
+
+
+def to_messages(obj, where: str) -> list[dict]:
+    """One record in any supported format -> [{"role", "content"}]. Raises UserError naming `where`."""
+    if not isinstance(obj, dict):
+        raise UserError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    system = obj.get("system")
+    if "messages" in obj:
+        msgs = obj["messages"]
+        if isinstance(msgs, list):
+            msgs = [dict(m) if isinstance(m, dict) else m for m in msgs]
+    elif "conversations" in obj:
+        conv = obj["conversations"]
+        if not isinstance(conv, list):
+            raise UserError(f"{where}: 'conversations' must be a list")
+        msgs = []
+        for i, t in enumerate(conv):
+            if not isinstance(t, dict):
+                raise UserError(f"{where}: conversations[{i}] must be an object")
+            if "from" in t:
+                role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+                if role is None:
+                    raise UserError(f"{where}: conversations[{i}] has from={t['from']!r}; expected one of "
+                                    f"{', '.join(sorted(SHAREGPT_ROLES))}")
+                msgs.append({"role": role, "content": t.get("value")})
+            else:
+                msgs.append(dict(t))
+    elif "instruction" in obj and "output" in obj:
+        prompt = obj["instruction"]
+        if not isinstance(prompt, str) or not isinstance(obj["output"], str):
+            raise UserError(f"{where}: 'instruction' and 'output' must be strings")
+        extra = obj.get("input") or ""
+        if not isinstance(extra, str):
+            raise UserError(f"{where}: 'input' must be a string")
+        msgs = [{"role": "user", "content": prompt + ("\n\n" + extra if extra else "")},
+                {"role": "assistant", "content": obj["output"]}]
+    else:
+        raise UserError(f"{where}: unknown record format (keys: {', '.join(list(obj)[:6]) or 'none'}); expected "
+                        "'messages', 'conversations' (ShareGPT) or 'instruction'/'output' (Alpaca)")
+    if system is not None:
+        if not isinstance(system, str):
+            raise UserError(f"{where}: 'system' must be a string")
+        if system and not (msgs and isinstance(msgs[0], dict) and msgs[0].get("role") == "system"):
+            msgs = [{"role": "system", "content": system}, *msgs]
+    check_messages(msgs, where)
+    if not any(m["role"] == "assistant" for m in msgs):
+        raise UserError(f"{where}: the conversation has no assistant message to learn from")
+    return msgs
+
+
+def read_conversations(spec, skip_bad: bool = False, stats: DataStats | None = None) -> tuple[list, DataStats]:
+    """All conversations in the files -> ([messages], stats)."""
+    stats = stats or DataStats()
+    convs = []
+    for where, obj in iter_records(resolve_files(spec), skip_bad, stats):
+        try:
+            convs.append(to_messages(obj, where))
+        except UserError as e:
+            if not skip_bad:
+                raise UserError(f"{e}; fix it or pass --sft.skip_bad_lines=true") from None
+            stats.bad(where, str(e).split(": ", 1)[-1])
+    stats.records = len(convs)
+    if not convs:
+        raise UserError(f"no usable conversations in {spec}"
+                        + (f" ({stats.bad_lines} malformed lines skipped)" if stats.bad_lines else ""))
+    return convs, stats
+
+
+# ---- examples ---------------------------------------------------------------------------------------
+@dataclass
+class Example:
+    input_ids: np.ndarray  # (L,) int64
+    labels: np.ndarray  # (L,) int64, -100 = not counted
+
+    @property
+    def n_labels(self) -> int:
+        return int((self.labels != -100).sum())
+
+
+def make_example(ids: list[int], mask: list[int], block_size: int, overflow: str, stats: DataStats) -> Example | None:
+    """Shift ids/mask into (input_ids, labels); apply the overflow rule. None = dropped (counted)."""
+    if len(ids) - 1 > block_size:
+        if overflow == "drop":
+            stats.dropped_long += 1
+            return None
+        ids, mask = ids[: block_size + 1], mask[: block_size + 1]
+        stats.truncated += 1
+    a = np.asarray(ids, dtype=np.int64)
+    m = np.asarray(mask, dtype=bool)
+    labels = np.where(m[1:], a[1:], -100)
+    if len(a) < 2 or not (labels != -100).any():
+        stats.dropped_empty += 1
+        return None
+    stats.examples += 1
+    return Example(a[:-1].copy(), labels)
+
+
+def tokenize_conversations(convs: list[list[dict]], tok, block_size: int, overflow: str = "truncate",
+                           stats: DataStats | None = None) -> tuple[list[Example], DataStats]:
+    stats = stats or DataStats(records=len(convs))
+    out = []
+    for msgs in convs:
+        ex = make_example(*encode_chat(tok, msgs), block_size, overflow, stats)
+        if ex is not None:
+            out.append(ex)
+    return out, stats
+
+
+def split_val(items: list, val_fraction: float, seed: int = 0) -> tuple[list, list]:
+    """A seeded held-out split (none when the data is too small for even one validation item)."""
+    n = len(items)
+    n_val = int(round(n * val_fraction)) if n >= 20 else 0
+    if n_val == 0:
+        return items, []
+    perm = np.random.default_rng(seed).permutation(n)
+    val_idx = set(perm[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
+
+
+# ---- packing ----------------------------------------------------------------------------------------
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing (best fit via a sorted list of free space) -> rows of example indices."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (free space, row id), sorted
+    for i in order:
+        L = lengths[i]
+        if L > capacity:
+            raise ValueError(f"example of {L} tokens exceeds the row capacity {capacity}")
+        k = bisect.bisect_left(free, (L, -1))
+        if k < len(free):
+            space, r = free.pop(k)
+        else:
+            rows.append([])
+            space, r = capacity, len(rows) - 1
+        rows[r].append(i)
+        if space - L > 0:
+            bisect.insort(free, (space - L, r))
+    for r in rows:
+        r.sort()  # keep a deterministic order inside a row
+    return rows
+
+
+def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Rows of examples -> input_ids/labels/positions (B,T) and a document mask attn_mask (B,1,T,T)."""
+    T = max(sum(len(e.input_ids) for e in row) for row in rows)
+    B = len(rows)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    labels = np.full((B, T), -100, dtype=np.int64)
+    pos = np.zeros((B, T), dtype=np.int64)
+    doc = np.full((B, T), -1, dtype=np.int64)  # the padding tail is one more "document"
+    for b, row in enumerate(rows):
+        o = 0
+        for d, e in enumerate(row):
+            L = len(e.input_ids)
+            ids[b, o:o + L], labels[b, o:o + L] = e.input_ids, e.labels
+            pos[b, o:o + L], doc[b, o:o + L] = np.arange(L), d
+            o += L
+        pos[b, o:] = np.arange(T - o)
+    d = torch.from_numpy(doc)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    mask = (d[:, :, None] == d[:, None, :]) & causal
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
+            "positions": torch.from_numpy(pos), "attn_mask": mask[:, None]}
+
+
+def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right padding to the longest example; causal attention never sees the padding."""
+    T = max(len(e.input_ids) for e in examples)
+    ids = np.full((len(examples), T), pad_id, dtype=np.int64)
+    labels = np.full((len(examples), T), -100, dtype=np.int64)
+    for b, e in enumerate(examples):
+        ids[b, :len(e.input_ids)], labels[b, :len(e.labels)] = e.input_ids, e.labels
+    return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
+
+
+# ---- loader -----------------------------------------------------------------------------------------
+class UnitLoader:
+    """A stateful, rank-aware loader over a list of units (packed rows, examples, pairs).
+
+    Like TokenLoader: a global cursor `pos` over a per-epoch order; rank r's micro-batch is
+    order[pos + r*B : pos + (r+1)*B]; an epoch uses the largest multiple of B*dp_size*accum_steps units."""
+
+    def __init__(self, n_units: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, accum_steps: int = 1, name: str = "data"):
+        if micro_batch < 1 or accum_steps < 1:
+            raise UserError(f"micro_batch ({micro_batch}) and accum_steps ({accum_steps}) must be positive")
+        self.n, self.B, self.dp_rank, self.dp_size = n_units, micro_batch, dp_rank, dp_size
+        self.seed, self.shuffle, self.accum_steps, self.name = seed, shuffle, accum_steps, name
+        self.global_batch = micro_batch * dp_size
+        self.per_step = self.global_batch * accum_steps
+        self._usable = self.n // self.per_step * self.per_step
+        self._epoch, self.pos = 0, 0
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
+
+    @property
+    def windows_per_epoch(self) -> int:
+        return self.n
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
+
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
+        return self._order
+
+    def collate(self, units: np.ndarray, step_units: np.ndarray | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        if self._usable == 0:
+            raise UserError(f"{self.name}: {self.n} training units (sequences / pairs), fewer than one optimizer "
+                            f"step needs ({self.per_step} = micro_batch x grad_accum x dp ranks); "
+                            "add data or lower train.micro_batch")
+        if self.pos + self.global_batch > self._usable:
+            self._epoch, self.pos = self._epoch + 1, 0
+        order = self._order_for(self._epoch)
+        step_start = self.pos - self.pos % self.per_step
+        start = self.pos + self.dp_rank * self.B
+        units = order[start:start + self.B]
+        self.pos += self.global_batch
+        return self.collate(units, order[step_start:step_start + self.per_step])
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """Deterministic pass in index order (a tail that does not fill all ranks is dropped)."""
+        B = self.B
+        if self.n < self.global_batch:
+            B = self.n // self.dp_size
+            if B == 0:
+                return
+        G = B * self.dp_size
+        n = self.n // G
+        if max_batches is not None:
+            n = min(n, max_batches)
+        for i in range(n):
+            start = i * G + self.dp_rank * B
+            yield self.collate(np.arange(start, start + B), None)
+
+    def state_dict(self) -> dict:
+        return {"epoch": int(self._epoch), "pos": int(self.pos), "seed": int(self.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        pos = int(state["pos"])
+        if pos % self.global_batch:
+            raise UserError(f"data-loader position {pos} is not a multiple of the global batch "
+                            f"{self.global_batch}; resume with the same global batch size")
+        self._epoch, self.pos, self.seed = int(state["epoch"]), pos, int(state["seed"])
+        self._order_epoch = -1
+
+
+class SFTLoader(UnitLoader):
+    def __init__(self, examples: list[Example], block_size: int, micro_batch: int, pad_id: int, packing: bool = True,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, accum_steps: int = 1,
+                 bucket_batches: int = 64):
+        if not examples:
+            raise UserError("no SFT examples to train on")
+        self.examples, self.pad_id, self.packing, self.block_size = examples, pad_id, packing, block_size
+        self.bucket_batches = bucket_batches
+        lengths = [len(e.input_ids) for e in examples]
+        self.rows = pack(lengths, block_size) if packing else [[i] for i in range(len(examples))]
+        self.unit_labels = np.array([sum(examples[i].n_labels for i in r) for r in self.rows], dtype=np.int64)
+        self.unit_len = np.array([sum(lengths[i] for i in r) for r in self.rows], dtype=np.int64)
+        super().__init__(len(self.rows), micro_batch, dp_rank, dp_size, seed, shuffle, accum_steps, name="sft data")
+
+    @property
+    def fill(self) -> float:
+        """Fraction of row tokens that are real (packing efficiency)."""
+        return float(self.unit_len.sum()) / (len(self.rows) * self.block_size)
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        order = super().epoch_order(epoch)
+        if self.packing or not self.shuffle:
+            return order
+        # length buckets: sort chunks of `bucket_batches` global batches by length, then shuffle the batches
+        G = self.global_batch
+        chunk = G * self.bucket_batches
+        parts = [order[i:i + chunk] for i in range(0, len(order), chunk)]
+        parts = [p[np.argsort(-self.unit_len[p], kind="stable")] for p in parts]
+        flat = np.concatenate(parts)
+        nb = len(flat) // G
+        batches = [flat[i * G:(i + 1) * G] for i in range(nb)]
+        perm = np.random.default_rng([self.seed, epoch, 1]).permutation(nb)
+        return np.concatenate([batches[i] for i in perm] + [flat[nb * G:]])
+
+    def collate(self, units, step_units):
+        if self.packing:
+            batch = collate_packed([[self.examples[i] for i in self.rows[u]] for u in units], self.pad_id)
+        else:
+            batch = collate_padded([self.examples[self.rows[u][0]] for u in units], self.pad_id)
+        if step_units is not None:
+            n = max(1, int(self.unit_labels[step_units].sum()))
+            batch["loss_denom"] = torch.tensor(n / (self.accum_steps * self.dp_size), dtype=torch.float32)
+        return batch
