@@ -39,7 +39,7 @@ def test_multi_node_command(capsys):
     assert env["GPTFORGE_COLLECTIVE_TIMEOUT_S"] == "30"
     assert env["GPTFORGE_NODE_RANK"] == "1" and env["GPTFORGE_NNODES"] == "2"
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    for a in ("--nnodes=2", "--nproc-per-node=4", "--node-rank=1", "--rdzv-backend=c10d",
+    for a in ("--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
               "--rdzv-endpoint=10.1.2.3:29600", "--rdzv-id=gptforge", "--rdzv-conf=is_host=0,join_timeout=300",
               "--local-addr=127.0.0.1", "--max-restarts=0"):
         assert a in argv, a

@@ -219,8 +219,8 @@ def build_plan(args: argparse.Namespace, cmd: list[str]) -> Plan:
 
             local_addr = netutil.require_iface(args.iface)
         conf = [f"is_host={1 if args.node_rank == 0 else 0}", f"join_timeout={args.rdzv_timeout}"]
-        run += [f"--nnodes={args.nnodes}", f"--nproc-per-node={nproc}", f"--node-rank={args.node_rank}",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
+        # no --node-rank: the c10d rendezvous ignores it (and warns); GPTFORGE_NODE_RANK carries it
+        run += [f"--nnodes={args.nnodes}", f"--nproc-per-node={nproc}", "--rdzv-backend=c10d", f"--rdzv-endpoint={args.master_addr}:{args.master_port}",
                 f"--rdzv-id={args.rdzv_id}", f"--rdzv-conf={','.join(conf)}"]
         if local_addr:
             run.append(f"--local-addr={local_addr}")
@@ -342,10 +342,10 @@ def _pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "") ->
 
 def _watch_stdin(proc: subprocess.Popen, stopped: threading.Event) -> None:
     """Stop torchrun when our stdin closes (the --hostfile launcher went away or stops the job)."""
-    try:
-        while sys.stdin.buffer.read(1024):
+    try:  # raw fd reads: a daemon thread blocked in a buffered read would abort the interpreter at exit
+        while os.read(0, 4096):
             pass
-    except (OSError, ValueError):
+    except OSError:
         pass
     if proc.poll() is None:
         stopped.set()
