@@ -133,6 +133,10 @@ def test_cli(tmp_path, capsys):
     assert "541 train + 60 val tokens (char tokenizer" in capsys.readouterr().out
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["splits"]["train"] + meta["splits"]["val"] == 601 and meta["splits"]["val"] == 60
+    assert cli(["prepare", "--input", str(tmp_path / "t.txt"), "--out", str(tmp_path / "b"), "--tokenizer", "bpe:265",
+                "--no-progress"]) == 0
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["kind"] == "bpe" and meta["vocab_size"] == 265 and sum(meta["splits"].values()) < 601 / 3
     assert cli(["prepare", "--input", str(tmp_path / "missing"), "--out", str(tmp_path / "o2")]) == 2
     assert "not found" in capsys.readouterr().err
 
@@ -146,7 +150,7 @@ def test_ensure_prepared_caches_by_content(tmp_path):
     assert ensure_prepared(str(f), "char", cache=tmp_path / "cache") == d1
     assert (d1 / "meta.json").stat().st_mtime_ns == stamp  # reused, not re-prepared
     assert ensure_prepared(str(f), "gpt2", cache=tmp_path / "cache", progress=False) != d1
-    assert ensure_prepared(d1, "gpt2") == d1  # an already prepared directory is used as is
+    assert ensure_prepared(d1, "gpt2") == ensure_prepared([str(d1)]) == d1  # a prepared directory is used as is
     f.write_text("other text\n" * 30)
     assert ensure_prepared(str(f), "char", cache=tmp_path / "cache", progress=False) != d1
     assert not list((tmp_path / "cache" / "datasets").glob(".preparing-*"))

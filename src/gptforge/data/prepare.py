@@ -196,6 +196,8 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
 
     path: a directory holding meta.json (used as is); raw inputs (file, folder, glob, list; prepared once
     into <cache>/datasets/<hash>); or None (the built-in Shakespeare corpus). tokenizer defaults to char."""
+    if isinstance(path, (list, tuple)) and len(path) == 1:
+        path = path[0]
     if path is not None and not isinstance(path, (list, tuple)) and (Path(path) / "meta.json").is_file():
         return Path(path)
     root = Path(cache or cache_dir())
