@@ -109,7 +109,7 @@ def run_pretrain(cfg: Config) -> dict:
         model = parallelize(model, env, cfg)
         t = cfg.train
         train_loader = TokenLoader(data_dir, "train", t.micro_batch, mcfg.block_size, env.dp_rank, env.dp_size,
-                                   seed=t.seed)
+                                   seed=t.seed, accum_steps=t.grad_accum)
         val_loader = TokenLoader(data_dir, "val", t.micro_batch, mcfg.block_size, env.dp_rank, env.dp_size,
                                  seed=t.seed, shuffle=False)
         files = {"config.json": _config_json(cfg)} | tokenizer_files(tok)
