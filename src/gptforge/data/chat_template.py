@@ -38,16 +38,16 @@ def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
 
 def check_messages(messages, where: str = "") -> list[dict]:
     """Validate a message list: dicts with a known role and string content. -> the list."""
-    at = f" ({where})" if where else ""
+    at = f"{where}: " if where else ""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"a conversation must be a non-empty list of messages{at}")
+        raise UserError(f"{at}a conversation must be a non-empty list of messages")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise UserError(f"message {i} must be an object with 'role' and 'content'{at}")
+            raise UserError(f"{at}message {i} must be an object with 'role' and 'content'")
         if m["role"] not in ROLES:
-            raise UserError(f"message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}{at}")
+            raise UserError(f"{at}message {i} has role {m['role']!r}; use one of {', '.join(ROLES)}")
         if not isinstance(m["content"], str):
-            raise UserError(f"message {i} has non-string content ({type(m['content']).__name__}){at}")
+            raise UserError(f"{at}message {i} has non-string content ({type(m['content']).__name__})")
     return messages
 
 

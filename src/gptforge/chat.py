@@ -1,0 +1,170 @@
+"""`gptforge chat --checkpoint DIR`: multi-turn chat in the terminal, replies streamed as they are sampled.
+
+The conversation is rendered with the ChatML template the model was fine-tuned with. When the history
+no longer fits the context (prompt + room for the reply), the oldest turns are dropped, with a notice;
+the system message is kept. Commands: /reset, /system TEXT, /exit (also Ctrl-D), /help.
+
+    gptforge chat --checkpoint runs/dpo
+    gptforge chat --checkpoint runs/sft --message "Hello" --message "And then?"   # scripts: replies on stdout
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from gptforge.data.chat_template import encode_chat, stop_ids
+from gptforge.errors import UserError
+
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
+
+
+class ChatSession:
+    """The conversation state and the reply loop, independent of the terminal (tests drive it directly)."""
+
+    def __init__(self, model, tok, system: str | None = None, max_new_tokens: int = 256, temperature: float = 0.7,
+                 top_k: int | None = 50, top_p: float | None = None, seed: int | None = None,
+                 notice: Callable[[str], None] | None = None):
+        self.model, self.tok = model, tok
+        self.system = system or None
+        self.turns: list[tuple[str, str]] = []  # (user, assistant)
+        self.max_new_tokens, self.temperature, self.top_k, self.top_p = max_new_tokens, temperature, top_k, top_p
+        self.seed, self.n_replies = seed, 0
+        self.notice = notice or (lambda s: print(s, file=sys.stderr, flush=True))
+        self.block = model.cfg.block_size
+        self.stops = stop_ids(tok)
+
+    @property
+    def reserve(self) -> int:
+        """Tokens kept free for the reply."""
+        return max(1, min(self.max_new_tokens, self.block // 4))
+
+    def messages(self, user: str, turns=None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        for u, a in self.turns if turns is None else turns:
+            msgs += [{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+        return msgs + [{"role": "user", "content": user}]
+
+    def prompt_ids(self, user: str) -> list[int]:
+        """The prompt for `user`; drops the oldest turns (with a notice) until prompt + reply room fit."""
+        dropped = 0
+        while True:
+            ids, _ = encode_chat(self.tok, self.messages(user, self.turns[dropped:]), add_generation_prompt=True)
+            if len(ids) + self.reserve <= self.block or dropped == len(self.turns):
+                break
+            dropped += 1
+        if len(ids) + self.reserve > self.block:
+            what = "your message and the system message" if self.system else "your message"
+            raise UserError(f"{what} take {len(ids)} tokens; with room for a reply that exceeds the context of "
+                            f"{self.block} tokens; write less (or shorten the system message with /system)")
+        if dropped:
+            self.turns = self.turns[dropped:]
+            self.notice(f"[history: dropped the {dropped} oldest turn{'s' if dropped > 1 else ''} to fit the "
+                        f"context of {self.block} tokens]")
+        return ids
+
+    def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> str:
+        from gptforge.generate import StreamDecoder, generate_ids
+
+        ids = self.prompt_ids(user)
+        dec = StreamDecoder(self.tok)
+        pieces: list[str] = []
+        seed = None if self.seed is None else self.seed + self.n_replies
+        self.n_replies += 1
+        try:
+            for tid in generate_ids(self.model, ids, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
+                                    seed, True, self.stops):
+                if tid in self.stops:
+                    break
+                piece = dec.push(tid)
+                if piece:
+                    pieces.append(piece)
+                    if on_text:
+                        on_text(piece)
+        finally:  # also on Ctrl-C: the partial reply stays in the history
+            self.turns.append((user, "".join(pieces)))
+        return "".join(pieces)
+
+    def reset(self) -> None:
+        self.turns = []
+
+
+def _write(s: str) -> None:
+    sys.stdout.write(s)
+    sys.stdout.flush()
+
+
+def interactive(session: ChatSession, banner: str) -> int:
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401 - line editing and history for input()
+        except ImportError:
+            pass
+    print(banner)
+    print(HELP)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print("\n(/exit or Ctrl-D to quit)")
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            cmd, _, arg = text.partition(" ")
+            if cmd in ("/exit", "/quit"):
+                return 0
+            if cmd == "/reset":
+                session.reset()
+                print("[conversation reset]")
+            elif cmd == "/system":
+                session.system = arg.strip() or None
+                session.reset()
+                print(f"[system message {'set' if session.system else 'cleared'}; conversation reset]")
+            elif cmd == "/help":
+                print(HELP)
+            else:
+                print(f"unknown command {cmd}; {HELP}")
+            continue
+        _write("bot> ")
+        try:
+            session.reply(line, on_text=_write)
+        except UserError as e:
+            print(f"[{e}]")
+            continue
+        except KeyboardInterrupt:
+            _write(" [interrupted]")
+        print()
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="gptforge chat", description="Chat with a fine-tuned checkpoint.")
+    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
+    p.add_argument("--message", action="append", default=None,
+                   help="non-interactive: send this message (repeat for several turns), print each reply, exit")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    a = p.parse_args(argv)
+    if a.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    from gptforge.generate import load_for_inference
+
+    model, tok, _ = load_for_inference(a.checkpoint, a.device)
+    session = ChatSession(model, tok, a.system, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p, a.seed)
+    if a.message:
+        for m in a.message:
+            print(session.reply(m), flush=True)
+        return 0
+    banner = (f"gptforge chat: {a.checkpoint} ({model.num_params() / 1e6:.1f}M parameters, context "
+              f"{model.cfg.block_size} tokens)")
+    return interactive(session, banner)

@@ -1,0 +1,124 @@
+"""DPO: ln 2 at step 0, rewards that separate on synthetic pairs, precomputed == live reference, pair formats."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import pytest
+import torch
+
+from conftest import read_losses
+from gptforge.cli import main
+from gptforge.data.preference import PairLoader, read_pairs, to_pair
+from gptforge.data.tokenizer import char_tokenizer
+from gptforge.errors import UserError
+from gptforge.model.gpt import GPTConfig, build_model
+from gptforge.objectives.dpo import DPOObjective, precompute_reference, sequence_logps
+from gptforge.parallel.mesh import DistEnv
+from stage_fixtures import LETTERS, sft_args, sft_reverse_run, write_jsonl  # noqa: F401
+
+LN2 = math.log(2)
+
+
+def reverse_pairs(n: int, seed: int = 1) -> list[dict]:
+    """chosen: the word reversed (what SFT taught); rejected: the word rotated by one (plausible, wrong)."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        w = "".join(r.choice(LETTERS) for _ in range(4))
+        out.append({"prompt": w, "chosen": w[::-1], "rejected": w[1:] + w[0]})
+    return out
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_pair_formats():
+    p, c, r = to_pair({"prompt": "q", "chosen": "a", "rejected": "b"}, "f:1")
+    assert p == [{"role": "user", "content": "q"}] and c[0]["content"] == "a" and r[0]["role"] == "assistant"
+    prompt = [{"role": "system", "content": "S"}, {"role": "user", "content": "q"}]
+    full = lambda a: prompt + [{"role": "assistant", "content": a}]  # noqa: E731
+    p, c, r = to_pair({"prompt": prompt, "chosen": full("a"), "rejected": full("b")}, "f:2")
+    assert p == prompt and c == [{"role": "assistant", "content": "a"}] and r[0]["content"] == "b"
+    p, c, r = to_pair({"chosen": full("a"), "rejected": full("b")}, "f:3")  # prompt = the shared prefix
+    assert p == prompt and c[0]["content"] == "a"
+    with pytest.raises(UserError, match="f:4: missing 'rejected'"):
+        to_pair({"prompt": "q", "chosen": "a"}, "f:4")
+
+
+def test_loss_is_ln2_when_policy_equals_reference_and_live_equals_precomputed(tmp_path):
+    tok = char_tokenizer(["abcdef"])
+    f = write_jsonl(tmp_path / "p.jsonl", reverse_pairs(10))
+    pairs, stats = read_pairs(str(f), tok, 32)
+    assert stats.records == 10 and len(pairs) == 10
+    # only the reply and its <|im_end|> are scored
+    assert all(p.chosen.n_labels == 5 and p.rejected.n_labels == 5 for p in pairs)
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    policy, ref = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    loader = PairLoader(pairs, 4, tok.pad_id, seed=0)
+    table = precompute_reference(ref, loader, DistEnv(), micro_batch=3)
+    batch = loader.next_batch()
+    for ls in (0.0, 0.2):
+        loss, m = DPOObjective(0.1, ls, ref_model=ref)(policy, batch)
+        assert abs(loss.item() - LN2) < 1e-6 and m["reward_margin"].item() == 0.0
+    loader.set_reference(table)
+    live_batch = batch
+    batch = loader.collate(loader.epoch_order(0)[:4])
+    assert torch.equal(batch["input_ids"], live_batch["input_ids"])
+    with torch.no_grad():
+        assert torch.allclose(batch["ref_logps"], sequence_logps(ref, batch), atol=1e-5)
+    with torch.no_grad():  # a different policy: live and precomputed reference agree
+        for p in policy.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+        a, _ = DPOObjective(0.5, 0.1)(policy, batch)
+        b, _ = DPOObjective(0.5, 0.1, ref_model=ref)(policy, live_batch)
+    assert abs(a.item() - b.item()) < 1e-6 and abs(a.item() - LN2) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def pairs_file(tmp_path_factory):
+    return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", reverse_pairs(200))
+
+
+def dpo_args(out, data, init, *extra):
+    return ["dpo", *sft_args(out, data, f"--init-from={init}", "--train.micro_batch=8", "--train.warmup_steps=0",
+                             "--train.lr=1e-3", "--train.log_every=1", "--dpo.beta=0.1", *extra)]
+
+
+def test_dpo_starts_at_ln2_and_rewards_separate(tmp_path, sft_reverse_run, pairs_file):
+    out = tmp_path / "dpo"
+    assert main(dpo_args(out, pairs_file, sft_reverse_run, "--train.max_steps=40")) == 0
+    r = [x for x in rows(out) if "train/reward_margin" in x]
+    assert len(r) == 40
+    assert abs(r[0]["train/loss"] - LN2) < 1e-4, r[0]
+    assert r[0]["train/reward_margin"] == 0.0
+    first = lambda k: sum(x[f"train/{k}"] for x in r[:5]) / 5  # noqa: E731
+    last = lambda k: sum(x[f"train/{k}"] for x in r[-5:]) / 5  # noqa: E731
+    assert last("reward_margin") > first("reward_margin") + 0.3, (first("reward_margin"), last("reward_margin"))
+    assert last("reward_acc") > max(0.8, first("reward_acc")), (first("reward_acc"), last("reward_acc"))
+    assert last("loss") < LN2 - 0.1
+    ck = sorted((out / "checkpoints").iterdir())[-1]
+    assert (ck / "chat_template.jinja").is_file()
+
+
+def test_precomputed_and_live_reference_give_the_same_losses(tmp_path, sft_reverse_run, pairs_file):
+    runs = {}
+    for pre in ("true", "false"):
+        out = tmp_path / f"ref_{pre}"
+        assert main(dpo_args(out, pairs_file, sft_reverse_run, "--train.max_steps=40", "--train.stop_after=5",
+                             f"--dpo.precompute_ref={pre}")) == 0
+        runs[pre] = [x for x in rows(out) if "train/loss" in x]
+    a, b = runs["true"], runs["false"]
+    assert len(a) == len(b) == 5
+    for x, y in zip(a, b):
+        for k in ("train/loss", "train/reward_margin", "train/logps_chosen"):
+            assert abs(x[k] - y[k]) < 1e-5, (k, x[k], y[k])
+    assert read_losses(tmp_path / "ref_true")[0] == pytest.approx(LN2, abs=1e-4)
+
+
+def test_dpo_needs_init_from(tmp_path, pairs_file, capsys):
+    assert main(["dpo", f"--data.path={pairs_file}", "--train.max_steps=1"]) == 2
+    assert "--init-from" in capsys.readouterr().err
