@@ -64,10 +64,11 @@ class ChatSession:
                         f"context of {self.block} tokens]")
         return ids
 
-    def reply(self, user: str, on_text: Callable[[str], None] | None = None) -> str:
+    def reply(self, user: str, on_text: Callable[[str], None] | None = None, ids: list[int] | None = None) -> str:
+        """Sample the reply to `user` (streamed to on_text); `ids`: its prompt_ids() if already computed."""
         from gptforge.generate import StreamDecoder, generate_ids
 
-        ids = self.prompt_ids(user)
+        ids = self.prompt_ids(user) if ids is None else ids
         dec = StreamDecoder(self.tok)
         pieces: list[str] = []
         seed = None if self.seed is None else self.seed + self.n_replies
@@ -131,12 +132,14 @@ def interactive(session: ChatSession, banner: str) -> int:
             else:
                 print(f"unknown command {cmd}; {HELP}")
             continue
-        _write("bot> ")
         try:
-            session.reply(line, on_text=_write)
+            ids = session.prompt_ids(line)  # any notice about dropped turns comes before the reply
         except UserError as e:
             print(f"[{e}]")
             continue
+        _write("bot> ")
+        try:
+            session.reply(line, on_text=_write, ids=ids)
         except KeyboardInterrupt:
             _write(" [interrupted]")
         print()
