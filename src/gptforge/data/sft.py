@@ -409,8 +409,9 @@ class SFTLoader(UnitLoader):
         order = super().epoch_order(epoch)
         if self.packing or not self.shuffle:
             return order
-        # length buckets: sort chunks of `bucket_batches` global batches by length, then shuffle the batches
-        G = self.global_batch
+        # length buckets: sort chunks of `bucket_batches` optimizer steps by length, then shuffle the steps
+        # (grouped per optimizer step, so any split over ranks and micro-steps sees the same sequences)
+        G = self.per_step
         chunk = G * self.bucket_batches
         parts = [order[i:i + chunk] for i in range(0, len(order), chunk)]
         parts = [p[np.argsort(-self.unit_len[p], kind="stable")] for p in parts]
