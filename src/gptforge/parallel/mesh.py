@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import gc
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -79,6 +80,9 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         return DistEnv(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    from gptforge.parallel.exit import mark_distributed
+
+    mark_distributed()
     if not dist.is_initialized():
         timeout = int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s))
         backend = "nccl" if device.type == "cuda" else "gloo"
@@ -108,10 +112,18 @@ def barrier(env: DistEnv) -> None:
 
 
 def shutdown(env: DistEnv) -> None:
-    """End cleanly: avoids gloo's occasional abort at interpreter exit (DESIGN.md)."""
+    """End cleanly: barrier (no peer still waits on us), gc, destroy the process groups.
+
+    The caller drops its model/optimizer first; `python -m gptforge` then leaves with os._exit
+    (gptforge.parallel.exit explains gloo's abort at interpreter exit and why this avoids it)."""
     if dist.is_initialized():
+        if sys.exc_info()[0] is not None:
+            # called from a `finally` while an error propagates: the other ranks may be inside another
+            # collective, a barrier would only wait for the timeout. torchrun stops the job.
+            return
         try:
             dist.barrier()
         finally:
+            env.mesh = None
             gc.collect()
             dist.destroy_process_group()

@@ -16,7 +16,12 @@ def resolve_strategy(env, parallel_cfg) -> str:
     if parallel_cfg.strategy == "none":
         raise UserError("parallel.strategy=none but there are several data-parallel ranks; use ddp or fsdp")
     if parallel_cfg.strategy == "auto":
-        return "fsdp" if env.mesh["dp_shard"].size() > 1 else "ddp"
+        # DDP cannot reduce DTensor gradients: with TP, pure replication runs as HSDP with dp_shard=1
+        return "fsdp" if env.mesh["dp_shard"].size() > 1 or env.tp_size > 1 else "ddp"
+    if parallel_cfg.strategy == "ddp" and env.tp_size > 1:
+        raise UserError(f"parallel.strategy=ddp cannot be combined with tensor parallel (parallel.tp={env.tp_size}): "
+                        "DDP does not reduce DTensor gradients; use parallel.strategy=fsdp or auto "
+                        "(with parallel.dp_shard=1 and parallel.dp_replicate=N it replicates like DDP)")
     return parallel_cfg.strategy
 
 
@@ -55,10 +60,8 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        dp_mesh = env.mesh["dp_replicate", "dp_shard"]._flatten("dp_ddp") if env.tp_size > 1 else None
-        kw = {"device_mesh": dp_mesh} if dp_mesh is not None else {}
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(model, device_ids=ids, **kw)
+        return DDP(model, device_ids=ids)
     return model
 
 
