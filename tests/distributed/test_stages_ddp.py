@@ -1,4 +1,5 @@
-"""SFT and DPO under 2-rank DDP (real torchrun, gloo, CPU) equal one process with the same global batch.
+"""SFT and DPO under 2-rank DDP (and DPO under FSDP2 with a live, sharded reference) on real torchrun
+(gloo, CPU) equal one process with the same global batch.
 
 Conversations of uneven length make the ranks' label-token counts differ, so this also checks that the
 SFT loss is the mean over the step's tokens on all ranks, not a mean of per-rank means. Workers must
@@ -40,8 +41,9 @@ def torchrun(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess
 
 def args(out, data, *extra) -> list[str]:
     a = [x for x in tiny_args(out, "unused", *extra) if not x.startswith("--data.path=")]
+    strategy = [] if any(x.startswith("--parallel.strategy=") for x in extra) else ["--parallel.strategy=ddp"]
     return a + [f"--data.path={data}", "--train.log_every=1", "--train.warmup_steps=1",
-                f"--train.max_steps={STEPS}", "--data.val_fraction=0", "--parallel.strategy=ddp"]
+                f"--train.max_steps={STEPS}", "--data.val_fraction=0", *strategy]
 
 
 def metrics(run: Path) -> list[dict]:
@@ -95,8 +97,9 @@ def test_dpo_ddp_equals_single_process(tmp_path, data):
     a, b = metrics(single), metrics(ddp)
     assert_same(a, b, ("train/loss", "train/reward_margin", "train/logps_chosen", "train/logps_rejected"))
     assert abs(a[0]["train/loss"] - 0.6931471805599453) < 1e-4
-    # live reference under DDP gives the same numbers too
+    # FSDP2 with a live reference model sharded the same way gives the same numbers too
     live = tmp_path / "live"
-    torchrun(["dpo", *args(live, data / "pairs.jsonl", "--train.micro_batch=2", *common, "--dpo.precompute_ref=false")])
+    torchrun(["dpo", *args(live, data / "pairs.jsonl", "--train.micro_batch=2", *common, "--dpo.precompute_ref=false",
+                           "--parallel.strategy=fsdp")])
     assert_same(a, metrics(live), ("train/loss", "train/reward_margin"))
     shutil.rmtree(sft, ignore_errors=True)
