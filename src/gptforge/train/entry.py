@@ -105,7 +105,9 @@ def run_pretrain(cfg: Config) -> dict:
         if env.is_main:
             print(describe_model(cfg, model, mcfg) + f" | data: {data_dir}")
         if cfg.train.auto:
-            apply_auto(cfg, mcfg, env)
+            from gptforge.launch.hardware import apply_auto
+
+            apply_auto(cfg, world_size=env.world_size)
         model = parallelize(model, env, cfg)
         t = cfg.train
         train_loader = TokenLoader(data_dir, "train", t.micro_batch, mcfg.block_size, env.dp_rank, env.dp_size,
@@ -123,25 +125,6 @@ def run_pretrain(cfg: Config) -> dict:
         return result
     finally:
         shutdown(env)
-
-
-def apply_auto(cfg: Config, mcfg, env: DistEnv) -> None:
-    """--train.auto: micro-batch, accumulation, precision and checkpointing for this device, keeping the
-    effective batch (micro_batch x grad_accum x data-parallel ranks) the config asks for."""
-    from gptforge.launch import hardware
-
-    dev = hardware.detect()
-    t = cfg.train
-    shard = env.mesh["dp_shard"].size() if env.mesh is not None and cfg.parallel.strategy != "ddp" else 1
-    ac = hardware.auto_config(mcfg, dev, t.micro_batch * t.grad_accum * env.dp_size, env.dp_size,
-                              mcfg.block_size, shard=shard)
-    if not ac.fits:
-        raise UserError(f"--train.auto on {dev.describe()}: {ac.reason}")
-    t.micro_batch, t.grad_accum, t.activation_checkpointing = ac.micro_batch, ac.grad_accum, ac.activation_checkpointing
-    if t.precision == "auto":
-        t.precision = ac.precision
-    if env.is_main:
-        print(f"auto: {dev.describe()}: {ac.reason}")
 
 
 def _config_json(cfg: Config) -> str:
