@@ -105,7 +105,7 @@ def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
     assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=1", "--train.grad_accum=2",
                                         "--train.auto=true")]) == 0
     out = capsys.readouterr().out
-    assert "auto: " in out and "micro-batch 8 x accumulation 1" in out  # 4 x 2 fits in one micro-batch on CPU
+    assert "auto-config for " in out and "micro-batch 8 x accumulation 1" in out  # 4 x 2 fits in one micro-batch on CPU
     assert "training 1 steps x 8 sequences" in out
 
 
