@@ -202,3 +202,20 @@ def test_sft_cli_errors(tmp_path, capsys):
     assert main(["sft", f"--data.path={bad}", "--train.max_steps=1", f"--train.out_dir={tmp_path}/o"]) == 2
     assert f"{bad}:1" in capsys.readouterr().err
 
+
+
+def test_hf_export_carries_the_chat_template(sft_reverse_run, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from gptforge.model.hf_export import export_hf
+
+    out = export_hf(sft_reverse_run, tmp_path / "hf")
+    assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML_JINJA
+    ht = transformers.AutoTokenizer.from_pretrained(out)
+    msgs = [{"role": "user", "content": "abcd"}, {"role": "assistant", "content": "dcba"},
+            {"role": "user", "content": "cafe"}]
+    text = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert text == render(msgs, add_generation_prompt=True)
+    from gptforge.generate import load_for_inference
+
+    _, tok, _ = load_for_inference(str(sft_reverse_run), "cpu")
+    assert ht(text, add_special_tokens=False)["input_ids"] == encode_chat(tok, msgs, add_generation_prompt=True)[0]
