@@ -104,14 +104,19 @@ class SFTSection:
     packing: bool = True
     """pack short conversations into one sequence with document masking"""
     overflow: Literal["truncate", "drop"] = "truncate"
+    """conversations (and DPO pairs) longer than the context: truncate them or drop them (counted)"""
     skip_bad_lines: bool = False
+    """skip malformed JSONL lines (counted, first one named) instead of stopping at the first (SFT and DPO)"""
 
 
 @dataclass
 class DPOSection:
     beta: float = 0.1
+    """strength of the pull towards the reference model (higher: stay closer)"""
     label_smoothing: float = 0.0
+    """conservative DPO: assumed fraction of flipped preference labels, in [0, 0.5)"""
     precompute_ref: bool = True
+    """score the data with the reference once before training and free it (else keep a frozen copy)"""
 
 
 @dataclass
