@@ -106,8 +106,10 @@ def train_distributed(args) -> list[float]:
     tp_mesh, dp_mesh = mesh["tp"], mesh["dp"]
     dp_rank = dp_mesh.get_local_rank()
     # e.g. 4 ranks, tp=2: "[Rank 3] DP rank: 1, TP mesh: [2, 3], DP mesh: [1, 3]" (global ranks of each group)
-    print(f"[Rank {rank}] DP rank: {dp_rank}, TP mesh: {tp_mesh.mesh.tolist()}, DP mesh: {dp_mesh.mesh.tolist()}",
-          flush=True)
+    # one write per line, so the lines of the ranks do not interleave
+    sys.stdout.write(f"[Rank {rank}] DP rank: {dp_rank}, TP mesh: {tp_mesh.mesh.tolist()}, "
+                     f"DP mesh: {dp_mesh.mesh.tolist()}\n")
+    sys.stdout.flush()
 
     model = make_model(args.dim, args.hidden, args.seed).to(device)
     parallelize_module(model, tp_mesh, {"in_proj": ColwiseParallel(), "out_proj": RowwiseParallel()})

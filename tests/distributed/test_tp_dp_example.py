@@ -26,7 +26,8 @@ def test_tp2_dp2_example_matches_single_process(tmp_path):
     job = run([sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "4", "--",
                str(EXAMPLE), "--tp", "2", "--steps", "5", "--out", str(dist_out)], timeout=180)
     check_clean(job)
-    lines = {int(m.group(1)): m.group(0) for m in re.finditer(r"\[Rank (\d+)\] DP rank: (\d+), TP mesh: .*", job.output)}
+    pat = r"\[Rank (\d+)\] DP rank: \d+, TP mesh: \[[\d, ]*\], DP mesh: \[[\d, ]*\]"
+    lines = {int(m.group(1)): m.group(0) for m in re.finditer(pat, job.output)}
     assert sorted(lines) == [0, 1, 2, 3], job.output[-3000:]
     for r, line in lines.items():
         d, t = r // 2, r % 2
