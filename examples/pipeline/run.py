@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 # cpu: minutes on a laptop (a ~4M model); gpu: the minimind-small shape (~26M), still short on one GPU
 SCALES = {
     "cpu": {"model": ["--model.preset=micro", "--model.block_size=256"], "micro_batch": 8,
-            "pretrain_steps": 400, "sft_epochs": 2, "dpo_epochs": 1, "precision": "bf16"},
+            "pretrain_steps": 1000, "sft_epochs": 2, "dpo_epochs": 1, "precision": "bf16"},
     "gpu": {"model": ["--model.preset=minimind"], "micro_batch": 64,
             "pretrain_steps": 6000, "sft_epochs": 4, "dpo_epochs": 2, "precision": "auto"},
 }
