@@ -151,6 +151,38 @@ def test_parse_and_explain_failure():
     assert "rendezvous failed" in torchrun.explain_failure(["RendezvousTimeoutError: x"], 0, 1)
 
 
+PEER_FIRST = textwrap.dedent("""\
+    [rank0]: RuntimeError: [../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection reset by peer
+    ============================================================
+    gptforge FAILED
+    ------------------------------------------------------------
+    Failures:
+    [1]:
+      time      : 2025-11-25_10:00:01
+      host      : node-b
+      rank      : 1 (local_rank: 1)
+      exitcode  : -9 (pid: 4321)
+      error_file: <N/A>
+      traceback : Signal 9 (SIGKILL) received by PID 4321
+    ------------------------------------------------------------
+    Root Cause (first observed failure):
+    [0]:
+      time      : 2025-11-25_10:00:00
+      host      : node-b
+      rank      : 0 (local_rank: 0)
+      exitcode  : 1 (pid: 1234)
+      error_file: <N/A>
+      traceback : To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html
+    ============================================================""").splitlines()
+
+
+def test_killed_rank_is_named_even_when_a_peer_failed_first():
+    blocks = torchrun.parse_failures(PEER_FIRST)
+    assert [b["rank"] for b in blocks] == ["0", "1"]  # torchrun's root cause first
+    msg = torchrun.explain_failure(PEER_FIRST, node_rank=1, rc=1)
+    assert "rank 1 (local rank 1) on node 1" in msg and "SIGKILL" in msg
+
+
 DIE = r'''
 import os, sys, time, datetime, torch, torch.distributed as dist
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ["GPTFORGE_COLLECTIVE_TIMEOUT_S"])))

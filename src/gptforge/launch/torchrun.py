@@ -255,29 +255,62 @@ _ROOT_RE = re.compile(r"Root Cause \(first observed failure\):")
 _FIELD_RE = re.compile(r"^\s*(time|host|rank|exitcode|error_file|traceback)\s*:\s*(.*)$")
 
 
-def parse_failure(lines: Sequence[str]) -> dict[str, str] | None:
-    """The root-cause block of torchrun's ChildFailedError summary, as a dict (rank, local_rank, host, ...)."""
+_BLOCK_RE = re.compile(r"^\s*\[\d+\]:\s*$")
+
+
+def parse_failures(lines: Sequence[str]) -> list[dict[str, str]]:
+    """Every failure block of torchrun's ChildFailedError summary ("Failures:" and "Root Cause"), the root
+    cause first, each a dict (rank, local_rank, host, exitcode, traceback)."""
     text = list(lines)
-    start = None
-    for i, line in enumerate(text):
-        if _ROOT_RE.search(line):
-            start = i
-    if start is None:
-        return None
-    out: dict[str, str] = {}
-    for line in text[start + 1:start + 40]:
+    starts = [i for i, line in enumerate(text) if _ROOT_RE.search(line) or line.strip() == "Failures:"]
+    if not starts:
+        return []
+    blocks: list[dict[str, str]] = []
+    cur: dict[str, str] | None = None
+    for line in text[starts[0]:]:
+        if _BLOCK_RE.match(line):
+            cur = {}
+            blocks.append(cur)
+            continue
+        if cur is None:
+            continue
         m = _FIELD_RE.match(line)
         if m:
-            out.setdefault(m.group(1), m.group(2).strip())
-        elif line.startswith("===") and out:
-            break
-        elif "traceback" in out and line.strip() and not line.startswith("=="):
-            out["traceback"] += "\n" + line.rstrip()
-    if "rank" in out:
-        m = re.match(r"(-?\d+)\s*\(local_rank:\s*(-?\d+)\)", out["rank"])
+            cur.setdefault(m.group(1), m.group(2).strip())
+        elif line.startswith(("===", "---")):
+            cur = None
+        elif "traceback" in cur and line.strip():
+            cur["traceback"] += "\n" + line.rstrip()
+    for b in blocks:
+        m = re.match(r"(-?\d+)\s*\(local_rank:\s*(-?\d+)\)", b.get("rank", ""))
         if m:
-            out["rank"], out["local_rank"] = m.group(1), m.group(2)
-    return out or None
+            b["rank"], b["local_rank"] = m.group(1), m.group(2)
+    blocks = [b for b in blocks if "rank" in b]
+    # torchrun lists the root cause last; put it first
+    return blocks[-1:] + blocks[:-1]
+
+
+def _first_cause(blocks: list[dict[str, str]], lines: Sequence[str]) -> dict[str, str] | None:
+    """torchrun's "root cause" is the first failure it observed, which is often a rank that only lost its
+    peer ("Connection reset by peer"). Prefer a rank killed by a signal other than SIGTERM, then a rank
+    whose error is not a peer symptom, then torchrun's choice."""
+    def signal_of(b):
+        m = re.search(r"exitcode\s*:?\s*(-\d+)", "exitcode: " + b.get("exitcode", ""))
+        return int(m.group(1)) if m else 0
+
+    for b in blocks:
+        if signal_of(b) not in (0, -15):
+            return b
+    for b in blocks:
+        err = _error_line(lines, b.get("rank", "")) or b.get("traceback", "")
+        if not any(h in err for h in _PEER_HINTS):
+            return b
+    return blocks[0] if blocks else None
+
+
+def parse_failure(lines: Sequence[str]) -> dict[str, str] | None:
+    """The failure that most likely started it all (see _first_cause)."""
+    return _first_cause(parse_failures(lines), lines)
 
 
 _PEER_HINTS = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "timed out", "Timeout",
