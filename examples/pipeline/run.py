@@ -31,7 +31,7 @@ SCALES = {
 VOCAB = {"en": 4096, "zh": 6400}
 PROMPTS = {
     "en": ["Hello! Who are you?", "Write a short poem about the sea.", "What is Python used for?"],
-    "zh": ["《静夜思》的作者是谁？", "背诵王之渙的《登鸛雀樓》。", "这条评论是正面还是负面？质量很好，非常满意",
+    "zh": ["《靜夜思》的作者是谁？", "背诵王之渙的《登鸛雀樓》。", "这条评论是正面还是负面？质量很好，非常满意",
            "Hello! Who are you?"],
 }
 
