@@ -73,7 +73,7 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
     texts: list[str] = []
     for m in messages:
         texts += [f"{m['role']}\n", m["content"]]
-    encoded = tok.encode_batch(texts) if texts else []
+    encoded = tok.encode_batch(texts, specials=False) if texts else []
     nl = tok.encode("\n")
     last_asst = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
     ids: list[int] = []

@@ -45,8 +45,16 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: list[str], specials: bool = True) -> list[list[int]]:
+        """specials=False: special-token strings in the text are plain text (user content in a chat must
+        not be able to close a turn with a literal "<|im_end|>")."""
+        if specials:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        self.hf.encode_special_tokens = True
+        try:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        finally:
+            self.hf.encode_special_tokens = False
 
     def encode_array(self, text: str) -> np.ndarray:
         """encode() as an int64 array; for the char kind a vectorised lookup (~50x faster, same ids)."""
