@@ -46,103 +46,117 @@ def open_tokens(data_dir: str | Path, split: str) -> np.memmap:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-class TokenLoader:
-    def __init__(self, data_dir: str | Path, split: str, micro_batch: int, block_size: int,
-                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, accum_steps: int = 1):
-        if micro_batch < 1 or block_size < 1 or accum_steps < 1:
-            raise UserError(f"micro_batch ({micro_batch}), block_size ({block_size}) and accum_steps "
-                            f"({accum_steps}) must be positive")
+class UnitLoader:
+    """A stateful, rank-aware loader over a list of units (packed rows, examples, pairs).
+
+    Like TokenLoader: a global cursor `pos` over a per-epoch order; rank r's micro-batch is
+    order[pos + r*B : pos + (r+1)*B]; an epoch uses the largest multiple of B*dp_size*accum_steps units."""
+
+    def __init__(self, n_units: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, accum_steps: int = 1, name: str = "data",
+                 unit_name: str = "training units (sequences / pairs)"):
+        if micro_batch < 1 or accum_steps < 1:
+            raise UserError(f"micro_batch ({micro_batch}) and accum_steps ({accum_steps}) must be positive")
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
-        self.data_dir, self.split = Path(data_dir), split
-        self.B, self.T = micro_batch, block_size
-        self.dp_rank, self.dp_size, self.accum_steps = dp_rank, dp_size, accum_steps
-        self.seed, self.shuffle = seed, shuffle
-        self.tokens = open_tokens(data_dir, split)
-        n = len(self.tokens)
-        if n < block_size + 1:
-            raise UserError(f"{self.data_dir / (split + '.bin')} has {n} tokens, fewer than block_size+1 = "
-                            f"{block_size + 1}; use a smaller block_size or more data")
-        self._windows = (n - 1) // block_size
-        self.global_batch = micro_batch * dp_size  # windows consumed per next_batch() call, all ranks
-        per_step = self.global_batch * accum_steps
-        self._usable = self._windows // per_step * per_step
+        self.n, self.B, self.dp_rank, self.dp_size = n_units, micro_batch, dp_rank, dp_size
+        self.seed, self.shuffle, self.accum_steps, self.name = seed, shuffle, accum_steps, name
+        self.unit_name = unit_name
+        self.global_batch = micro_batch * dp_size
+        self.per_step = self.global_batch * accum_steps
+        self._usable = self.n // self.per_step * self.per_step
         self._epoch, self.pos = 0, 0
-        self._perm_epoch, self._perm = -1, np.empty(0, np.int64)
+        self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
-    # ---------------------------------------------------------------------------------------- properties
     @property
     def windows_per_epoch(self) -> int:
-        return self._windows
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        """Label tokens one epoch trains on (after dropping the tail that does not fill a global step)."""
-        return self._usable * self.T
+        return self.n
 
     @property
     def epoch(self) -> int:
         return self._epoch
 
-    # ---------------------------------------------------------------------------------------- batches
-    def _permutation(self, epoch: int) -> np.ndarray:
-        if self._perm_epoch != epoch:
-            if self.shuffle:
-                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._windows)
-            else:
-                self._perm = np.arange(self._windows)
-            self._perm_epoch = epoch
-        return self._perm
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
 
-    def _batch(self, windows: np.ndarray) -> dict[str, torch.Tensor]:
-        rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in windows]).astype(np.int64)
-        x = torch.from_numpy(rows)
-        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+    def _order_for(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            self._order, self._order_epoch = self.epoch_order(epoch), epoch
+        return self._order
+
+    def collate(self, units: np.ndarray, step_units: np.ndarray | None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def next_batch(self) -> dict[str, torch.Tensor]:
-        """This rank's next micro-batch: {"input_ids": LongTensor(B, T), "labels": LongTensor(B, T)}."""
         if self._usable == 0:
-            raise UserError(f"{self.data_dir / (self.split + '.bin')} has {self._windows} windows of "
-                            f"{self.T + 1} tokens, fewer than one global step needs "
-                            f"({self.global_batch * self.accum_steps}); lower the batch size or block_size")
+            raise UserError(f"{self.name}: {self.n} {self.unit_name}, fewer than one global step needs "
+                            f"({self.per_step} = micro_batch x grad_accum x dp ranks); "
+                            "add data or lower train.micro_batch")
         if self.pos + self.global_batch > self._usable:
             self._epoch, self.pos = self._epoch + 1, 0
+        order = self._order_for(self._epoch)
+        step_start = self.pos - self.pos % self.per_step
         start = self.pos + self.dp_rank * self.B
-        windows = self._permutation(self._epoch)[start: start + self.B]
+        units = order[start:start + self.B]
         self.pos += self.global_batch
-        return self._batch(windows)
+        return self.collate(units, order[step_start:step_start + self.per_step])
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self):
         while True:
             yield self.next_batch()
 
     def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Deterministic pass over the split from its start, in order, without touching the cursor.
-
-        Batch i on rank r holds windows i*G + r*B ... + B (G = dp_size*B); a tail shorter than G is dropped,
-        unless no full batch fits, in which case every rank gets one batch of windows // dp_size."""
+        """Deterministic pass in index order (a tail that does not fill all ranks is dropped)."""
         B = self.B
-        if self._windows < self.global_batch:
-            B = self._windows // self.dp_size
+        if self.n < self.global_batch:
+            B = self.n // self.dp_size
             if B == 0:
-                raise UserError(f"{self.data_dir / (self.split + '.bin')} has {self._windows} windows of "
-                                f"{self.T + 1} tokens, fewer than the {self.dp_size} ranks; add data or lower block_size")
+                return
         G = B * self.dp_size
-        n = self._windows // G
+        n = self.n // G
         if max_batches is not None:
             n = min(n, max_batches)
         for i in range(n):
             start = i * G + self.dp_rank * B
-            yield self._batch(np.arange(start, start + B))
+            yield self.collate(np.arange(start, start + B), None)
 
-    # ---------------------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict:
         return {"epoch": int(self._epoch), "pos": int(self.pos), "seed": int(self.seed)}
 
     def load_state_dict(self, state: dict) -> None:
         pos = int(state["pos"])
         if pos % self.global_batch:
             raise UserError(f"data-loader position {pos} is not a multiple of the global batch "
-                            f"{self.global_batch} windows; resume with the same global batch size")
+                            f"{self.global_batch}; resume with the same global batch size")
         self._epoch, self.pos, self.seed = int(state["epoch"]), pos, int(state["seed"])
-        self._perm_epoch = -1
+        self._order_epoch = -1
+
+
+class TokenLoader(UnitLoader):
+    """Pretraining batches: the units are windows of block_size+1 tokens at stride block_size (consecutive
+    windows share one boundary token), read from the memory-mapped split."""
+
+    def __init__(self, data_dir: str | Path, split: str, micro_batch: int, block_size: int,
+                 dp_rank: int = 0, dp_size: int = 1, seed: int = 0, shuffle: bool = True, accum_steps: int = 1):
+        if block_size < 1:
+            raise UserError(f"block_size ({block_size}) must be positive")
+        self.data_dir, self.split, self.T = Path(data_dir), split, block_size
+        self.tokens = open_tokens(data_dir, split)
+        n = len(self.tokens)
+        if n < block_size + 1:
+            raise UserError(f"{self.data_dir / (split + '.bin')} has {n} tokens, fewer than block_size+1 = "
+                            f"{block_size + 1}; use a smaller block_size or more data")
+        super().__init__((n - 1) // block_size, micro_batch, dp_rank, dp_size, seed, shuffle, accum_steps,
+                         name=str(self.data_dir / (split + ".bin")), unit_name=f"windows of {block_size + 1} tokens")
+
+    @property
+    def tokens_per_epoch(self) -> int:
+        """Label tokens one epoch trains on (after dropping the tail that does not fill a global step)."""
+        return self._usable * self.T
+
+    def collate(self, units: np.ndarray, step_units: np.ndarray | None) -> dict[str, torch.Tensor]:
+        rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in units]).astype(np.int64)
+        x = torch.from_numpy(rows)
+        return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}

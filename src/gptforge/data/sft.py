@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from gptforge.data.chat_template import check_messages, encode_chat
+from gptforge.data.loader import UnitLoader
 from gptforge.errors import UserError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bing": "assistant",
@@ -299,91 +300,6 @@ def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tens
     for b, e in enumerate(examples):
         ids[b, :len(e.input_ids)], labels[b, :len(e.labels)] = e.input_ids, e.labels
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels)}
-
-
-# ---- loader -----------------------------------------------------------------------------------------
-class UnitLoader:
-    """A stateful, rank-aware loader over a list of units (packed rows, examples, pairs).
-
-    Like TokenLoader: a global cursor `pos` over a per-epoch order; rank r's micro-batch is
-    order[pos + r*B : pos + (r+1)*B]; an epoch uses the largest multiple of B*dp_size*accum_steps units."""
-
-    def __init__(self, n_units: int, micro_batch: int, dp_rank: int = 0, dp_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, accum_steps: int = 1, name: str = "data"):
-        if micro_batch < 1 or accum_steps < 1:
-            raise UserError(f"micro_batch ({micro_batch}) and accum_steps ({accum_steps}) must be positive")
-        self.n, self.B, self.dp_rank, self.dp_size = n_units, micro_batch, dp_rank, dp_size
-        self.seed, self.shuffle, self.accum_steps, self.name = seed, shuffle, accum_steps, name
-        self.global_batch = micro_batch * dp_size
-        self.per_step = self.global_batch * accum_steps
-        self._usable = self.n // self.per_step * self.per_step
-        self._epoch, self.pos = 0, 0
-        self._order_epoch, self._order = -1, np.empty(0, np.int64)
-
-    @property
-    def windows_per_epoch(self) -> int:
-        return self.n
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(self.n)
-        return np.random.default_rng([self.seed, epoch]).permutation(self.n)
-
-    def _order_for(self, epoch: int) -> np.ndarray:
-        if self._order_epoch != epoch:
-            self._order, self._order_epoch = self.epoch_order(epoch), epoch
-        return self._order
-
-    def collate(self, units: np.ndarray, step_units: np.ndarray | None) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
-
-    def next_batch(self) -> dict[str, torch.Tensor]:
-        if self._usable == 0:
-            raise UserError(f"{self.name}: {self.n} training units (sequences / pairs), fewer than one optimizer "
-                            f"step needs ({self.per_step} = micro_batch x grad_accum x dp ranks); "
-                            "add data or lower train.micro_batch")
-        if self.pos + self.global_batch > self._usable:
-            self._epoch, self.pos = self._epoch + 1, 0
-        order = self._order_for(self._epoch)
-        step_start = self.pos - self.pos % self.per_step
-        start = self.pos + self.dp_rank * self.B
-        units = order[start:start + self.B]
-        self.pos += self.global_batch
-        return self.collate(units, order[step_start:step_start + self.per_step])
-
-    def __iter__(self):
-        while True:
-            yield self.next_batch()
-
-    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """Deterministic pass in index order (a tail that does not fill all ranks is dropped)."""
-        B = self.B
-        if self.n < self.global_batch:
-            B = self.n // self.dp_size
-            if B == 0:
-                return
-        G = B * self.dp_size
-        n = self.n // G
-        if max_batches is not None:
-            n = min(n, max_batches)
-        for i in range(n):
-            start = i * G + self.dp_rank * B
-            yield self.collate(np.arange(start, start + B), None)
-
-    def state_dict(self) -> dict:
-        return {"epoch": int(self._epoch), "pos": int(self.pos), "seed": int(self.seed)}
-
-    def load_state_dict(self, state: dict) -> None:
-        pos = int(state["pos"])
-        if pos % self.global_batch:
-            raise UserError(f"data-loader position {pos} is not a multiple of the global batch "
-                            f"{self.global_batch}; resume with the same global batch size")
-        self._epoch, self.pos, self.seed = int(state["epoch"]), pos, int(state["seed"])
-        self._order_epoch = -1
 
 
 class SFTLoader(UnitLoader):
