@@ -42,15 +42,10 @@ def job_env(**extra: str) -> dict[str, str]:
 
 
 def kill_group(p: subprocess.Popen) -> None:
-    """SIGTERM the job's process group, then SIGKILL whatever is left."""
-    for sig, wait in ((signal.SIGTERM, 5), (signal.SIGKILL, 5)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(p.pid, sig)
-        try:
-            p.wait(timeout=wait)
-            break
-        except subprocess.TimeoutExpired:
-            continue
+    """SIGTERM the job's process group, then SIGKILL whatever is left (the netns fixture's own)."""
+    from support.netns import TwoNodes
+
+    TwoNodes.kill(p, grace=5.0)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(p.pid, signal.SIGKILL)
 
