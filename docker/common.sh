@@ -16,6 +16,26 @@ usage_error() { # $1: usage line, $2: what was wrong
   exit 2
 }
 
+# parse_args USAGE MIN MAX MISSING "$@": --dry-run / --help / MIN..MAX positional arguments (MISSING is
+# the error when fewer are given); sets DRY_RUN, POS (the positional arguments) and REST (after "--").
+parse_args() {
+  local usage=$1 min=$2 max=$3 missing=$4
+  shift 4
+  POS=()
+  REST=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --dry-run) DRY_RUN=1; shift ;;
+      -h | --help) echo "usage: $usage"; exit 0 ;;
+      --) shift; REST=("$@"); break ;;
+      -*) usage_error "$usage" "unknown option '$1'" ;;
+      *) POS+=("$1"); shift ;;
+    esac
+  done
+  [ ${#POS[@]} -ge "$min" ] || usage_error "$usage" "$missing"
+  [ ${#POS[@]} -le "$max" ] || usage_error "$usage" "too many arguments"
+}
+
 # Prints the command as one shell-quoted line (the exact command, copy-pasteable) with --dry-run,
 # otherwise runs it in place of this script.
 run_cmd() {

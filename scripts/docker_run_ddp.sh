@@ -14,23 +14,13 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../docker/common.sh"
 
 USAGE="$PROG [--dry-run] <node_rank> <master_addr> [preset=tiny] [epochs=5] [iface=eth0] [-- pretrain args]"
-pos=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) echo "usage: $USAGE"; exit 0 ;;
-    --) shift; break ;;
-    -*) usage_error "$USAGE" "unknown option '$1'" ;;
-    *) pos+=("$1"); shift ;;
-  esac
-done
-[ ${#pos[@]} -ge 2 ] || usage_error "$USAGE" "node_rank and master_addr are required"
-[ ${#pos[@]} -le 5 ] || usage_error "$USAGE" "too many arguments"
-rank=${pos[0]}
-master=${pos[1]}
-preset=${pos[2]:-tiny}
-epochs=${pos[3]:-5}
-iface=${pos[4]:-eth0}
+parse_args "$USAGE" 2 5 "node_rank and master_addr are required" "$@"
+set -- "${REST[@]}"
+rank=${POS[0]}
+master=${POS[1]}
+preset=${POS[2]:-tiny}
+epochs=${POS[3]:-5}
+iface=${POS[4]:-eth0}
 nnodes=${NNODES:-2}
 port=${MASTER_PORT:-29500}
 gpus=${GPUS_PER_NODE:-1}

@@ -10,20 +10,10 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../docker/common.sh"
 
 USAGE="$PROG [--dry-run] <master_addr> [iface=eth0] [-- doctor args]"
-pos=()
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --dry-run) DRY_RUN=1; shift ;;
-    -h | --help) echo "usage: $USAGE"; exit 0 ;;
-    --) shift; break ;;
-    -*) usage_error "$USAGE" "unknown option '$1'" ;;
-    *) pos+=("$1"); shift ;;
-  esac
-done
-[ ${#pos[@]} -ge 1 ] || usage_error "$USAGE" "master_addr is required"
-[ ${#pos[@]} -le 2 ] || usage_error "$USAGE" "too many arguments"
-master=${pos[0]}
-iface=${pos[1]:-eth0}
+parse_args "$USAGE" 1 2 "master_addr is required" "$@"
+set -- "${REST[@]}"
+master=${POS[0]}
+iface=${POS[1]:-eth0}
 nnodes=${NNODES:-2}
 port=${MASTER_PORT:-29500}
 valid_host "$master" || usage_error "$USAGE" "master_addr '$master' is not an address or host name"
