@@ -10,7 +10,7 @@ from typing import Literal, Optional
 @dataclass
 class ModelSection:
     preset: str = "nano"
-    """named size: nano, minimind, tiny, small, medium, large, llama-1b"""
+    """named size: micro, nano, minimind, tiny, small, medium, large, llama-1b"""
     arch: Optional[Literal["gpt2", "llama"]] = None
     n_layer: Optional[int] = None
     n_head: Optional[int] = None
