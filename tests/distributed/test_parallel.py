@@ -78,3 +78,13 @@ def test_grad_accum_ddp(tmp_path, char_data, base_gpt2):
     torchrun(2, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=1", "--train.grad_accum=4",
                                        "--parallel.strategy=ddp", "--train.stop_after=5")])
     assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[:5])
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_rank_under_torchrun_wraps_and_matches(tmp_path, char_data, base_gpt2, strategy):
+    """torchrun with one process and an explicit strategy still builds the process group and wraps the
+    model (the one-GPU smoke test of the collective path); it trains like plain single-process."""
+    job = torchrun(1, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=8",
+                                             f"--parallel.strategy={strategy}", "--train.stop_after=3")])
+    assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[:3])
+    assert "x 1 dp ranks" in job.output and f"parallel: {strategy} on 1 rank(s)" in job.output

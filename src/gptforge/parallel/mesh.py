@@ -75,7 +75,10 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_name, local_rank)
-    if world == 1:
+    # one process: no process group, unless torchrun started it and the config names a strategy (a
+    # one-GPU DDP/FSDP2 smoke test of the NCCL/RCCL path before a bigger run)
+    launched = "TORCHELASTIC_RUN_ID" in os.environ and parallel_cfg.strategy in ("ddp", "fsdp")
+    if world == 1 and not launched:
         mesh_shape(1, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
         return DistEnv(device=device)
     if device.type == "cuda":

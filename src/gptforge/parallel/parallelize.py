@@ -12,7 +12,8 @@ from gptforge.errors import UserError
 def resolve_strategy(env, parallel_cfg) -> str:
     """none | ddp | fsdp for this world: auto shards when dp_shard > 1, else replicates."""
     if env.dp_size == 1:
-        return "none"
+        explicit = env.mesh is not None and env.tp_size == 1 and parallel_cfg.strategy in ("ddp", "fsdp")
+        return parallel_cfg.strategy if explicit else "none"
     if parallel_cfg.strategy == "none":
         raise UserError("parallel.strategy=none but there are several data-parallel ranks; use ddp or fsdp")
     if parallel_cfg.strategy == "auto":
@@ -44,6 +45,10 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, torch.compile(block))
     strategy = resolve_strategy(env, cfg.parallel)
+    if env.is_main and env.mesh is not None:
+        shape = " x ".join(f"{n} {env.mesh[n].size()}" for n in env.mesh.mesh_dim_names)
+        print(f"parallel: {strategy}{' + tp' if env.tp_size > 1 else ''} on {env.world_size} rank(s), "
+              f"mesh {shape}, backend {'nccl' if env.device.type == 'cuda' else 'gloo'}", flush=True)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
