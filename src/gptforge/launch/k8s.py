@@ -20,7 +20,7 @@ import re
 import yaml
 
 from gptforge.errors import UserError
-from gptforge.launch.slurm import _Parser, check_iface, check_port, parse_env, split_train_args, write_output
+from gptforge.launch.slurm import _Parser, check_iface, check_port, parse_cli, parse_env, write_output
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
@@ -242,12 +242,9 @@ def render(args: argparse.Namespace, train: list[str]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    argv = list(argv)
-    parser = build_parser()
-    if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
-        parser.print_help()
+    parsed = parse_cli(list(argv), build_parser(), PROG, example="--nnodes 2")
+    if parsed is None:
         return 0
-    own, train = split_train_args(argv, PROG, example="--nnodes 2")
-    args = parser.parse_args(own)
+    args, train = parsed
     write_output(render(args, train), args.out, submit_hint="apply with: kubectl apply -f")
     return 0

@@ -211,14 +211,21 @@ def render(args: argparse.Namespace, train: list[str], argv: list[str]) -> str:
     return "\n".join(sb + body + lines) + "\n"
 
 
-def main(argv: list[str]) -> int:
-    argv = list(argv)
-    parser = build_parser()
+def parse_cli(argv: list[str], parser, prog: str, **kw):
+    """-> (args, training command), or None after printing --help (asked for before the "--")."""
     if any(a in ("-h", "--help") for a in argv[: argv.index("--") if "--" in argv else len(argv)]):
         parser.print_help()
+        return None
+    own, train = split_train_args(argv, prog, **kw)
+    return parser.parse_args(own), train
+
+
+def main(argv: list[str]) -> int:
+    argv = list(argv)
+    parsed = parse_cli(argv, build_parser(), "slurm")
+    if parsed is None:
         return 0
-    own, train = split_train_args(argv, "slurm")
-    args = parser.parse_args(own)
+    args, train = parsed
     text = render(args, train, argv)
     write_output(text, args.out, executable=True, submit_hint="submit with: sbatch")
     return 0
