@@ -204,8 +204,13 @@ def resolve_model(section, tokenizer_vocab: int | None = None):
         raise UserError(str(e)) from None
 
 
+def config_json(cfg: Config) -> str:
+    """The resolved config as saved beside the run and every checkpoint (loadable with --config)."""
+    return json.dumps(cfg.to_dict(), indent=2) + "\n"
+
+
 def save_config(cfg: Config, path: Path) -> None:
-    path.write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    path.write_text(config_json(cfg))
 
 
 def config_from_dict(data: dict) -> Config:

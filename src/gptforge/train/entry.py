@@ -9,14 +9,14 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config.loader import parse_config, resolve_model, save_config
+from gptforge.config.loader import config_json, parse_config, resolve_model, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPT
 from gptforge.parallel.mesh import DistEnv, barrier, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 
-# The zero-argument run: a ~10M GPT on Shakespeare, character level, a few minutes on a laptop CPU.
+# The zero-argument run: the 3.3M micro GPT on Shakespeare, character level, minutes on a laptop CPU.
 DEFAULT_STEPS = 600  # when none of train.max_steps / max_tokens / epochs is given
 PRETRAIN_DEFAULTS = {"train": {"out_dir": "runs/shakespeare", "micro_batch": 32,
                                "lr": 2e-3, "warmup_steps": 30, "eval_every": 200, "log_every": 20},
@@ -114,7 +114,7 @@ def run_pretrain(cfg: Config) -> dict:
                                    seed=t.seed, accum_steps=t.grad_accum)
         val_loader = TokenLoader(data_dir, "val", t.micro_batch, mcfg.block_size, env.dp_rank, env.dp_size,
                                  seed=t.seed, shuffle=False)
-        files = {"config.json": _config_json(cfg)} | tokenizer_files(tok)
+        files = {"config.json": config_json(cfg)} | tokenizer_files(tok)
         trainer = Trainer(cfg, env, model, LMObjective(), train_loader, val_loader, files, mcfg,
                           sample_fn=_sampler(cfg, tok, env))
         if env.is_main:
@@ -125,12 +125,6 @@ def run_pretrain(cfg: Config) -> dict:
         return result
     finally:
         shutdown(env)
-
-
-def _config_json(cfg: Config) -> str:
-    import json
-
-    return json.dumps(cfg.to_dict(), indent=2) + "\n"
 
 
 def _base(defaults: dict) -> Config:

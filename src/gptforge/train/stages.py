@@ -13,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config.loader import parse_config, save_config
+from gptforge.config.loader import config_json, parse_config, save_config
 from gptforge.config.schema import Config
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize, resolve_strategy
-from gptforge.train.entry import _base, _config_json, describe_model, init_model, tokenizer_files
+from gptforge.train.entry import _base, describe_model, init_model, tokenizer_files
 
 SFT_DEFAULTS = {"train": {"out_dir": "runs/sft", "micro_batch": 16, "lr": 3e-4, "warmup_steps": 20,
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120}}
@@ -52,7 +52,7 @@ def _conversation_texts(convs):
 
 def _files(cfg: Config, tok) -> dict:
     """Small files saved in every checkpoint: config, tokenizer, chat template (read by export-hf)."""
-    return {"config.json": _config_json(cfg)} | tokenizer_files(tok) | {CHAT_TEMPLATE_FILE: CHATML_JINJA}
+    return {"config.json": config_json(cfg)} | tokenizer_files(tok) | {CHAT_TEMPLATE_FILE: CHATML_JINJA}
 
 
 def _chat_sampler(cfg: Config, tok, prompt: str | None):
