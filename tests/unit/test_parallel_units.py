@@ -56,3 +56,14 @@ def test_run_main_returns_normally_without_a_process_group():
     assert pexit.run_main(lambda: None) == 0
     with pytest.raises(ValueError):
         pexit.run_main(lambda: (_ for _ in ()).throw(ValueError("x")))
+
+
+def test_mesh_shape_errors_name_both_numbers():
+    from gptforge.parallel.mesh import mesh_shape
+
+    assert mesh_shape(8, 1, -1, 2) == (1, 4, 2)
+    assert mesh_shape(16, 2, -1, 2) == (2, 4, 2)
+    with pytest.raises(UserError, match=r"= 2\*2\*2 = 8 but the world size is 4"):
+        mesh_shape(4, 2, 2, 2)
+    with pytest.raises(UserError, match="world size 1 is not divisible .* = 2"):
+        mesh_shape(1, 1, -1, 2)

@@ -60,7 +60,9 @@ def mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, tp: int) -> tu
             known *= d
     if -1 in dims:
         if world_size % known:
-            raise UserError(f"world size {world_size} is not divisible by dp_replicate*tp = {known}")
+            raise UserError(f"world size {world_size} is not divisible by the fixed parallel sizes "
+                            f"(dp_replicate*dp_shard*tp without the -1) = {known}; start a multiple of {known} "
+                            "processes (torchrun --nproc-per-node / gptforge launch) or lower parallel.tp")
         dims[dims.index(-1)] = world_size // known
     prod = dims[0] * dims[1] * dims[2]
     if prod != world_size:
