@@ -33,7 +33,6 @@ import sys
 import time
 
 from gptforge.launch import netutil
-from gptforge.launch.torchrun import DEFAULT_PORT
 
 PASS, WARN, FAIL, INFO = "PASS", "WARN", "FAIL", "INFO"
 

@@ -52,7 +52,7 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        rep, shard = env.mesh["dp_replicate"].size(), env.mesh["dp_shard"].size()
+        rep = env.mesh["dp_replicate"].size()
         dp_mesh = env.mesh["dp_replicate", "dp_shard"] if rep > 1 else env.mesh["dp_shard"]
         mp = None
         if cfg.parallel.mixed_precision and cfg.train.precision in ("bf16", "auto") and env.device.type == "cuda":

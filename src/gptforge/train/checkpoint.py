@@ -5,7 +5,6 @@ kept. Metadata is unpickled with an allow-list; tensors load with weights_only."
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import pickle

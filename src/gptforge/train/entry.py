@@ -83,12 +83,43 @@ def _sampler(cfg: Config, tok, env: DistEnv):
     return sample
 
 
+def fit(cfg: Config, env: DistEnv, model, objective, train_loader, val_loader, files: dict, mcfg,
+        sample_fn=None) -> dict:
+    """The stage-independent end of every run: save the resolved config beside the run, train, return."""
+    from gptforge.train.trainer import Trainer
+
+    trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, files, mcfg, sample_fn=sample_fn)
+    if env.is_main:
+        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.train.out_dir) / "config.json")
+    result = trainer.fit()
+    del trainer
+    return result
+
+
+def default_length(cfg: Config, **length) -> Config:
+    """Apply a stage's default training length (e.g. max_steps=600) when none of max_steps / max_tokens /
+    epochs was given."""
+    t = cfg.train
+    if t.max_steps is None and t.max_tokens is None and t.epochs is None:
+        for k, v in length.items():
+            setattr(t, k, v)
+    return cfg
+
+
+def report(result: dict, cfg: Config, stage: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        v = result["val_loss"]
+        print(f"{stage} done: {result['steps']} steps in {result['wall_s']:.0f} s, {result['tok_s']:,.0f} tok/s, "
+              f"train loss {result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")
+              + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
+
+
 def run_pretrain(cfg: Config) -> dict:
     from gptforge.data.loader import TokenLoader
     from gptforge.data.prepare import ensure_prepared
     from gptforge.data.tokenizer import load_tokenizer
     from gptforge.objectives.lm import LMObjective
-    from gptforge.train.trainer import Trainer
 
     env = init_distributed(cfg.parallel, cfg.train.device)
     try:
@@ -115,13 +146,8 @@ def run_pretrain(cfg: Config) -> dict:
         val_loader = TokenLoader(data_dir, "val", t.micro_batch, mcfg.block_size, env.dp_rank, env.dp_size,
                                  seed=t.seed, shuffle=False)
         files = {"config.json": config_json(cfg)} | tokenizer_files(tok)
-        trainer = Trainer(cfg, env, model, LMObjective(), train_loader, val_loader, files, mcfg,
-                          sample_fn=_sampler(cfg, tok, env))
-        if env.is_main:
-            Path(t.out_dir).mkdir(parents=True, exist_ok=True)
-            save_config(cfg, Path(t.out_dir) / "config.json")
-        result = trainer.fit()
-        del trainer, model
+        result = fit(cfg, env, model, LMObjective(), train_loader, val_loader, files, mcfg, _sampler(cfg, tok, env))
+        del model
         return result
     finally:
         shutdown(env)
@@ -134,16 +160,9 @@ def _base(defaults: dict) -> Config:
 
 
 def pretrain_main(argv: list[str]) -> int:
-    cfg = parse_config(argv, _base(PRETRAIN_DEFAULTS), prog="gptforge pretrain")
-    t = cfg.train
-    if t.max_steps is None and t.max_tokens is None and t.epochs is None:
-        t.max_steps = DEFAULT_STEPS
-    result = run_pretrain(cfg)
-    if int(os.environ.get("RANK", "0")) == 0:
-        v = result["val_loss"]
-        print(f"done: {result['steps']} steps in {result['wall_s']:.0f} s, {result['tok_s']:,.0f} tok/s, "
-              f"train loss {result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")
-              + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
+    cfg = default_length(parse_config(argv, _base(PRETRAIN_DEFAULTS), prog="gptforge pretrain"),
+                         max_steps=DEFAULT_STEPS)
+    report(run_pretrain(cfg), cfg, "pretrain")
     return 0
 
 

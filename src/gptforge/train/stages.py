@@ -7,19 +7,13 @@ Trainer) with chat data and another objective.
 
 from __future__ import annotations
 
-import os
-import sys
-from pathlib import Path
-
-import torch
-
-from gptforge.config.loader import config_json, parse_config, save_config
+from gptforge.config.loader import config_json, parse_config
 from gptforge.config.schema import Config
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize, resolve_strategy
-from gptforge.train.entry import _base, describe_model, init_model, tokenizer_files
+from gptforge.train.entry import _base, default_length, describe_model, fit, init_model, report, tokenizer_files
 
 SFT_DEFAULTS = {"train": {"out_dir": "runs/sft", "micro_batch": 16, "lr": 3e-4, "warmup_steps": 20,
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120}}
@@ -77,9 +71,7 @@ def _chat_sampler(cfg: Config, tok, prompt: str | None):
 
 
 def _finish_defaults(cfg: Config) -> Config:
-    t = cfg.train
-    if t.max_steps is None and t.max_tokens is None and t.epochs is None:
-        t.epochs = 1.0
+    default_length(cfg, epochs=1.0)
     if cfg.data.path is None:
         raise UserError("give the data: --data.path=FILE_OR_DIR (JSONL; see gptforge.data.sft for the formats)")
     if cfg.train.auto:
@@ -97,16 +89,8 @@ def _autocast_factory(cfg: Config, env: DistEnv):
 
 
 def _fit(cfg: Config, env: DistEnv, model, objective, train_loader, val_loader, tok, mcfg, sample_prompt):
-    from gptforge.train.trainer import Trainer
-
-    trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, _files(cfg, tok), mcfg,
-                      sample_fn=_chat_sampler(cfg, tok, sample_prompt))
-    if env.is_main:
-        Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.train.out_dir) / "config.json")
-    result = trainer.fit()
-    del trainer
-    return result
+    return fit(cfg, env, model, objective, train_loader, val_loader, _files(cfg, tok), mcfg,
+               _chat_sampler(cfg, tok, sample_prompt))
 
 
 # ---- SFT ----------------------------------------------------------------------------------------------
@@ -142,15 +126,9 @@ def run_sft(cfg: Config) -> dict:
 
 
 # ---- DPO ----------------------------------------------------------------------------------------------
-def _frozen_reference(cfg: Config, env: DistEnv, mcfg):
+def _frozen_reference(cfg: Config, env: DistEnv, vocab_size: int):
     """A second, frozen copy of the starting model, sharded like the policy (FSDP2 / TP), never DDP-wrapped."""
-    from gptforge.model.gpt import GPT
-    from gptforge.model.init import load_init_weights
-
-    with torch.device("meta"):
-        ref = GPT(mcfg)
-    ref.init_weights(seed=cfg.train.seed, device=env.device)
-    load_init_weights(cfg.train.init_from, ref)
+    ref, _ = init_model(cfg, env, vocab_size)
     ref.requires_grad_(False)
     strategy = resolve_strategy(env, cfg.parallel)
     if strategy == "fsdp":
@@ -196,7 +174,7 @@ def run_dpo(cfg: Config) -> dict:
                     loader.set_reference(precompute_reference(model, loader, env, t.micro_batch, ac))
             _say(env, f"reference log-probs of {len(pairs)} pairs precomputed in {time.perf_counter() - t0:.1f} s")
         else:
-            ref_model = _frozen_reference(cfg, env, mcfg)
+            ref_model = _frozen_reference(cfg, env, tok.vocab_size)
         model = parallelize(model, env, cfg)
         objective = DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref_model)
         result = _fit(cfg, env, model, objective, train_loader, val_loader, tok, mcfg, None)
@@ -207,21 +185,13 @@ def run_dpo(cfg: Config) -> dict:
 
 
 # ---- entry points -------------------------------------------------------------------------------------
-def _report(result: dict, cfg: Config, stage: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        v = result["val_loss"]
-        print(f"{stage} done: {result['steps']} steps in {result['wall_s']:.0f} s, train loss "
-              f"{result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")
-              + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
-
-
 def sft_main(argv: list[str]) -> int:
     cfg = _finish_defaults(parse_config(argv, _base(SFT_DEFAULTS), prog="gptforge sft"))
-    _report(run_sft(cfg), cfg, "sft")
+    report(run_sft(cfg), cfg, "sft")
     return 0
 
 
 def dpo_main(argv: list[str]) -> int:
     cfg = _finish_defaults(parse_config(argv, _base(DPO_DEFAULTS), prog="gptforge dpo"))
-    _report(run_dpo(cfg), cfg, "dpo")
+    report(run_dpo(cfg), cfg, "dpo")
     return 0
