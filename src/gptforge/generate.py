@@ -107,18 +107,11 @@ def load_for_inference(checkpoint: str, device: str = "auto"):
     import json
 
     from gptforge.data.tokenizer import load_tokenizer
-    from gptforge.model.gpt import GPT, GPTConfig
     from gptforge.parallel.mesh import pick_device
-    from gptforge.train.checkpoint import checkpoint_dir_of, load_model_weights, read_json
+    from gptforge.train.checkpoint import checkpoint_dir_of, load_model
 
     ck = checkpoint_dir_of(checkpoint)
-    mcfg = GPTConfig(**read_json(ck, "model_config.json"))
-    dev = pick_device(device)
-    with torch.device("meta"):
-        model = GPT(mcfg)
-    model.init_weights(device=dev)
-    load_model_weights(ck, model)
-    model.eval()
+    model = load_model(ck, pick_device(device)).eval()
     tok = load_tokenizer(ck)
     cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
     return model, tok, cfg

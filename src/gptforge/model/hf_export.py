@@ -223,25 +223,16 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """A gptforge checkpoint (or run dir -> its latest checkpoint) -> a Hugging Face folder."""
-    from gptforge.model.gpt import GPT, GPTConfig
-    from gptforge.train.checkpoint import checkpoint_dir_of, load_model_weights, read_json
+    from gptforge.train.checkpoint import checkpoint_dir_of, load_model, model_config
 
     ck = checkpoint_dir_of(ckpt_dir)
     out = Path(out_dir)
     if out.resolve() == ck.resolve() or ck.resolve() in out.resolve().parents:
         raise UserError(f"--out '{out}' is inside the checkpoint '{ck}'; choose a separate directory")
-    try:
-        cfg = GPTConfig(**read_json(ck, "model_config.json"))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint '{ck}' has an invalid model_config.json ({e})") from None
+    cfg = model_config(ck)
     check_exportable(cfg)  # before spending time on loading
     dt = _dtype(dtype)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    model.to_empty(device="cpu")
-    if cfg.tie_embeddings:  # to_empty unties parameters
-        model.lm_head.weight = model.tok_emb.weight
-    load_model_weights(ck, model)
+    model = load_model(ck, "cpu", cfg)
     return export_model(model, cfg, out, dt, tokenizer_dir=ck, max_shard_bytes=max_shard_bytes)
 
 

@@ -33,8 +33,6 @@ def _round_up(n: int, m: int = VOCAB_MULTIPLE) -> int:
 
 def init_model_config(path: str | Path):
     """The GPTConfig of the model to start from."""
-    from gptforge.model.gpt import GPTConfig
-
     if _kind(path) == "hf":
         from gptforge.model.hf_import import gpt_config_from_hf, hf_tokenizer, read_hf_config
 
@@ -43,13 +41,9 @@ def init_model_config(path: str | Path):
         tok = hf_tokenizer(path)
         need = max(V, tok.vocab_size if tok is not None else 0)
         return gpt_config_from_hf(conf, vocab_size=_round_up(need))
-    from gptforge.train.checkpoint import checkpoint_dir_of, read_json
+    from gptforge.train.checkpoint import checkpoint_dir_of, model_config
 
-    ck = checkpoint_dir_of(path)
-    try:
-        return GPTConfig(**read_json(ck, "model_config.json"))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint '{ck}' has an invalid model_config.json ({e})") from None
+    return model_config(checkpoint_dir_of(path))
 
 
 @torch.no_grad()

@@ -189,3 +189,24 @@ def load_model_weights(ckpt: Path, model) -> None:
     state = {"model": get_model_state_dict(model, options=StateDictOptions(strict=True))}
     _dcp_load(state, ckpt)
     set_model_state_dict(model, state["model"])
+
+
+def model_config(ckpt: Path):
+    """The GPTConfig saved with a checkpoint (model_config.json), validated."""
+    from gptforge.model.gpt import GPTConfig
+
+    try:
+        return GPTConfig(**read_json(ckpt, "model_config.json"))
+    except (TypeError, ValueError) as e:
+        raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json ({e})") from None
+
+
+def load_model(ckpt: Path, device: str | torch.device = "cpu", mcfg=None):
+    """A plain GPT with the checkpoint's weights on `device` (inference, export)."""
+    from gptforge.model.gpt import GPT
+
+    with torch.device("meta"):
+        model = GPT(mcfg or model_config(ckpt))
+    model.init_weights(device=device)
+    load_model_weights(ckpt, model)
+    return model
