@@ -26,6 +26,7 @@ def test_dotted_overrides_and_types():
                         "--train.compile=true", "--train.lr=3e-4", "--init-from=ckpt"])
     assert (cfg.train.max_steps, cfg.model.preset, cfg.data.path) == (200, "tiny", "a.txt,b.txt")
     assert cfg.train.compile is True and cfg.train.lr == 3e-4 and cfg.train.init_from == "ckpt"
+    assert parse_config(["--auto"]).train.auto is True and parse_config([]).train.auto is False
     mcfg = resolve_model(cfg.model, 50257)
     assert (mcfg.n_layer, mcfg.d_model, mcfg.vocab_size) == (8, 512, 50304)
 

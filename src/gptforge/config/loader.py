@@ -19,6 +19,7 @@ from gptforge.errors import UserError
 
 # flag aliases: issue-style spellings that map to a config key
 ALIASES = {"--init-from": "--train.init_from", "--resume": "--train.resume", "--out": "--train.out_dir"}
+SWITCHES = {"--auto": "--train.auto=true", "--compile": "--train.compile=true"}  # flags without a value
 
 
 def _sections(cfg: Config) -> dict[str, Any]:
@@ -134,7 +135,7 @@ def _split_overrides(argv: list[str]) -> tuple[str | None, list[tuple[str, str]]
     config_file, pairs, other = None, [], []
     i = 0
     while i < len(argv):
-        a = argv[i]
+        a = SWITCHES.get(argv[i], argv[i])
         flag, eq, val = a.partition("=")
         flag = ALIASES.get(flag, flag)
         if flag == "--config":
