@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from gptforge.chat import ChatSession
+from gptforge.serve.chat import ChatSession
 from gptforge.errors import UserError
-from gptforge.generate import load_for_inference
+from gptforge.serve.generate import load_for_inference
 from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\r")

@@ -1,7 +1,7 @@
 import torch
 
 from gptforge.cli import main
-from gptforge.generate import generate_text, load_for_inference, sample_next
+from gptforge.serve.generate import generate_text, load_for_inference, sample_next
 
 
 def test_generate_cli_streams_and_is_seeded(trained_run, capsys):

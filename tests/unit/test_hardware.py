@@ -1,4 +1,4 @@
-"""launch/hardware.py: device table, HSA override, memory estimate, auto-config."""
+"""gptforge/hardware.py: device table, HSA override, memory estimate, auto-config."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from gptforge.config.presets import MODEL_PRESETS
-from gptforge.launch import hardware as hw
-from gptforge.launch.hardware import GiB, DeviceInfo
+from gptforge import hardware as hw
+from gptforge.hardware import GiB, DeviceInfo
 
 DEVICES = {
     "RX 9700 32GB": DeviceInfo("rocm", "AMD Radeon AI PRO R9700", 32 * GiB, "gfx1201", True),

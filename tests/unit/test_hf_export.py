@@ -14,11 +14,11 @@ transformers = pytest.importorskip("transformers")
 from gptforge.data.tokenizer import EOS, IM_END, IM_START, PAD, train_bpe  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.model.gpt import GPTConfig, build_model  # noqa: E402
-from gptforge.model.hf_export import export_hf, main as export_main  # noqa: E402
-from gptforge.model.hf_import import load_hf  # noqa: E402
-from gptforge.model.init import init_model_config, init_tokenizer, load_init_weights  # noqa: E402
+from gptforge.hf.export import export_hf, main as export_main  # noqa: E402
+from gptforge.hf.load import load_hf  # noqa: E402
+from gptforge.hf.init_from import init_model_config, init_tokenizer, load_init_weights  # noqa: E402
 from gptforge.parallel.mesh import DistEnv  # noqa: E402
-from gptforge.train.checkpoint import save_checkpoint  # noqa: E402
+from gptforge.checkpoint import save_checkpoint  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -177,7 +177,7 @@ def test_init_from_hf_pads_vocab_and_keeps_logits(tmp_path, tok):
     cfg = small_cfg("gpt2", 4, True, True)
     ours, _ = make_checkpoint(tmp_path / "run", cfg, tok)
     # an HF folder whose vocab is exactly the tokenizer's (unpadded, like gpt2's 50257)
-    from gptforge.model.hf_export import export_model
+    from gptforge.hf.export import export_model
 
     small = GPTConfig(**(cfg.to_dict() | {"vocab_size": tok.vocab_size}))
     m = build_model(small, seed=2).eval()

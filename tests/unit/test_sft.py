@@ -206,7 +206,7 @@ def test_sft_cli_errors(tmp_path, capsys):
 
 def test_hf_export_carries_the_chat_template(sft_reverse_run, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from gptforge.model.hf_export import export_hf
+    from gptforge.hf.export import export_hf
 
     out = export_hf(sft_reverse_run, tmp_path / "hf")
     assert json.loads((out / "tokenizer_config.json").read_text())["chat_template"] == CHATML_JINJA
@@ -215,7 +215,7 @@ def test_hf_export_carries_the_chat_template(sft_reverse_run, tmp_path):
             {"role": "user", "content": "cafe"}]
     text = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == render(msgs, add_generation_prompt=True)
-    from gptforge.generate import load_for_inference
+    from gptforge.serve.generate import load_for_inference
 
     _, tok, _ = load_for_inference(str(sft_reverse_run), "cpu")
     assert ht(text, add_special_tokens=False)["input_ids"] == encode_chat(tok, msgs, add_generation_prompt=True)[0]

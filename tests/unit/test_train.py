@@ -7,7 +7,7 @@ import pytest
 
 from conftest import read_losses, tiny_args
 from gptforge.cli import main
-from gptforge.train.checkpoint import list_checkpoints
+from gptforge.checkpoint import list_checkpoints
 
 
 def test_loss_falls_and_checkpoint_written(trained_run):

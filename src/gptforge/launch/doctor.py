@@ -92,7 +92,7 @@ def check_environment(rep: Report) -> None:
 def check_hardware(rep: Report, args) -> object:
     import torch
 
-    from gptforge.launch import hardware
+    from gptforge import hardware
 
     if getattr(torch.version, "hip", None) is not None:
         arch = hardware.rocm_arch_from_kfd()
@@ -422,7 +422,7 @@ def _matmul_tflops(dev) -> float:
     """Achieved matmul TFLOPS on this device in the training precision (a short measurement)."""
     import torch
 
-    from gptforge.launch import hardware
+    from gptforge import hardware
 
     prec = hardware.choose_precision(dev)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec, torch.float32)
@@ -443,7 +443,7 @@ def _matmul_tflops(dev) -> float:
 
 
 def _advice(rep: Report, args, dev, lat: float, busbw: float) -> None:
-    from gptforge.launch import hardware
+    from gptforge import hardware
 
     try:
         from gptforge.config.presets import MODEL_PRESETS
@@ -502,7 +502,7 @@ def main(argv=None) -> int:
     port_ok = net_ok and check_master_port(rep, args, deadline) if args.nnodes > 1 else net_ok
     dev = check_hardware(rep, args)
     if args.nnodes == 1:
-        from gptforge.launch import hardware
+        from gptforge import hardware
 
         try:
             from gptforge.config.presets import MODEL_PRESETS

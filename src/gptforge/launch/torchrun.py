@@ -156,7 +156,7 @@ def _rocm_env(env: dict[str, str]) -> None:
             return
     except Exception:
         return
-    from gptforge.launch import hardware
+    from gptforge import hardware
 
     arch = hardware.rocm_arch_from_kfd()
     if arch and not os.environ.get("HSA_OVERRIDE_GFX_VERSION"):

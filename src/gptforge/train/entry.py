@@ -55,12 +55,12 @@ def init_model(cfg: Config, env: DistEnv, vocab_size: int):
     """build() from the config, or from --init-from's model config and weights. -> (model, model_cfg)."""
     init_cfg = None
     if cfg.train.init_from:
-        from gptforge.model.init import init_model_config
+        from gptforge.hf.init_from import init_model_config
 
         init_cfg = init_model_config(cfg.train.init_from)
     model, mcfg = build(cfg, env, vocab_size, init_cfg)
     if cfg.train.init_from:
-        from gptforge.model.init import load_init_weights
+        from gptforge.hf.init_from import load_init_weights
 
         load_init_weights(cfg.train.init_from, model)
     return model, mcfg
@@ -73,7 +73,7 @@ def describe_model(cfg: Config, model, mcfg) -> str:
 
 
 def _sampler(cfg: Config, tok, env: DistEnv):
-    from gptforge.generate import generate_text
+    from gptforge.serve.generate import generate_text
 
     def sample(model) -> str:
         prompt = cfg.train.sample_prompt or "\n"
@@ -136,7 +136,7 @@ def run_pretrain(cfg: Config) -> dict:
         if env.is_main:
             print(describe_model(cfg, model, mcfg) + f" | data: {data_dir}")
         if cfg.train.auto:
-            from gptforge.launch.hardware import apply_auto
+            from gptforge.hardware import apply_auto
 
             apply_auto(cfg, world_size=env.world_size)
         model = parallelize(model, env, cfg)

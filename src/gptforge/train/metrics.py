@@ -23,7 +23,7 @@ def _cpu_flops_per_cycle(precision: str) -> int:
 def peak_flops(device: torch.device, precision: str = "bf16") -> float:
     """Peak FLOP/s of one device, for MFU. CPU: threads x 2.5 GHz x FLOP/cycle of its vector unit."""
     if device.type == "cuda":
-        from gptforge.launch.hardware import peak_tflops
+        from gptforge.hardware import peak_tflops
 
         return (peak_tflops(torch.cuda.get_device_name(device)) or 100.0) * 1e12
     return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle(precision)

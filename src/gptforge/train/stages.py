@@ -29,7 +29,7 @@ def _say(env: DistEnv, msg: str) -> None:
 def _tokenizer(cfg: Config, texts=None):
     """The tokenizer of --init-from, else data.tokenizer (char / bpe:N are built from the chat text)."""
     if cfg.train.init_from:
-        from gptforge.model.init import init_tokenizer
+        from gptforge.hf.init_from import init_tokenizer
 
         return init_tokenizer(cfg.train.init_from)
     from gptforge.data.tokenizer import build_tokenizer
@@ -52,7 +52,7 @@ def _files(cfg: Config, tok) -> dict:
 def _chat_sampler(cfg: Config, tok, prompt: str | None):
     """At the end of a run: the model's reply to one user message (train.sample_prompt or one from the data)."""
     from gptforge.data.chat_template import encode_chat, stop_ids
-    from gptforge.generate import generate_ids
+    from gptforge.serve.generate import generate_ids
 
     text = cfg.train.sample_prompt if cfg.train.sample_prompt.strip() else prompt
     if not text:
@@ -75,7 +75,7 @@ def _finish_defaults(cfg: Config) -> Config:
     if cfg.data.path is None:
         raise UserError("give the data: --data.path=FILE_OR_DIR (JSONL; see gptforge.data.sft for the formats)")
     if cfg.train.auto:
-        from gptforge.launch.hardware import apply_auto
+        from gptforge.hardware import apply_auto
 
         apply_auto(cfg)
     return cfg

@@ -17,7 +17,7 @@ from gptforge.errors import UserError
 from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier
 from gptforge.parallel.parallelize import unwrap
-from gptforge.train import checkpoint as ckpt_mod
+from gptforge import checkpoint as ckpt_mod
 from gptforge.train.metrics import MetricsLogger, fmt_duration, peak_flops
 from gptforge.train.optim import build_optimizer, lr_at
 

@@ -223,7 +223,7 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
               max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """A gptforge checkpoint (or run dir -> its latest checkpoint) -> a Hugging Face folder."""
-    from gptforge.train.checkpoint import checkpoint_dir_of, load_model, model_config
+    from gptforge.checkpoint import checkpoint_dir_of, load_model, model_config
 
     ck = checkpoint_dir_of(ckpt_dir)
     out = Path(out_dir)

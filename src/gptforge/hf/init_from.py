@@ -18,7 +18,7 @@ VOCAB_MULTIPLE = 64
 
 
 def _kind(path: str | Path) -> str:
-    from gptforge.model.hf_import import is_hf_folder
+    from gptforge.hf.load import is_hf_folder
 
     p = Path(path)
     if not p.exists():
@@ -34,14 +34,14 @@ def _round_up(n: int, m: int = VOCAB_MULTIPLE) -> int:
 def init_model_config(path: str | Path):
     """The GPTConfig of the model to start from."""
     if _kind(path) == "hf":
-        from gptforge.model.hf_import import gpt_config_from_hf, hf_tokenizer, read_hf_config
+        from gptforge.hf.load import gpt_config_from_hf, hf_tokenizer, read_hf_config
 
         conf = read_hf_config(path)
         V = int(conf.get("vocab_size", 0))
         tok = hf_tokenizer(path)
         need = max(V, tok.vocab_size if tok is not None else 0)
         return gpt_config_from_hf(conf, vocab_size=_round_up(need))
-    from gptforge.train.checkpoint import checkpoint_dir_of, model_config
+    from gptforge.checkpoint import checkpoint_dir_of, model_config
 
     return model_config(checkpoint_dir_of(path))
 
@@ -50,11 +50,11 @@ def init_model_config(path: str | Path):
 def load_init_weights(path: str | Path, model) -> None:
     """Copy the weights at `path` into `model` (plain, unwrapped, built from init_model_config(path))."""
     if _kind(path) == "gptforge":
-        from gptforge.train.checkpoint import checkpoint_dir_of, load_model_weights
+        from gptforge.checkpoint import checkpoint_dir_of, load_model_weights
 
         load_model_weights(checkpoint_dir_of(path), model)
         return
-    from gptforge.model.hf_import import (from_hf_state_dict, gpt_config_from_hf, read_hf_config,
+    from gptforge.hf.load import (from_hf_state_dict, gpt_config_from_hf, read_hf_config,
                                           read_safetensors, weight_files)
 
     conf = read_hf_config(path)
@@ -85,7 +85,7 @@ def load_init_weights(path: str | Path, model) -> None:
 def init_tokenizer(path: str | Path):
     """Our Tokenizer saved with the checkpoint, or the Hugging Face folder's."""
     if _kind(path) == "hf":
-        from gptforge.model.hf_import import hf_tokenizer
+        from gptforge.hf.load import hf_tokenizer
 
         tok = hf_tokenizer(path)
         if tok is None:
@@ -93,6 +93,6 @@ def init_tokenizer(path: str | Path):
                             "merges.txt); copy the model's tokenizer files into it")
         return tok
     from gptforge.data.tokenizer import load_tokenizer
-    from gptforge.train.checkpoint import checkpoint_dir_of
+    from gptforge.checkpoint import checkpoint_dir_of
 
     return load_tokenizer(checkpoint_dir_of(path))

@@ -108,7 +108,7 @@ def load_for_inference(checkpoint: str, device: str = "auto"):
 
     from gptforge.data.tokenizer import load_tokenizer
     from gptforge.parallel.mesh import pick_device
-    from gptforge.train.checkpoint import checkpoint_dir_of, load_model
+    from gptforge.checkpoint import checkpoint_dir_of, load_model
 
     ck = checkpoint_dir_of(checkpoint)
     model = load_model(ck, pick_device(device)).eval()

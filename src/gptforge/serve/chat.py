@@ -66,7 +66,7 @@ class ChatSession:
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None, ids: list[int] | None = None) -> str:
         """Sample the reply to `user` (streamed to on_text); `ids`: its prompt_ids() if already computed."""
-        from gptforge.generate import StreamDecoder, generate_ids
+        from gptforge.serve.generate import StreamDecoder, generate_ids
 
         ids = self.prompt_ids(user) if ids is None else ids
         dec = StreamDecoder(self.tok)
@@ -160,7 +160,7 @@ def main(argv: list[str]) -> int:
     a = p.parse_args(argv)
     if a.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be at least 1")
-    from gptforge.generate import load_for_inference
+    from gptforge.serve.generate import load_for_inference
 
     model, tok, _ = load_for_inference(a.checkpoint, a.device)
     session = ChatSession(model, tok, a.system, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p, a.seed)
