@@ -1,13 +1,22 @@
-"""`gptforge <command> ...`: a thin dispatcher. Each command lives in its own module as main(argv) -> int."""
+"""`gptforge <command> ...`: the face. A command is a function whose one parameter is its options
+dataclass, e.g. ``def main(opts: GenerateOptions) -> int``; every command is parsed the same way
+(``gptforge.options``, tyro). Training stages take the whole ``Config`` with ``--config FILE`` and
+``--section.key=value`` and their stage defaults (``fn.defaults``). Command modules are imported lazily
+so ``gptforge --help`` is fast; a ``UserError`` is printed as one line, never a traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import importlib
 import sys
+import typing
 
 from gptforge.errors import UserError
+from gptforge.options import parse_options
 
-# command -> (module, function, one-line help). Modules are imported lazily so `gptforge --help` is fast.
+# command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "pretrain": ("gptforge.train.entry", "pretrain_main", "train a GPT from scratch (default: Shakespeare)"),
     "sft": ("gptforge.train.entry", "sft_main", "supervised fine-tuning on chat data"),
@@ -23,6 +32,31 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "k8s": ("gptforge.launch.k8s", "main", "write Kubernetes manifests"),
     "bench": ("gptforge.bench", "main", "measure training throughput"),
 }
+
+
+def _options_type(fn) -> type:
+    hints = typing.get_type_hints(fn)
+    params = [h for k, h in hints.items() if k != "return"]
+    if len(params) != 1 or not dataclasses.is_dataclass(params[0]):
+        raise TypeError(f"{fn.__qualname__} must take one options dataclass")
+    return params[0]
+
+
+def run_command(name: str, argv: list[str]) -> int:
+    module, func, _ = COMMANDS[name]
+    fn = getattr(importlib.import_module(module), func)
+    hints = [h for k, h in typing.get_type_hints(fn).items() if k != "return"]
+    if hints and not dataclasses.is_dataclass(hints[0]):  # TRANSITIONAL: a module still parsing argv itself
+        return int(fn(argv) or 0)
+    cls = _options_type(fn)
+    prog = f"gptforge {name}"
+    if hasattr(fn, "defaults"):  # training stages: Config from stage defaults, a config file, overrides
+        from gptforge.config.loader import parse_config
+
+        opts = parse_config(argv, fn.defaults, prog)
+    else:
+        opts = parse_options(cls, argv, prog)
+    return int(fn(opts) or 0)
 
 
 def _usage() -> str:
@@ -43,15 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        import difflib
-
         near = difflib.get_close_matches(name, COMMANDS, n=1)
         hint = f"; did you mean '{near[0]}'?" if near else "; run 'gptforge --help' for the list"
         print(f"gptforge: error: unknown command '{name}'{hint}", file=sys.stderr)
         return 2
-    module, func, _ = COMMANDS[name]
     try:
-        return int(getattr(importlib.import_module(module), func)(rest) or 0)
+        return run_command(name, rest)
     except UserError as e:
         print(f"gptforge: error: {e}", file=sys.stderr)
         return 2
