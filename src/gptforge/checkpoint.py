@@ -13,6 +13,7 @@ import shutil
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
@@ -26,6 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptforge.errors import UserError
+from gptforge.model.gpt import GPT, GPTConfig
 from gptforge.parallel.mesh import barrier
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -69,8 +71,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(st: dict) -> None:
-    import numpy as np
-
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(st["torch"]), dtype=np.uint8).copy()))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(st["cuda"]), dtype=np.uint8).copy()))
@@ -110,7 +110,7 @@ def read_json(ckpt: Path, name: str) -> dict:
 
 # ---- save -------------------------------------------------------------------------------------
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, env,
-                    files: dict[str, str | bytes], keep_last: int = 2, extra_state: dict | None = None) -> Path:
+                    files: dict[str, str | bytes], keep_last: int = 2) -> Path:
     """All ranks call this. `files`: small files (config, tokenizer) written by rank 0 beside the tensors."""
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
@@ -121,7 +121,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_st
             shutil.rmtree(partial)
     barrier(env)
     msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
-    state = {"model": msd} | ({"optim": osd} if osd is not None else {}) | (extra_state or {})
+    state = {"model": msd} | ({"optim": osd} if osd is not None else {})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.save(state, checkpoint_id=str(partial))
@@ -166,12 +166,12 @@ def _dcp_load(state: dict, ckpt: Path) -> None:
                         "resume from an earlier one or delete it") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, env, extra_state: dict | None = None) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, env) -> dict:
     """Restore model (+ optimizer, + RNG when the world size matches); returns trainer_state."""
     ts = read_json(ckpt, STATE_FILE)
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd} | (extra_state or {})
+        state = {"model": msd, "optim": osd}
         _dcp_load(state, ckpt)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     else:
@@ -193,18 +193,14 @@ def load_model_weights(ckpt: Path, model) -> None:
 
 def model_config(ckpt: Path):
     """The GPTConfig saved with a checkpoint (model_config.json), validated."""
-    from gptforge.model.gpt import GPTConfig
-
     try:
-        return GPTConfig(**read_json(ckpt, "model_config.json"))
+        return GPTConfig(**read_json(ckpt, "model_config.json")).complete()
     except (TypeError, ValueError) as e:
         raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json ({e})") from None
 
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu", mcfg=None):
     """A plain GPT with the checkpoint's weights on `device` (inference, export)."""
-    from gptforge.model.gpt import GPT
-
     with torch.device("meta"):
         model = GPT(mcfg or model_config(ckpt))
     model.init_weights(device=device)

@@ -18,9 +18,9 @@ from gptforge.options import parse_options
 
 # command -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "pretrain": ("gptforge.train.entry", "pretrain_main", "train a GPT from scratch (default: Shakespeare)"),
-    "sft": ("gptforge.train.entry", "sft_main", "supervised fine-tuning on chat data"),
-    "dpo": ("gptforge.train.entry", "dpo_main", "direct preference optimisation"),
+    "pretrain": ("gptforge.train.recipes", "pretrain", "train a GPT from scratch (default: Shakespeare)"),
+    "sft": ("gptforge.train.recipes", "sft", "supervised fine-tuning on chat data"),
+    "dpo": ("gptforge.train.recipes", "dpo", "direct preference optimisation"),
     "prepare": ("gptforge.data.prepare", "main", "tokenize text/JSONL/HF datasets into token shards"),
     "train-tokenizer": ("gptforge.data.tokenizer", "main", "train a byte-level BPE tokenizer"),
     "generate": ("gptforge.serve.generate", "main", "sample text from a checkpoint"),

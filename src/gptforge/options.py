@@ -50,9 +50,9 @@ def _int_from(args: list[str]) -> int:
         try:
             f = float(s)
         except ValueError:
-            raise ValueError(f"expects an integer, got {s!r}") from None
+            raise ValueError(f"expects int, got {s!r}") from None
         if not f.is_integer():
-            raise ValueError(f"expects an integer, got {s!r}") from None
+            raise ValueError(f"expects int, got {s!r}") from None
         return int(f)
 
 
@@ -74,51 +74,79 @@ def _int_rule(info):
         is_instance=lambda x: isinstance(x, int) and not isinstance(x, bool), str_from_instance=lambda x: [str(x)])
 
 
+@REGISTRY.primitive_rule
+def _float_rule(info):
+    if info.type is not float:
+        return None
+    return constructors.PrimitiveConstructorSpec(
+        nargs=1, metavar="FLOAT", instance_from_str=_float_from,
+        is_instance=lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), str_from_instance=lambda x: [repr(x)])
+
+
+def _float_from(args: list[str]) -> float:
+    try:
+        return float(args[0])
+    except ValueError:
+        raise ValueError(f"expects float, got {args[0]!r}") from None
+
+
 # ---- parsing ------------------------------------------------------------------------------------------
-def _flags(cls: type, prefix: str = "") -> dict[str, Any]:
-    """'--section.key' / '--key' -> field type, for every field tyro exposes (dashes and underscores)."""
-    out: dict[str, Any] = {}
+def _fields(cls: type, prefix: str = "") -> dict[str, tuple[Any, tuple[str, ...]]]:
+    """Every flag tyro exposes: 'section.key' (underscores) -> (type, aliases)."""
+    out: dict[str, tuple[Any, tuple[str, ...]]] = {}
     hints = typing.get_type_hints(cls, include_extras=True)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if tp == Passthrough:
             continue
-        name = prefix + f.name
         if dataclasses.is_dataclass(tp):
-            out |= _flags(tp, name + ".")
-        else:
-            out["--" + name.replace("_", "-")] = tp
+            out |= _fields(tp, prefix + f.name + ".")
+            continue
+        aliases = tuple(a for m in getattr(tp, "__metadata__", ()) for a in (getattr(m, "aliases", None) or ()))
+        out[prefix + f.name] = (tp, aliases)
     return out
 
 
-def _aliases(cls: type) -> dict[str, str]:
-    """Alias flags declared with tyro.conf.arg(aliases=...) -> the flag they stand for."""
-    out: dict[str, str] = {}
-    hints = typing.get_type_hints(cls, include_extras=True)
-    for f in dataclasses.fields(cls):
-        for meta in getattr(hints[f.name], "__metadata__", ()):
-            for a in getattr(meta, "aliases", None) or ():
-                out[a] = "--" + f.name.replace("_", "-")
-    return out
+def _key(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
 
 
-def _norm_flag(flag: str) -> str:
-    return flag if flag.startswith("--") is False else "--" + flag[2:].replace("_", "-")
+class _Style:
+    """How a flag is named in an error: 'option --top-k' or, for the training config, 'config key train.lr'."""
+
+    def __init__(self, config_keys: bool):
+        self.config_keys = config_keys
+
+    def name(self, key: str) -> str:
+        return f"config key '{key}'" if self.config_keys else f"option '--{key.replace('_', '-')}'"
+
+    def spell(self, key: str) -> str:
+        return key if self.config_keys else "--" + key.replace("_", "-")
 
 
-def check_flags(cls: type, argv: list[str], where: str = "on the command line") -> None:
-    """Unknown flags get one line naming the nearest valid one (before tyro sees them)."""
-    valid = _flags(cls)
-    known = set(valid) | set(_aliases(cls)) | {"-h", "--help"}
+def check_flags(cls: type, argv: list[str], where: str = "on the command line", config_keys: bool = False) -> None:
+    """Unknown flags and stray words get one line naming the nearest valid flag (before tyro sees them)."""
+    fields = _fields(cls)
+    aliases = {a: k for k, (_, al) in fields.items() for a in al}
+    style = _Style(config_keys)
+    takes_value = False
     for a in argv:
         if not a.startswith("-") or _is_number(a):
+            if not takes_value:
+                near = difflib.get_close_matches(_key(a.split("=", 1)[0]), list(fields), n=1, cutoff=0.5)
+                hint = f"; did you mean '--{style.spell(near[0])}=...'?" if near else "; options look like --name=value"
+                raise UserError(f"unexpected argument '{a}' {where}{hint}")
+            takes_value = False
             continue
-        flag = _norm_flag(a.split("=", 1)[0])
-        if flag in known:
+        flag = a.split("=", 1)[0]
+        if flag in ("-h", "--help") or flag in aliases or _key(flag) in fields:
+            tp = fields.get(aliases.get(flag, _key(flag)), (None,))[0]
+            takes_value = "=" not in a and getattr(tp, "__origin__", tp) is not bool and flag not in ("-h", "--help")
             continue
-        near = difflib.get_close_matches(flag, list(valid), n=1, cutoff=0.5)
-        hint = f"; did you mean '{near[0]}'?" if near else "; see --help for the options"
-        raise UserError(f"unknown option '{a.split('=', 1)[0]}' {where}{hint}")
+        near = difflib.get_close_matches(_key(flag), list(fields), n=1, cutoff=0.5)
+        hint = f"; did you mean '{style.spell(near[0])}'?" if near else "; see --help for the options"
+        what = f"config key '{_key(flag)}'" if config_keys else f"option '{flag}'"
+        raise UserError(f"unknown {what} {where}{hint}")
 
 
 def _is_number(s: str) -> bool:
@@ -129,17 +157,23 @@ def _is_number(s: str) -> bool:
         return False
 
 
-def _one_line(text: str) -> str:
-    """tyro's boxed error -> its first message line."""
+def _one_line(text: str, style: _Style, where: str) -> str:
+    """tyro's boxed error -> one line naming the flag and what it expects."""
     flat = " ".join(re.sub(r"[│╭╮╰╯─]+", " ", text).split())
-    for pat in (r"Error parsing (--\S+?):? (.*?)(?: Argument helptext:| For full helptext|$)",
-                r"(invalid choice .*?)(?: Argument helptext:| For full helptext|$)",
-                r"(Required options? .*?|Missing required .*?)(?: Argument helptext:| For full helptext|$)",
-                r"(Unrecognized options?: .*?)(?: Perhaps| For full helptext|$)"):
-        m = re.search(pat, flat)
-        if m:
-            return ": ".join(g.strip() for g in m.groups() if g).rstrip(". ")
-    return flat[:300] or "invalid arguments"
+    m = re.search(r"Error parsing (--\S+?):? (?:no type matching (.*?) could be instantiated from \['(.*?)'\])?(.*?)"
+                  r"(?: Argument helptext:| Got errors:| For full helptext|$)", flat)
+    if m:
+        wanted = (m.group(2) or "").replace("{None}|", "").replace("|{None}", "").lower()
+        msg = m.group(4).strip().rstrip(".") or f"expects {wanted or 'another value'}, got {m.group(3)!r}"
+        return f"{style.name(_key(m.group(1)))} {msg} {where}"
+    m = re.search(r"invalid choice '(.*?)' for argument '(--\S+?)'\. Expected one of \((.*?)\)", flat)
+    if m:
+        return f"{style.name(_key(m.group(2)))} must be one of {m.group(3)}, got '{m.group(1)}' {where}"
+    m = re.search(r"(Required options?|Missing required|Missing value for argument) ?(.*?)(?: Argument helptext:| "
+                  r"For full helptext|$)", flat)
+    if m:
+        return f"{m.group(1)} {m.group(2)}".strip().rstrip(".") + f" {where}"
+    return (flat[:300] or "invalid arguments") + f" {where}"
 
 
 def _description(cls: type) -> str | None:
@@ -147,33 +181,40 @@ def _description(cls: type) -> str | None:
     return None if not doc or doc.startswith(cls.__name__ + "(") else doc
 
 
-def parse_options(cls: type, argv: list[str], prog: str, default: Any = None) -> Any:
-    """argv -> an instance of the dataclass `cls` (tyro), or UserError with one line; --help prints and exits."""
+def _passthrough_field(cls: type) -> str | None:
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return next((f.name for f in dataclasses.fields(cls) if hints[f.name] == Passthrough), None)
+
+
+def parse_options(cls: type, argv: list[str], prog: str, default: Any = None, where: str = "on the command line",
+                  config_keys: bool = False) -> Any:
+    """argv -> an instance of the dataclass `cls` (tyro), or UserError with one line; --help prints and exits.
+    `default`: an instance whose values are the defaults; `config_keys`: name flags as 'config key a.b'."""
     argv = list(argv)
     rest: list[str] = []
     if "--" in argv:
         i = argv.index("--")
         argv, rest = argv[:i], argv[i + 1:]
-    pass_field = next((f.name for f in dataclasses.fields(cls)
-                       if typing.get_type_hints(cls, include_extras=True)[f.name] == Passthrough), None)
+    pass_field = _passthrough_field(cls)
     if rest and pass_field is None:
         raise UserError(f"{prog} takes no arguments after '--'")
     help_ = any(a in ("-h", "--help") for a in argv)
     if not help_:
-        check_flags(cls, argv)
+        check_flags(cls, argv, where, config_keys)
+        aliases = {a: k for k, (_, al) in _fields(cls).items() for a in al}
+        argv = ["--" + aliases[a.split("=", 1)[0]] + a[len(a.split("=", 1)[0]):] if a.split("=", 1)[0] in aliases
+                else a for a in argv]
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
             opts = tyro.cli(cls, args=["--help"] if help_ else argv, prog=prog, default=default, registry=REGISTRY,
-                            description=_description(cls),
+                            description=_description(cls), use_underscores=config_keys,
                             config=(tyro.conf.FlagConversionOff, tyro.conf.AvoidSubcommands))
     except SystemExit as e:
         if help_ or e.code in (0, None):
             sys.stderr.write(err.getvalue())
             raise
-        raise UserError(_one_line(err.getvalue())) from None
+        raise UserError(_one_line(err.getvalue(), _Style(config_keys), where)) from None
     if pass_field is not None:
         setattr(opts, pass_field, rest)
     return opts
-
-

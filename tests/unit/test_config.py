@@ -17,6 +17,7 @@ def test_shipped_configs_load(path):
         for key, value in values.items():
             got = getattr(getattr(cfg, section), key)
             assert got == value or float(got) == float(value), (section, key)
+    assert cfg.model.preset == raw.get("model", {}).get("preset", "nano")
     mcfg = resolve_model(cfg.model, 300)
     assert mcfg.n_layer > 0
 

@@ -1,4 +1,5 @@
-"""gptforge/hardware.py: device table, HSA override, memory estimate, auto-config."""
+"""gptforge.hardware (device table, HSA override, peak FLOP/s, precision policy), gptforge.model.cost
+(parameters, FLOPs, memory estimate) and gptforge.train.auto (fitting a model to a device)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,22 @@ import sys
 
 import pytest
 
-from gptforge.config.presets import MODEL_PRESETS
 from gptforge import hardware as hw
+from gptforge.config.presets import NOMINAL_VOCAB, preset_model
+from gptforge.errors import UserError
 from gptforge.hardware import GiB, DeviceInfo
+from gptforge.model import cost
+from gptforge.model.gpt import GPT, build_model
+from gptforge.train import auto
+
+
+def P(name: str, **kw):
+    """A preset's complete GPTConfig with its usual vocabulary."""
+    return preset_model(name, nominal_vocab=True, **kw).complete()
+
+
+EXPECTED_PARAMS = {"micro": 3.2e6, "nano": 10.7e6, "minimind": 25.8e6, "tiny": 51e6, "small": 124e6, "medium": 354e6,
+                   "large": 773e6, "llama-1b": 1.1e9}
 
 DEVICES = {
     "RX 9700 32GB": DeviceInfo("rocm", "AMD Radeon AI PRO R9700", 32 * GiB, "gfx1201", True),
@@ -34,15 +48,15 @@ GLOBAL = 256  # sequences per optimizer step, as in the seeds' two-node presets
 @pytest.mark.parametrize("world", [1, 2, 8])
 def test_auto_config_fits_and_keeps_effective_batch(dev_name, preset, world):
     dev = DEVICES[dev_name]
-    cfg = hw.auto_config(MODEL_PRESETS[preset], dev, GLOBAL, world)
-    seq = MODEL_PRESETS[preset]["block_size"]
+    cfg = auto.auto_config(P(preset), dev, GLOBAL, world)
+    seq = P(preset).block_size
     # effective batch preserved exactly
     assert cfg.micro_batch * cfg.grad_accum * world == GLOBAL
     # precision: bf16 where supported, else fp16 on GPUs / fp32 on CPUs
     assert cfg.precision == ("bf16" if dev.bf16 else ("fp16" if dev.is_gpu else "fp32"))
-    budget = dev.memory * hw.FIT_FRACTION
-    est = lambda mb, ck: hw.estimate_memory(MODEL_PRESETS[preset], mb, seq, cfg.precision, ck, world_size=world,  # noqa: E731
-                                            device=dev.vendor)
+    budget = dev.memory * auto.FIT_FRACTION
+    est = lambda mb, ck: cost.estimate_memory(P(preset), mb, seq, cfg.precision, activation_checkpointing=ck,  # noqa: E731
+                                              world_size=world, device=dev.vendor)
     if not cfg.fits:
         assert est(1, True) > budget and "FSDP" in cfg.reason
         return
@@ -57,26 +71,24 @@ def test_auto_config_fits_and_keeps_effective_batch(dev_name, preset, world):
 
 
 def test_specific_choices():
-    P = MODEL_PRESETS
-    h100 = hw.auto_config(P["small"], DEVICES["H100 80GB"], 256, 2)
+    h100 = auto.auto_config(P("small"), DEVICES["H100 80GB"], 256, 2)
     assert (h100.micro_batch, h100.precision, h100.activation_checkpointing) == (64, "bf16", False)
     # more memory never gives a smaller micro-batch
     for preset in PRESETS:
-        mbs = [hw.auto_config(P[preset], DeviceInfo("cuda", "x", m * GiB, "", True), 256, 1).micro_batch
+        mbs = [auto.auto_config(P(preset), DeviceInfo("cuda", "x", m * GiB, "", True), 256, 1).micro_batch
                for m in (16, 24, 40, 80, 192)]
         assert mbs == sorted(mbs), (preset, mbs)
     # llama-1b on a 28 GB card, one rank: only fits with activation checkpointing
-    c = hw.auto_config(P["llama-1b"], DeviceInfo("cuda", "x", 28 * GiB, "", True), 256, 1)
+    c = auto.auto_config(P("llama-1b"), DeviceInfo("cuda", "x", 28 * GiB, "", True), 256, 1)
     assert c.fits and c.activation_checkpointing and c.micro_batch >= 1
     # ... and does not fit a 16 GB card at all without FSDP; with 8-way FSDP it does
-    c = hw.auto_config(P["llama-1b"], DEVICES["V100 16GB"], 256, 1)
+    c = auto.auto_config(P("llama-1b"), DEVICES["V100 16GB"], 256, 1)
     assert not c.fits and "FSDP" in c.reason
-    c = hw.auto_config(P["llama-1b"], DEVICES["V100 16GB"], 256, 8, shard=8)
+    c = auto.auto_config(P("llama-1b"), DEVICES["V100 16GB"], 256, 8, shard=8)
     assert c.fits and c.precision == "fp16"
     # a global batch that does not divide by the ranks is rounded up and said so
-    c = hw.auto_config(P["nano"], DEVICES["H100 80GB"], 10, 4, seq_len=256)
+    c = auto.auto_config(P("nano"), DEVICES["H100 80GB"], 10, 4, seq_len=256)
     assert c.micro_batch * c.grad_accum == 3 and "rounded up to 12" in c.reason
-    assert c.as_overrides()[0].startswith("--train.micro_batch=")
 
 
 @pytest.mark.parametrize("arch,expected", [
@@ -88,44 +100,31 @@ def test_hsa_override(arch, expected):
     assert hw.hsa_override(arch) == expected
 
 
-def test_apply_hsa_override_respects_user_value():
-    env = {}
-    assert hw.apply_hsa_override("gfx1201", env) == "12.0.1" and env["HSA_OVERRIDE_GFX_VERSION"] == "12.0.1"
-    env = {"HSA_OVERRIDE_GFX_VERSION": "11.0.0"}
-    assert hw.apply_hsa_override("gfx1201", env) == "11.0.0" and env["HSA_OVERRIDE_GFX_VERSION"] == "11.0.0"
-    env = {}
-    assert hw.apply_hsa_override("gfx942", env) is None and env == {}
-
-
 def test_param_count_matches_presets():
-    from gptforge.config.presets import EXPECTED_PARAMS
-
+    assert set(EXPECTED_PARAMS) == set(NOMINAL_VOCAB)
     for name, expected in EXPECTED_PARAMS.items():
-        assert abs(hw.count_params(MODEL_PRESETS[name]) / expected - 1) < 0.03, name
+        assert abs(cost.count_params(P(name)) / expected - 1) < 0.03, name
 
 
-def test_param_count_matches_model():
-    gpt = pytest.importorskip("gptforge.model.gpt")
+@pytest.mark.parametrize("name", list(NOMINAL_VOCAB))
+@pytest.mark.parametrize("bias", [True, False])
+def test_param_count_matches_model(name, bias):
     import torch
 
-    for name in ("nano", "minimind"):
-        d = MODEL_PRESETS[name]
-        cfg = gpt.GPTConfig(**{k: v for k, v in d.items() if k in gpt.GPTConfig.__dataclass_fields__})
-        with torch.device("meta"):
-            m = gpt.GPT(cfg)
-        assert hw.count_params(d) == sum(p.numel() for p in m.parameters()), name
+    cfg = P(name, bias=bias)
+    with torch.device("meta"):
+        m = GPT(cfg)
+    assert cost.count_params(cfg) == m.num_params() == sum(p.numel() for p in m.parameters()), name
 
 
 @pytest.mark.parametrize("preset,precision", [("nano", "fp32"), ("nano", "bf16"), ("minimind", "fp32"),
                                               ("minimind", "bf16")])
 def test_activation_estimate_matches_saved_tensors(preset, precision):
     """The per-layer formula against the bytes autograd really saves (small vocab: no logits term)."""
-    gpt = pytest.importorskip("gptforge.model.gpt")
     import torch
 
-    d = dict(MODEL_PRESETS[preset], block_size=128)
-    cfg = gpt.GPTConfig(**{k: v for k, v in d.items() if k in gpt.GPTConfig.__dataclass_fields__})
-    m = gpt.build_model(cfg)
+    cfg = P(preset, block_size=128)
+    m = build_model(cfg)
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     seen: dict[int, int] = {}
 
@@ -141,22 +140,21 @@ def test_activation_estimate_matches_saved_tensors(preset, precision):
             m(idx)
     measured = sum(seen.values())
     # autocast's bf16 weight copies are saved too: the estimate has them as half_weights = 2P
-    est = hw.activation_bytes(d, 2, 128, precision) + (2 * hw.count_params(d) if precision == "bf16" else 0)
+    est = cost.activation_bytes(cfg, 2, 128, precision) + (2 * cost.count_params(cfg) if precision == "bf16" else 0)
     assert 0.95 <= est / measured <= 1.3, (est, measured)
 
 
 _PEAK_SCRIPT = r"""
 import json, sys, torch, torch.nn.functional as F
 from gptforge.model.gpt import GPTConfig, build_model
-from gptforge.config.presets import MODEL_PRESETS
+from gptforge.config.presets import preset_model
 def rss(key):
     for l in open("/proc/self/status"):
         if l.startswith(key): return int(l.split()[1]) * 1024
 torch.set_num_threads(2)
 base = rss("VmRSS")
 b, T = 4, 256
-d = dict(MODEL_PRESETS["nano"], block_size=T)
-cfg = GPTConfig(**{k: v for k, v in d.items() if k in GPTConfig.__dataclass_fields__})
+cfg = preset_model("nano", nominal_vocab=True, block_size=T).complete()
 m = build_model(cfg); opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
 for _ in range(2):
     x = torch.randint(0, cfg.vocab_size, (b, T)); y = torch.randint(0, cfg.vocab_size, (b, T))
@@ -168,26 +166,26 @@ print(json.dumps({"peak": rss("VmHWM") - base}))
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
 def test_estimate_against_measured_cpu_peak():
     """A real training step of nano on CPU (peak RSS growth) is within the estimate's ballpark."""
-    pytest.importorskip("gptforge.model.gpt")
     r = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     peak = json.loads(r.stdout.strip().splitlines()[-1])["peak"]
-    est = hw.estimate_memory(MODEL_PRESETS["nano"] | {"block_size": 256}, 4, 256, "fp32", device="cpu")
+    est = cost.estimate_memory(P("nano", block_size=256), 4, 256, "fp32", device="cpu")
     assert 0.8 <= est / peak <= 1.8, (est, peak)
 
 
 def test_memory_breakdown_terms():
-    P = hw.count_params("small")
-    b = hw.memory_breakdown("small", 1, 1024, "fp32", world_size=1)
-    assert b["params"] == b["grads"] == 4 * P and b["optimizer"] == 8 * P and b["ddp_buckets"] == 0
+    small = P("small")
+    n = cost.count_params(small)
+    b = cost.memory_breakdown(small, 1, 1024, "fp32", world_size=1)
+    assert b["params"] == b["grads"] == 4 * n and b["optimizer"] == 8 * n and b["ddp_buckets"] == 0
     assert b["half_weights"] == 0
-    b2 = hw.memory_breakdown("small", 1, 1024, "bf16", world_size=2)
-    assert b2["ddp_buckets"] == 4 * P and b2["half_weights"] == 2 * P
-    b8 = hw.memory_breakdown("small", 1, 1024, "bf16", world_size=8, shard=8)
-    assert b8["params"] == 4 * P // 8 and b8["ddp_buckets"] == 0
+    b2 = cost.memory_breakdown(small, 1, 1024, "bf16", world_size=2)
+    assert b2["ddp_buckets"] == 4 * n and b2["half_weights"] == 2 * n
+    b8 = cost.memory_breakdown(small, 1, 1024, "bf16", world_size=8, shard=8)
+    assert b8["params"] == 4 * n // 8 and b8["ddp_buckets"] == 0
     # checkpointing saves memory; activations grow linearly with the micro-batch
-    assert hw.activation_bytes("small", 8, 1024, "bf16", True) < hw.activation_bytes("small", 8, 1024, "bf16")
-    a1, a2 = hw.activation_bytes("small", 1, 1024), hw.activation_bytes("small", 2, 1024)
+    assert cost.activation_bytes(small, 8, 1024, "bf16", True) < cost.activation_bytes(small, 8, 1024, "bf16")
+    a1, a2 = cost.activation_bytes(small, 1, 1024), cost.activation_bytes(small, 2, 1024)
     assert a2 == 2 * a1
 
 
@@ -197,25 +195,51 @@ def test_detect_on_this_machine():
     assert info.describe()
 
 
-def test_step_time_and_parse_size():
-    dev = DEVICES["H100 80GB"]
-    t = hw.step_compute_seconds("small", 8 * 1024, dev)
-    assert 1e-3 < t < 1.0
-    assert hw.parse_size("24GB") == 24 * GiB and hw.parse_size("512M") == 512 * 1024**2
+def test_peak_flops_table_and_cpu_model():
     assert hw.peak_tflops("NVIDIA H100 PCIe") == 756.0 and hw.peak_tflops("AMD Instinct MI300X") == 1307.0
+    assert hw.peak_tflops("Some Unknown GPU") is None
+    # the CPU peak: cores x 2.5 GHz x FLOP/cycle of the vector unit (one model for MFU and doctor)
+    assert hw.cpu_flops_per_cycle("fp32", {"avx512f"}) == 64 and hw.cpu_flops_per_cycle("fp32", {"avx2"}) == 32
+    assert hw.cpu_flops_per_cycle("bf16", {"avx512f", "avx512_bf16"}) == 128
+    assert hw.cpu_flops_per_cycle("bf16", {"amx_bf16"}) == 1024
+    assert hw.peak_tflops("", "cpu", 4, "fp32") == pytest.approx(4 * 2.5 * hw.cpu_flops_per_cycle("fp32") / 1e3)
+
+
+def test_flops_per_token_formula():
+    """6 x matmul parameters (LM head included, embeddings and norms not) + 12 L d T; one formula for MFU,
+    auto-config and doctor."""
+    c = P("small")
+    L, d, T, V = c.n_layer, c.d_model, c.block_size, c.vocab_size
+    matmul = L * (4 * d * d + 2 * d * c.d_ff) + V * d
+    biases_norms = L * (4 * d + c.d_ff + d + 4 * d)
+    assert cost.flops_per_token(c) == 6 * (matmul + biases_norms) + 12 * L * d * T
+    assert cost.flops_per_token(c, 256) < cost.flops_per_token(c)
+
+
+@pytest.mark.parametrize("requested,device,bf16,expected", [
+    ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp16"), ("auto", "cpu", True, "bf16"),
+    ("auto", "cpu", False, "fp32"), ("fp32", "cuda", True, "fp32"), ("fp16", "cuda", True, "fp16"),
+    ("bf16", "cpu", False, "bf16"),
+])
+def test_one_precision_policy(requested, device, bf16, expected):
+    assert hw.resolve_precision(requested, device, bf16) == expected
+
+
+def test_fp16_on_cpu_is_a_user_error():
+    with pytest.raises(UserError, match="fp16 is for GPUs"):
+        hw.resolve_precision("fp16", "cpu", True)
 
 
 def test_apply_auto_on_a_config(capsys):
-    schema = pytest.importorskip("gptforge.config.schema")
-    cfg = schema.Config()
-    cfg.model.preset, cfg.train.micro_batch, cfg.train.grad_accum = "small", 8, 16
-    ac = hw.apply_auto(cfg, DEVICES["RTX 4090 24GB"], world_size=2)
+    from gptforge.config.schema import Config
+
+    cfg = Config(model=preset_model("small"))
+    cfg.train.micro_batch, cfg.train.grad_accum = 8, 16
+    ac = auto.apply_auto(cfg, P("small"), DEVICES["RTX 4090 24GB"], world_size=2)
     assert (cfg.train.micro_batch, cfg.train.grad_accum) == (ac.micro_batch, ac.grad_accum)
     assert cfg.train.micro_batch * cfg.train.grad_accum * 2 == 8 * 16 * 2  # effective batch kept
     assert cfg.train.precision == "bf16" and "auto-config for" in capsys.readouterr().out
-    cfg = schema.Config()
-    cfg.model.preset, cfg.train.precision = "llama-1b", "fp32"
-    from gptforge.errors import UserError
-
+    cfg = Config(model=preset_model("llama-1b"))
+    cfg.train.precision = "fp32"
     with pytest.raises(UserError, match="does not fit"):
-        hw.apply_auto(cfg, DEVICES["V100 16GB"], world_size=1)
+        auto.apply_auto(cfg, P("llama-1b"), DEVICES["V100 16GB"], world_size=1)

@@ -1,16 +1,20 @@
 import pytest
 import torch
 
-from gptforge.config.presets import EXPECTED_PARAMS, MODEL_PRESETS
+from gptforge.config.presets import MODEL_PRESETS, preset_model
 from gptforge.serve.generate import generate_ids
 from gptforge.model.gpt import GPT, GPTConfig, build_model
 from gptforge.model.kv_cache import KVCache
 
 
+EXPECTED_PARAMS = {"micro": 3.2e6, "nano": 10.7e6, "minimind": 25.8e6, "tiny": 51e6, "small": 124e6, "medium": 354e6,
+                   "large": 773e6, "llama-1b": 1.1e9}
+
+
 @pytest.mark.parametrize("name", list(MODEL_PRESETS))
 def test_preset_parameter_counts_on_meta(name):
     with torch.device("meta"):
-        model = GPT(GPTConfig(**MODEL_PRESETS[name]))
+        model = GPT(preset_model(name, nominal_vocab=True))
     n = model.num_params()
     assert abs(n - EXPECTED_PARAMS[name]) / EXPECTED_PARAMS[name] < 0.02, (name, n)
     assert all(p.is_meta for p in model.parameters())  # nothing materialised

@@ -1,31 +1,20 @@
-"""Typed configuration. Every field is settable from a TOML/YAML/JSON file ([section] key = value)
-or the command line (--section.key=value). Model fields left at None come from model.preset."""
+"""The one training Config. Every field is settable from a TOML/YAML/JSON file ([section] key = value)
+or the command line (--section.key=value). Its model section is the model's own GPTConfig;
+--model.preset=NAME applies a named size before the other model keys (gptforge.config.presets)."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
+
+import tyro
+
+from gptforge.config.presets import preset_model
+from gptforge.model.gpt import GPTConfig
 
 
-@dataclass
-class ModelSection:
-    preset: str = "nano"
-    """named size: micro, nano, minimind, tiny, small, medium, large, llama-1b"""
-    arch: Optional[Literal["gpt2", "llama"]] = None
-    n_layer: Optional[int] = None
-    n_head: Optional[int] = None
-    n_kv_head: Optional[int] = None
-    d_model: Optional[int] = None
-    d_ff: Optional[int] = None
-    block_size: Optional[int] = None
-    """context length in tokens"""
-    vocab_size: Optional[int] = None
-    """default: the tokenizer's vocab rounded up to a multiple of 64"""
-    bias: Optional[bool] = None
-    tie_embeddings: Optional[bool] = None
-    dropout: float = 0.0
-    norm_eps: Optional[float] = None
-    rope_theta: Optional[float] = None
+def _alias(*names: str):
+    return tyro.conf.arg(aliases=names)
 
 
 @dataclass
@@ -41,7 +30,7 @@ class DataSection:
 
 @dataclass
 class TrainSection:
-    out_dir: str = "runs/default"
+    out_dir: Annotated[str, _alias("--out")] = "runs/default"
     max_steps: Optional[int] = None
     """training length in optimizer steps (or give max_tokens or epochs)"""
     max_tokens: Optional[int] = None
@@ -61,7 +50,7 @@ class TrainSection:
     beta2: float = 0.99
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: Annotated[bool, _alias("--compile")] = False
     activation_checkpointing: bool = False
     device: str = "auto"
     seed: int = 1337
@@ -71,16 +60,16 @@ class TrainSection:
     save_every: int = 0
     """0: only at the end"""
     keep_last: int = 2
-    resume: str = "none"
+    resume: Annotated[str, _alias("--resume")] = "none"
     """none | auto (latest checkpoint in out_dir) | a checkpoint dir"""
-    init_from: Optional[str] = None
+    init_from: Annotated[Optional[str], _alias("--init-from")] = None
     """weights to start from: a gptforge checkpoint or a Hugging Face model folder"""
     sample_tokens: int = 300
     sample_prompt: str = "\n"
     tensorboard: bool = True
     wandb: bool = False
     progress: bool = True
-    auto: bool = False
+    auto: Annotated[bool, _alias("--auto")] = False
     """pick micro_batch / grad_accum / precision / checkpointing for this hardware"""
 
 
@@ -121,7 +110,7 @@ class DPOSection:
 
 @dataclass
 class Config:
-    model: ModelSection = field(default_factory=ModelSection)
+    model: GPTConfig = field(default_factory=lambda: preset_model("nano"))
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     parallel: ParallelSection = field(default_factory=ParallelSection)

@@ -5,7 +5,8 @@ parallelism is applied from outside (gptforge.parallel). Build on the meta devic
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -14,14 +15,23 @@ import torch.nn.functional as F
 
 @dataclass
 class GPTConfig:
-    arch: str = "gpt2"  # "gpt2" | "llama"
-    vocab_size: int = 50304
-    block_size: int = 1024  # context length
+    """The model: GPT-2 style or Llama style, its shape and initialisation."""
+
+    preset: str = ""
+    """named size (micro, nano, minimind, tiny, small, medium, large, llama-1b): applied before the other keys"""
+    arch: Literal["gpt2", "llama"] = "gpt2"
+    """gpt2: learned positions, LayerNorm, GELU; llama: RoPE, RMSNorm, SwiGLU, grouped-query attention"""
+    vocab_size: Optional[int] = None
+    """None: the tokenizer's vocab rounded up to a multiple of 64"""
+    block_size: int = 1024
+    """context length in tokens"""
     n_layer: int = 12
     n_head: int = 12
-    n_kv_head: int | None = None  # < n_head: grouped-query attention (llama); None = n_head
+    n_kv_head: Optional[int] = None
+    """key/value heads, < n_head for grouped-query attention; None: n_head"""
     d_model: int = 768
-    d_ff: int = 3072  # hidden size of the MLP
+    d_ff: int = 3072
+    """hidden size of the MLP"""
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
@@ -29,19 +39,25 @@ class GPTConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
 
-    def __post_init__(self):
-        if self.n_kv_head is None:
-            self.n_kv_head = self.n_head
-        if self.arch not in ("gpt2", "llama"):
-            raise ValueError(f"model.arch must be 'gpt2' or 'llama', got {self.arch!r}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
-        if self.n_head % self.n_kv_head:
-            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    def complete(self) -> "GPTConfig":
+        """A checked copy with n_kv_head filled in; ValueError names the key to fix."""
+        if self.vocab_size is None or self.vocab_size < 1:
+            raise ValueError(f"model.vocab_size must be a positive number, got {self.vocab_size}")
+        if self.arch not in ("gpt2", "llama"):
+            raise ValueError(f"model.arch must be 'gpt2' or 'llama', got {self.arch!r}")
+        if self.n_head < 1 or self.d_model % self.n_head:
+            raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
+        if self.n_head % self.kv_heads:
+            raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.kv_heads}")
+        return replace(self, n_kv_head=self.kv_heads)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +154,7 @@ class Block(nn.Module):
 class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.cfg = cfg
+        self.cfg = cfg = cfg.complete()
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.block_size, cfg.d_model) if cfg.arch == "gpt2" else None
         self.drop = nn.Dropout(cfg.dropout)
@@ -212,12 +228,6 @@ class GPT(nn.Module):
             if self.pos_emb is not None:
                 n -= self.pos_emb.weight.numel()
         return n
-
-    def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12 L H Q T."""
-        T = seq_len or self.cfg.block_size
-        c = self.cfg
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
 
 
 def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:

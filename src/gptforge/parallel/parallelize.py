@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import UserError
+from gptforge.parallel.tp import apply_tp
 
 
 def resolve_strategy(env, parallel_cfg) -> str:
@@ -36,8 +37,6 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     """Returns the module to train (may be a DDP wrapper). cfg is the whole Config."""
     if env.tp_size > 1:
-        from gptforge.parallel.tp import apply_tp
-
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -55,7 +54,7 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
         rep = env.mesh["dp_replicate"].size()
         dp_mesh = env.mesh["dp_replicate", "dp_shard"] if rep > 1 else env.mesh["dp_shard"]
         mp = None
-        if cfg.parallel.mixed_precision and cfg.train.precision in ("bf16", "auto") and env.device.type == "cuda":
+        if cfg.parallel.mixed_precision and cfg.train.precision == "bf16" and env.device.type == "cuda":
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         kw = {"mesh": dp_mesh} | ({"mp_policy": mp} if mp else {})
         for block in model.layers.values():

@@ -32,8 +32,8 @@ def check_tp(cfg, tp: int, sequence_parallel: bool = False) -> None:
     problems = []
     if cfg.n_head % tp:
         problems.append(f"model.n_head={cfg.n_head}")
-    if cfg.n_kv_head % tp:
-        problems.append(f"model.n_kv_head={cfg.n_kv_head} (grouped-query attention: every rank needs whole kv heads)")
+    if cfg.kv_heads % tp:
+        problems.append(f"model.n_kv_head={cfg.kv_heads} (grouped-query attention: every rank needs whole kv heads)")
     if cfg.d_ff % tp:
         problems.append(f"model.d_ff={cfg.d_ff}")
     if sequence_parallel and cfg.block_size % tp:

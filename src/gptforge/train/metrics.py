@@ -1,4 +1,4 @@
-"""Per-step logging: an llm.c-style line, TensorBoard scalars, metrics.jsonl, MFU."""
+"""Per-step logging: TensorBoard scalars, metrics.jsonl, wandb; durations for the log line."""
 
 from __future__ import annotations
 
@@ -6,27 +6,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
-
-def _cpu_flops_per_cycle(precision: str) -> int:
-    """Per-core FLOP/cycle from the CPU's vector extensions (rough: for MFU only)."""
-    try:
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "").split()
-    except OSError:
-        flags = []
-    if precision == "bf16" and "amx_bf16" in flags:
-        return 1024
-    base = 64 if "avx512f" in flags else 32  # FMA: 2 x lanes x 2 ops
-    return base * 2 if precision == "bf16" and "avx512_bf16" in flags else base
-
-
-def peak_flops(device: torch.device, precision: str = "bf16") -> float:
-    """Peak FLOP/s of one device, for MFU. CPU: threads x 2.5 GHz x FLOP/cycle of its vector unit."""
-    if device.type == "cuda":
-        from gptforge.hardware import peak_tflops
-
-        return (peak_tflops(torch.cuda.get_device_name(device)) or 100.0) * 1e12
-    return torch.get_num_threads() * 2.5e9 * _cpu_flops_per_cycle(precision)
+from gptforge.errors import UserError
 
 
 def fmt_duration(s: float) -> str:
@@ -53,8 +33,6 @@ class MetricsLogger:
             try:
                 import wandb as wb
             except ImportError:
-                from gptforge.errors import UserError
-
                 raise UserError("train.wandb=true but wandb is not installed; pip install wandb") from None
             self.wb = wb.init(project="gptforge", config=config, dir=str(out_dir))
 

@@ -6,6 +6,7 @@ LR schedule, eval averaged over ranks, NaN/inf guard, exact-resume checkpoints, 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import sys
 import time
@@ -13,23 +14,15 @@ from pathlib import Path
 
 import torch
 
+from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
+from gptforge.hardware import device_precision, peak_flops
+from gptforge.model.cost import flops_per_token
 from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier
 from gptforge.parallel.parallelize import unwrap
-from gptforge import checkpoint as ckpt_mod
-from gptforge.train.metrics import MetricsLogger, fmt_duration, peak_flops
+from gptforge.train.metrics import MetricsLogger, fmt_duration
 from gptforge.train.optim import build_optimizer, lr_at
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    if name != "auto":
-        if name == "fp16" and device.type == "cpu":
-            raise UserError("train.precision=fp16 is for GPUs; use bf16 or fp32 on the CPU")
-        return name
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16"  # CPU autocast bf16 is about twice as fast as fp32 here (DESIGN.md)
 
 
 def autocast(device: torch.device, precision: str):
@@ -54,13 +47,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 class Trainer:
     def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
-                 model_cfg, sample_fn=None, extra_state_fn=None):
+                 model_cfg, sample_fn=None):
         self.cfg, self.env, self.tcfg = cfg, env, cfg.train
         self.model, self.objective = model, objective
         self.train_loader, self.val_loader = train_loader, val_loader
         self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
         self.device = env.device
-        self.precision = resolve_precision(self.tcfg.precision, self.device)
+        self.precision = device_precision(self.tcfg.precision, self.device)
         self.optimizer = build_optimizer(model, self.tcfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.out_dir = Path(self.tcfg.out_dir)
@@ -72,7 +65,7 @@ class Trainer:
         self.history: list[float] = []
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
-        self.flops_per_token = unwrap(model).flops_per_token() if hasattr(unwrap(model), "flops_per_token") else 0.0
+        self.flops_per_token = flops_per_token(model_cfg)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -267,6 +260,4 @@ class Trainer:
 
 
 def _json(d: dict) -> str:
-    import json
-
     return json.dumps(d, indent=2) + "\n"

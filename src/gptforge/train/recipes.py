@@ -1,0 +1,215 @@
+"""The three stages as recipes sharing one run(): pretrain (token shards, LM loss), SFT (chat data, LM
+loss on assistant tokens) and DPO (preference pairs against a frozen reference).
+
+    gptforge pretrain                               # the micro GPT on Shakespeare, characters, minutes on a CPU
+    gptforge sft --init-from runs/pretrain --data.path chats.jsonl --train.epochs=2
+    gptforge dpo --init-from runs/sft --data.path pairs.jsonl --dpo.beta=0.1 --train.epochs=1
+"""
+
+from __future__ import annotations
+
+import time
+
+from gptforge.config.schema import Config
+from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA, encode_chat, stop_ids
+from gptforge.data.loader import TokenLoader
+from gptforge.data.preference import PairLoader, read_pairs
+from gptforge.data.prepare import ensure_prepared
+from gptforge.data.sft import SFTLoader, read_conversations, split_val, tokenize_conversations
+from gptforge.data.tokenizer import build_tokenizer, load_tokenizer
+from gptforge.errors import UserError
+from gptforge.hf.init_from import init_tokenizer
+from gptforge.objectives.dpo import DPOObjective, precompute_reference
+from gptforge.objectives.lm import LMObjective
+from gptforge.parallel.mesh import barrier
+from gptforge.parallel.parallelize import parallelize, resolve_strategy
+from gptforge.parallel.tp import apply_tp
+from gptforge.serve.generate import generate_ids, generate_text
+from gptforge.train.run import Recipe, default_length, init_model, report, run
+from gptforge.train.trainer import autocast
+
+
+# ---- pretrain -----------------------------------------------------------------------------------------
+class Pretrain(Recipe):
+    name = "pretrain"
+    defaults = {"train": {"out_dir": "runs/shakespeare", "micro_batch": 32, "lr": 2e-3, "warmup_steps": 30,
+                          "eval_every": 200, "log_every": 20},
+                "model": {"preset": "micro"}}
+    length = {"max_steps": 600}  # the zero-argument run: minutes on a laptop CPU
+
+    def tokenizer(self):
+        cfg, env = self.cfg, self.env
+        parts = [s for s in (cfg.data.path or "").split(",") if s]
+        path = None if not parts else parts if len(parts) > 1 else parts[0]
+        kw = dict(val_fraction=cfg.data.val_fraction, field=cfg.data.field)
+        if env.is_main:  # prepare once; the others wait and then find it in the cache
+            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, **kw)
+        barrier(env)
+        if not env.is_main:
+            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=False, **kw)
+        return load_tokenizer(self.data_dir)
+
+    def data_label(self) -> str:
+        return str(self.data_dir)
+
+    def loaders(self, tok, mcfg):
+        t, env = self.cfg.train, self.env
+        common = dict(micro_batch=t.micro_batch, block_size=mcfg.block_size, dp_rank=env.dp_rank,
+                      dp_size=env.dp_size, seed=t.seed)
+        return (TokenLoader(self.data_dir, "train", accum_steps=t.grad_accum, **common),
+                TokenLoader(self.data_dir, "val", shuffle=False, **common))
+
+    def objective(self, model, tok, train_loader, val_loader):
+        return LMObjective()
+
+    def sampler(self, tok):
+        t = self.cfg.train
+
+        def sample(model) -> str:
+            prompt = t.sample_prompt or "\n"
+            return prompt + generate_text(model, tok, prompt, t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed)
+
+        return sample
+
+
+# ---- chat stages ----------------------------------------------------------------------------------------
+class ChatRecipe(Recipe):
+    """SFT and DPO: chat-formatted data, the chat template saved with each checkpoint."""
+
+    sample_prompt: str | None = None
+
+    def chat_tokenizer(self, texts=None):
+        """The tokenizer of --init-from, else data.tokenizer (char / bpe:N are built from the chat text)."""
+        if self.cfg.train.init_from:
+            return init_tokenizer(self.cfg.train.init_from)
+        return build_tokenizer(self.cfg.data.tokenizer, texts)
+
+    def files(self, tok) -> dict:
+        return {CHAT_TEMPLATE_FILE: CHATML_JINJA}
+
+    def sampler(self, tok):
+        """At the end of a run: the model's reply to one user message (train.sample_prompt or one from the data)."""
+        t = self.cfg.train
+        text = t.sample_prompt if t.sample_prompt.strip() else self.sample_prompt
+        if not text:
+            return None
+
+        def sample(model) -> str:
+            ids, _ = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
+            if len(ids) >= model.cfg.block_size - 1:
+                return f"user: {text[:200]}\n(the prompt does not fit the context; no sample)"
+            stops = stop_ids(tok)
+            out = [i for i in generate_ids(model, ids, t.sample_tokens, temperature=0.7, top_k=50, seed=t.seed,
+                                           stop_ids=stops) if i not in stops]
+            return f"user: {text[:200]}\nassistant: {tok.decode(out)}"
+
+        return sample
+
+
+def _conversation_texts(convs):
+    yield "system\nuser\nassistant\n"
+    for msgs in convs:
+        for m in msgs:
+            yield m["content"]
+
+
+class SFT(ChatRecipe):
+    name = "sft"
+    defaults = {"train": {"out_dir": "runs/sft", "micro_batch": 16, "lr": 3e-4, "warmup_steps": 20,
+                          "eval_every": 200, "log_every": 10, "sample_tokens": 120}}
+    length = {"epochs": 1.0}
+
+    def tokenizer(self):
+        self.convs, self.stats = read_conversations(self.cfg.data.path, self.cfg.sft.skip_bad_lines)
+        return self.chat_tokenizer(_conversation_texts(self.convs))
+
+    def loaders(self, tok, mcfg):
+        cfg, env, t = self.cfg, self.env, self.cfg.train
+        train_convs, val_convs = split_val(self.convs, cfg.data.val_fraction, seed=0)
+        train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.sft.overflow, self.stats)
+        val_ex, _ = tokenize_conversations(val_convs, tok, mcfg.block_size, cfg.sft.overflow)
+        common = dict(block_size=mcfg.block_size, micro_batch=t.micro_batch, pad_id=tok.pad_id,
+                      packing=cfg.sft.packing, dp_rank=env.dp_rank, dp_size=env.dp_size, seed=t.seed)
+        train_loader = SFTLoader(train_ex, accum_steps=t.grad_accum, **common)
+        val_loader = SFTLoader(val_ex, shuffle=False, **common) if len(val_ex) >= env.dp_size else None
+        layout = (f"packed into {train_loader.n} rows of {mcfg.block_size} tokens ({train_loader.fill:.0%} filled)"
+                  if cfg.sft.packing else f"{train_loader.n} padded sequences (length-bucketed)")
+        self.say(f"sft data: {stats.summary()} | {layout} | "
+                 f"{int(train_loader.unit_labels.sum()):,} label tokens | {len(val_ex)} validation examples")
+        self.sample_prompt = next((m["content"] for m in (val_convs or train_convs)[0] if m["role"] == "user"), None)
+        return train_loader, val_loader
+
+    def objective(self, model, tok, train_loader, val_loader):
+        return LMObjective()
+
+
+class DPO(ChatRecipe):
+    name = "dpo"
+    defaults = {"train": {"out_dir": "runs/dpo", "micro_batch": 8, "lr": 2e-5, "warmup_steps": 10,
+                          "eval_every": 200, "log_every": 10, "sample_tokens": 120, "weight_decay": 0.0}}
+    length = {"epochs": 1.0}
+
+    def tokenizer(self):
+        return self.chat_tokenizer()
+
+    def loaders(self, tok, mcfg):
+        cfg, env, t = self.cfg, self.env, self.cfg.train
+        pairs, stats = read_pairs(cfg.data.path, tok, mcfg.block_size, cfg.sft.overflow, cfg.sft.skip_bad_lines)
+        train_pairs, val_pairs = split_val(pairs, cfg.data.val_fraction, seed=0)
+        common = dict(micro_batch=t.micro_batch, pad_id=tok.pad_id, dp_rank=env.dp_rank, dp_size=env.dp_size,
+                      seed=t.seed)
+        train_loader = PairLoader(train_pairs, accum_steps=t.grad_accum, **common)
+        val_loader = PairLoader(val_pairs, shuffle=False, **common) if len(val_pairs) >= env.dp_size else None
+        self.say(f"dpo data: {stats.summary('pairs')} | {len(train_pairs)} training, {len(val_pairs)} validation "
+                 f"pairs | beta {cfg.dpo.beta}, label smoothing {cfg.dpo.label_smoothing}, reference "
+                 + ("precomputed" if cfg.dpo.precompute_ref else "live (a second model in memory)"))
+        self.n_pairs = len(pairs)
+        return train_loader, val_loader
+
+    def objective(self, model, tok, train_loader, val_loader):
+        cfg, env = self.cfg, self.env
+        ref = None
+        if cfg.dpo.precompute_ref:
+            t0 = time.perf_counter()
+            ac = lambda: autocast(env.device, cfg.train.precision)  # noqa: E731
+            for loader in (train_loader, val_loader):
+                if loader is not None:
+                    loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac))
+            self.say(f"reference log-probs of {self.n_pairs} pairs precomputed in {time.perf_counter() - t0:.1f} s")
+        else:
+            ref = self.frozen_reference(tok.vocab_size)
+        return DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref)
+
+    def frozen_reference(self, vocab_size: int):
+        """A second, frozen copy of the starting model, sharded like the policy (FSDP2 / TP), never DDP-wrapped."""
+        cfg, env = self.cfg, self.env
+        ref, _ = init_model(cfg, env, vocab_size)
+        ref.requires_grad_(False)
+        if resolve_strategy(env, cfg.parallel) == "fsdp":
+            ref = parallelize(ref, env, cfg)
+        elif env.tp_size > 1:
+            apply_tp(ref, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
+        return ref.eval()
+
+
+# ---- commands -------------------------------------------------------------------------------------------
+def _stage(recipe: type[Recipe]):
+    def command(cfg: Config) -> int:
+        default_length(cfg, **recipe.length)
+        if recipe is not Pretrain and cfg.data.path is None:
+            raise UserError("give the data: --data.path=FILE_OR_DIR (JSONL; see gptforge.data.sft for the formats)")
+        if recipe is DPO and not cfg.train.init_from:
+            raise UserError("dpo starts from the SFT model, which is also the frozen reference: "
+                            "pass --init-from=RUN_OR_CHECKPOINT_DIR")
+        report(run(cfg, recipe), cfg, recipe.name)
+        return 0
+
+    command.defaults = recipe.defaults
+    command.__name__ = command.__qualname__ = recipe.name
+    command.__doc__ = f"gptforge {recipe.name}: train with the {recipe.name} recipe."
+    return command
+
+
+pretrain = _stage(Pretrain)
+sft = _stage(SFT)
+dpo = _stage(DPO)

@@ -1,0 +1,133 @@
+"""The one run of every stage: config -> distributed env -> tokenizer -> model -> data -> objective ->
+parallelize -> Trainer. A stage (gptforge.train.recipes) supplies only its data, objective and files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from gptforge.config.loader import config_json, resolve_model, save_config
+from gptforge.config.schema import Config
+from gptforge.errors import UserError
+from gptforge.hardware import device_precision
+from gptforge.hf.init_from import init_model_config, load_init_weights
+from gptforge.model.gpt import GPT
+from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
+from gptforge.parallel.parallelize import parallelize
+from gptforge.train.auto import apply_auto
+from gptforge.train.trainer import Trainer
+
+
+class Recipe:
+    """One training stage. Subclasses fill in the data and the objective; run() does the rest."""
+
+    name = "train"
+    defaults: dict = {}  # stage defaults, below the config file and the command line
+    length: dict = {}  # training length when none of max_steps / max_tokens / epochs is given
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg, self.env = cfg, env
+
+    def say(self, msg: str) -> None:
+        if self.env.is_main:
+            print(msg, flush=True)
+
+    def tokenizer(self):
+        raise NotImplementedError
+
+    def loaders(self, tok, mcfg):
+        """-> (train_loader, val_loader or None)"""
+        raise NotImplementedError
+
+    def objective(self, model, tok, train_loader, val_loader):
+        """Built before the model is parallelized (DPO scores its reference with the plain model)."""
+        raise NotImplementedError
+
+    def files(self, tok) -> dict:
+        """Small files saved in every checkpoint beside the config and the tokenizer."""
+        return {}
+
+    def sampler(self, tok):
+        return None
+
+    def data_label(self) -> str:
+        return str(self.cfg.data.path)
+
+
+def default_length(cfg: Config, **length) -> Config:
+    """Apply a stage's default training length when none of max_steps / max_tokens / epochs was given."""
+    t = cfg.train
+    if t.max_steps is None and t.max_tokens is None and t.epochs is None:
+        for k, v in length.items():
+            setattr(t, k, v)
+    return cfg
+
+
+def tokenizer_files(tok) -> dict[str, bytes]:
+    """The tokenizer's files, to be copied beside each checkpoint."""
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        return {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
+
+
+def init_model(cfg: Config, env: DistEnv, vocab_size: int):
+    """Build on meta and materialise on the device, from the config or from --init-from's config and weights.
+    -> (model, complete GPTConfig)."""
+    init_from = cfg.train.init_from
+    mcfg = init_model_config(init_from) if init_from else resolve_model(cfg.model, vocab_size)
+    if mcfg.vocab_size < vocab_size:
+        raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {mcfg.vocab_size}; "
+                        "use the tokenizer the model was trained with or raise model.vocab_size")
+    torch.manual_seed(cfg.train.seed)
+    with torch.device("meta"):
+        model = GPT(mcfg)
+    model.init_weights(seed=cfg.train.seed, device=env.device)
+    if init_from:
+        load_init_weights(init_from, model)
+    return model, model.cfg
+
+
+def describe_model(cfg: Config, model, mcfg) -> str:
+    src = f"init from {cfg.train.init_from}" if cfg.train.init_from else mcfg.preset or "custom"
+    return (f"model: {src} ({mcfg.arch}) {model.num_params() / 1e6:.2f}M parameters, {mcfg.n_layer} layers, "
+            f"d_model {mcfg.d_model}, context {mcfg.block_size}, vocab {mcfg.vocab_size}")
+
+
+def report(result: dict, cfg: Config, stage: str) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        v = result["val_loss"]
+        print(f"{stage} done: {result['steps']} steps in {result['wall_s']:.0f} s, {result['tok_s']:,.0f} tok/s, "
+              f"train loss {result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")
+              + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
+
+
+def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
+    """Train one stage on this process (torchrun starts one per rank); returns the Trainer's result."""
+    env = init_distributed(cfg.parallel, cfg.train.device)
+    try:
+        recipe = recipe_cls(cfg, env)
+        tok = recipe.tokenizer()
+        model, mcfg = init_model(cfg, env, tok.vocab_size)
+        recipe.say(describe_model(cfg, model, mcfg) + f" | data: {recipe.data_label()}")
+        if cfg.train.auto:
+            apply_auto(cfg, mcfg, world_size=env.world_size)
+        cfg.train.precision = device_precision(cfg.train.precision, env.device)
+        train_loader, val_loader = recipe.loaders(tok, mcfg)
+        objective = recipe.objective(model, tok, train_loader, val_loader)
+        model = parallelize(model, env, cfg)
+        files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok)
+        trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, files, mcfg,
+                          sample_fn=recipe.sampler(tok))
+        if env.is_main:
+            Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
+            save_config(cfg, Path(cfg.train.out_dir) / "config.json")
+        result = trainer.fit()
+        del trainer, model, objective
+        return result
+    finally:
+        shutdown(env)
+
