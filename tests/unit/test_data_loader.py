@@ -31,7 +31,7 @@ def windows(batch, offset=0):
 def test_windows_and_labels(tmp_path):
     d = make_dir(tmp_path)
     ld = TokenLoader(d, "train", micro_batch=4, block_size=T, seed=3)
-    assert ld.windows_per_epoch == 100 and ld.tokens_per_epoch == 100 * T  # 100 windows, 4 | 100
+    assert ld.windows_per_epoch == 100  # 100 windows, 4 | 100
     b = ld.next_batch()
     assert b["input_ids"].dtype == torch.long and b["input_ids"].shape == (4, T) == b["labels"].shape
     for x, y, w in zip(b["input_ids"], b["labels"], windows(b)):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from gptforge.cli import main as cli
-from gptforge.data import corpus
+from gptforge.data import corpus, sources
 from gptforge.data.prepare import _Splitter, ensure_prepared, prepare
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.errors import UserError
@@ -58,11 +58,11 @@ def test_val_blocks_are_deterministic_and_spread():
 
 
 def test_streams_big_file_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(corpus, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 16)
     text = "".join(f"line {i} 中文🎉\n" for i in range(200)) + "x" * 100 + "é" * 50  # a long last line
     f = tmp_path / "big.txt"
     f.write_text(text)
-    pieces = list(corpus.iter_texts(corpus.resolve_inputs(str(f))))
+    pieces = list(sources.iter_texts(sources.resolve_inputs(str(f))))
     assert len(pieces) > 100 and "".join(t for t, _ in pieces) == text
     assert [end for _, end in pieces].count(True) == 1 and pieces[-1][1]
     assert all(t.endswith("\n") for t, _ in pieces[:-2])

@@ -12,10 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.data.chat_template import CHATML_JINJA, IM_END, IM_START, encode_chat, render
-from gptforge.data.sft import (DataStats, SFTLoader, collate_packed, collate_padded, make_example, pack,
-                               read_conversations, to_messages, tokenize_conversations)
-from gptforge.data.tokenizer import char_tokenizer, gpt2_tokenizer
+from gptforge.data.chat_template import CHATML_JINJA, encode_chat
+from gptforge.data.records import DataStats
+from gptforge.data.sft import (SFTLoader, collate_packed, collate_padded, make_example, pack, read_conversations,
+                               to_messages, tokenize_conversations)
+from gptforge.data.tokenizer import IM_END, IM_START, char_tokenizer, gpt2_tokenizer
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.objectives.lm import LMObjective
@@ -24,6 +25,14 @@ from stage_fixtures import HELD_OUT, reverse_conversations, sft_reverse_run, wri
 TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},
              {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "See you."}]
+
+
+def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as ChatML text, written out by hand (what CHATML_JINJA and encode_chat must match)."""
+    out = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
+    if add_generation_prompt:
+        out.append(f"{IM_START}assistant\n")
+    return "".join(out)
 
 
 @pytest.fixture(scope="module")

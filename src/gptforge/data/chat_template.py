@@ -14,26 +14,18 @@ token for token. CHATML_JINJA is the same template for Hugging Face (`tokenizer_
 
 from __future__ import annotations
 
+from gptforge.data.tokenizer import IM_END, IM_START
 from gptforge.errors import UserError
 
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 ROLES = ("system", "user", "assistant")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 CHATML_JINJA = (
     "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{{- '" + IM_START + "' + message['role'] + '\\n' + message['content'] + '" + IM_END + "' + '\\n' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    "{%- if add_generation_prompt %}{{- '" + IM_START + "assistant\\n' }}{%- endif %}"
 )
-
-
-def render(messages: list[dict], add_generation_prompt: bool = False) -> str:
-    """The conversation as text (what CHATML_JINJA renders)."""
-    out = [f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages]
-    if add_generation_prompt:
-        out.append(f"{IM_START}assistant\n")
-    return "".join(out)
 
 
 def check_messages(messages, where: str = "") -> list[dict]:
@@ -57,7 +49,7 @@ def _special_ids(tok) -> tuple[int, int]:
     except (AttributeError, KeyError):
         s = e = None
     if s is None or e is None:
-        raise UserError("the tokenizer lacks the chat tokens <|im_start|> / <|im_end|>; "
+        raise UserError(f"the tokenizer lacks the chat tokens {IM_START} / {IM_END}; "
                         "use a gptforge tokenizer (they reserve them)")
     return s, e
 

@@ -65,16 +65,12 @@ class UnitLoader:
         self.global_batch = micro_batch * dp_size
         self.per_step = self.global_batch * accum_steps
         self._usable = self.n // self.per_step * self.per_step
-        self._epoch, self.pos = 0, 0
+        self.epoch, self.pos = 0, 0
         self._order_epoch, self._order = -1, np.empty(0, np.int64)
 
     @property
     def windows_per_epoch(self) -> int:
         return self.n
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         if not self.shuffle:
@@ -95,8 +91,8 @@ class UnitLoader:
                             f"({self.per_step} = micro_batch x grad_accum x dp ranks); "
                             "add data or lower train.micro_batch")
         if self.pos + self.global_batch > self._usable:
-            self._epoch, self.pos = self._epoch + 1, 0
-        order = self._order_for(self._epoch)
+            self.epoch, self.pos = self.epoch + 1, 0
+        order = self._order_for(self.epoch)
         step_start = self.pos - self.pos % self.per_step
         start = self.pos + self.dp_rank * self.B
         units = order[start:start + self.B]
@@ -123,14 +119,14 @@ class UnitLoader:
             yield self.collate(np.arange(start, start + B), None)
 
     def state_dict(self) -> dict:
-        return {"epoch": int(self._epoch), "pos": int(self.pos), "seed": int(self.seed)}
+        return {"epoch": int(self.epoch), "pos": int(self.pos), "seed": int(self.seed)}
 
     def load_state_dict(self, state: dict) -> None:
         pos = int(state["pos"])
         if pos % self.global_batch:
             raise UserError(f"data-loader position {pos} is not a multiple of the global batch "
                             f"{self.global_batch}; resume with the same global batch size")
-        self._epoch, self.pos, self.seed = int(state["epoch"]), pos, int(state["seed"])
+        self.epoch, self.pos, self.seed = int(state["epoch"]), pos, int(state["seed"])
         self._order_epoch = -1
 
 
@@ -150,11 +146,6 @@ class TokenLoader(UnitLoader):
                             f"{block_size + 1}; use a smaller block_size or more data")
         super().__init__((n - 1) // block_size, micro_batch, dp_rank, dp_size, seed, shuffle, accum_steps,
                          name=str(self.data_dir / (split + ".bin")), unit_name=f"windows of {block_size + 1} tokens")
-
-    @property
-    def tokens_per_epoch(self) -> int:
-        """Label tokens one epoch trains on (after dropping the tail that does not fill a global step)."""
-        return self._usable * self.T
 
     def collate(self, units: np.ndarray, step_units: np.ndarray | None) -> dict[str, torch.Tensor]:
         rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in units]).astype(np.int64)

@@ -1,6 +1,6 @@
 """Preference pairs for DPO.
 
-One JSON object per line (.jsonl; or a list in .json):
+One JSON object per line, or a JSON array of them (any source of data/sources.py):
     {"prompt": "...", "chosen": "...", "rejected": "..."}                 strings: one user turn, one reply
     {"prompt": [messages...], "chosen": [messages...], "rejected": ...}   message lists (prompt may hold a system
                                                                            turn and earlier turns)
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from gptforge.data.chat_template import check_messages, encode_chat
-from gptforge.data.sft import (DataStats, Example, UnitLoader, collate_padded, iter_records, make_example,
-                               resolve_files)
+from gptforge.data.loader import UnitLoader
+from gptforge.data.records import DataStats, read_records
+from gptforge.data.sft import Example, collate_padded, make_example
 from gptforge.errors import UserError
 
 
@@ -78,14 +79,7 @@ class Pair:
 def read_pairs(spec, tok, block_size: int, overflow: str = "truncate", skip_bad: bool = False) -> tuple[list[Pair], DataStats]:
     stats = DataStats()
     pairs: list[Pair] = []
-    for where, obj in iter_records(resolve_files(spec), skip_bad, stats):
-        try:
-            prompt, chosen, rejected = to_pair(obj, where)
-        except UserError as e:
-            if not skip_bad:
-                raise UserError(f"{e}; fix it or pass --sft.skip_bad_lines=true") from None
-            stats.bad(where, str(e).split(": ", 1)[-1])
-            continue
+    for prompt, chosen, rejected in read_records(spec, to_pair, skip_bad, stats):
         stats.records += 1
         sides = []
         for cont in (chosen, rejected):

@@ -18,7 +18,6 @@ the whole corpus); a corpus too small for one such block gives val its last toke
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -27,12 +26,14 @@ import shutil
 import sys
 import tempfile
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from gptforge.data.corpus import Source, cache_dir, iter_texts, resolve_inputs, shakespeare_path
+from gptforge.data.corpus import cache_dir, shakespeare_path
+from gptforge.data.sources import Source, iter_texts, resolve_inputs
 from gptforge.data.tokenizer import Tokenizer, build_tokenizer
 from gptforge.errors import UserError
 
@@ -129,7 +130,7 @@ def _encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]]) -> Iterab
 
 def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fraction: float = 0.01,
             field: str = "text", hf_split: str = "train", progress: bool = True) -> dict:
-    """Tokenize `inputs` (files, folders, globs, HF datasets; see corpus.resolve_inputs) into `out_dir`.
+    """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
     tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict."""
     if not 0 < val_fraction < 0.5:
@@ -184,7 +185,7 @@ def _cache_key(sources: list[Source], tokenizer: str, val_fraction: float) -> st
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
         stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
         parts.append([s.kind, s.path if s.kind == "hf_hub" else str(p.resolve()), s.field, s.split, stats])
-    tok_path = Path(tokenizer)
+    tok_path = Path(tokenizer).expanduser()
     tok_file = tok_path / "tokenizer.json" if tok_path.is_dir() else tok_path
     parts.append(hashlib.sha256(tok_file.read_bytes()).hexdigest() if tok_file.is_file() else tokenizer)
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
@@ -198,8 +199,8 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     into <cache>/datasets/<hash>); or None (the built-in Shakespeare corpus). tokenizer defaults to char."""
     if isinstance(path, (list, tuple)) and len(path) == 1:
         path = path[0]
-    if path is not None and not isinstance(path, (list, tuple)) and (Path(path) / "meta.json").is_file():
-        return Path(path)
+    if path is not None and not isinstance(path, (list, tuple)) and (Path(path).expanduser() / "meta.json").is_file():
+        return Path(path).expanduser()
     root = Path(cache or cache_dir())
     inputs = [shakespeare_path(root)] if path is None else path
     spec = str(tokenizer or "char")
@@ -222,18 +223,29 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     return final
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="gptforge prepare", description="Tokenize text into train/val token files.")
-    ap.add_argument("--input", nargs="+", required=True,
-                    help="text/JSONL/JSON/parquet files, folders, globs, a save_to_disk dataset, or hf:NAME[:CONFIG]")
-    ap.add_argument("--out", required=True, help="output directory")
-    ap.add_argument("--tokenizer", default="char", help="char | gpt2 | bpe:VOCAB | path to tokenizer.json (default: char)")
-    ap.add_argument("--field", default="text", help="JSONL / dataset field holding the text (default: text)")
-    ap.add_argument("--val-fraction", type=float, default=0.01, help="share of tokens held out for validation")
-    ap.add_argument("--hf-split", default="train", help="split of a Hugging Face dataset (default: train)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    a = ap.parse_args(argv)
-    meta = prepare(a.input, a.out, a.tokenizer, a.val_fraction, a.field, a.hf_split, progress=not a.no_progress)
-    print(f"wrote {a.out}: {meta['splits']['train']:,} train + {meta['splits']['val']:,} val tokens "
+@dataclass
+class PrepareOptions:
+    """Tokenize text into train/val token files."""
+
+    input: list[str]
+    """text/JSONL/JSON/parquet files, folders, globs, comma lists, a save_to_disk dataset, or hf:NAME[:CONFIG]"""
+    out: str
+    """output directory"""
+    tokenizer: str = "char"
+    """char | gpt2 | bpe:VOCAB | path to tokenizer.json"""
+    field: str = "text"
+    """JSONL / dataset field holding the text"""
+    val_fraction: float = 0.01
+    """share of tokens held out for validation"""
+    hf_split: str = "train"
+    """split of a Hugging Face dataset"""
+    no_progress: bool = False
+    """no progress bar"""
+
+
+def main(opts: PrepareOptions) -> int:
+    meta = prepare(opts.input, opts.out, opts.tokenizer, opts.val_fraction, opts.field, opts.hf_split,
+                   progress=not opts.no_progress)
+    print(f"wrote {opts.out}: {meta['splits']['train']:,} train + {meta['splits']['val']:,} val tokens "
           f"({meta['kind']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']}, {meta['documents']:,} documents)")
     return 0

@@ -1,6 +1,6 @@
 """SFT data: chat JSONL -> token examples -> packed or length-bucketed batches.
 
-Formats (one JSON object per line in .jsonl; a .json file may hold a list of them):
+Formats (one JSON object per line, or a JSON array of them; any source of data/sources.py):
     {"messages": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}   (+ optional "system")
     {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}, ...]}      (ShareGPT)
     {"instruction": ..., "input": ..., "output": ...}                              (Alpaca, + optional "system")
@@ -21,113 +21,22 @@ equals a 1-rank run with twice the micro-batch)."""
 from __future__ import annotations
 
 import bisect
-import glob
-import json
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from gptforge.data.chat_template import check_messages, encode_chat
 from gptforge.data.loader import UnitLoader
+from gptforge.data.records import DataStats, read_records
+from gptforge.data.records import split_val  # noqa: F401  TRANSITIONAL: train/stages imports it from here
 from gptforge.errors import UserError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bing": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "model": "assistant", "system": "system"}
-DATA_SUFFIXES = (".jsonl", ".json")
 
 
-# ---- files and records ------------------------------------------------------------------------------
-def resolve_files(spec: str | list[str]) -> list[Path]:
-    """Comma-separated files, folders (their *.jsonl / *.json) and globs -> existing files."""
-    parts = [s for s in (spec.split(",") if isinstance(spec, str) else spec) if s]
-    if not parts:
-        raise UserError("no data given; pass --data.path=FILE_OR_DIR (JSONL)")
-    files: list[Path] = []
-    for s in parts:
-        p = Path(s)
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in DATA_SUFFIXES)
-            if not found:
-                raise UserError(f"folder '{p}' holds no .jsonl or .json files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        elif any(c in s for c in "*?["):
-            found = sorted(Path(f) for f in glob.glob(s, recursive=True) if Path(f).is_file())
-            if not found:
-                raise UserError(f"'{s}' matches no files")
-            files += found
-        else:
-            raise UserError(f"data file '{s}' does not exist")
-    return files
-
-
-@dataclass
-class DataStats:
-    records: int = 0
-    bad_lines: int = 0
-    examples: int = 0
-    truncated: int = 0
-    dropped_long: int = 0
-    dropped_empty: int = 0
-    first_bad: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def bad(self, where: str, why: str) -> None:
-        self.bad_lines += 1
-        if not self.first_bad:
-            self.first_bad = f"{where}: {why}"
-
-    def summary(self, what: str = "conversations") -> str:
-        s = (f"{self.records} {what} -> {self.examples} examples; {self.truncated} truncated, "
-             f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped with nothing to learn")
-        if self.bad_lines:
-            s += f", {self.bad_lines} malformed lines skipped (first: {self.first_bad})"
-        return s
-
-
-def iter_records(files: list[Path], skip_bad: bool, stats: DataStats) -> Iterator[tuple[str, object]]:
-    """(where, parsed JSON) for every record; where = 'file:line' (or 'file[item]' in a .json list)."""
-    for f in files:
-        if f.suffix == ".json":
-            try:
-                data = json.loads(f.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as e:
-                msg = f"{f}:{e.lineno}: invalid JSON ({e.msg})"
-                if skip_bad:
-                    stats.bad(f"{f}:{e.lineno}", f"invalid JSON ({e.msg}); the whole file is skipped")
-                    continue
-                raise UserError(msg + "; fix it or pass --sft.skip_bad_lines=true") from None
-            items = data if isinstance(data, list) else [data]
-            for i, obj in enumerate(items):
-                yield f"{f}[{i}]", obj
-            continue
-        with open(f, encoding="utf-8", errors="strict") as fh:
-            lineno = 0
-            while True:
-                try:
-                    line = fh.readline()
-                except UnicodeDecodeError:
-                    raise UserError(f"{f}:{lineno + 1}: not valid UTF-8") from None
-                if not line:
-                    break
-                lineno += 1
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    if skip_bad:
-                        stats.bad(f"{f}:{lineno}", f"invalid JSON ({e.msg})")
-                        continue
-                    raise UserError(f"{f}:{lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                                    "fix the line or pass --sft.skip_bad_lines=true") from None
-                yield f"{f}:{lineno}", obj
-
-
+# ---- conversations ----------------------------------------------------------------------------------
 def to_messages(obj, where: str) -> list[dict]:
     """One record in any supported format -> [{"role", "content"}]. Raises UserError naming `where`."""
     if not isinstance(obj, dict):
@@ -177,16 +86,9 @@ def to_messages(obj, where: str) -> list[dict]:
 
 
 def read_conversations(spec, skip_bad: bool = False, stats: DataStats | None = None) -> tuple[list, DataStats]:
-    """All conversations in the files -> ([messages], stats)."""
+    """All conversations of --data.path (files, folders, globs, datasets: see data/sources.py) -> ([messages], stats)."""
     stats = stats or DataStats()
-    convs = []
-    for where, obj in iter_records(resolve_files(spec), skip_bad, stats):
-        try:
-            convs.append(to_messages(obj, where))
-        except UserError as e:
-            if not skip_bad:
-                raise UserError(f"{e}; fix it or pass --sft.skip_bad_lines=true") from None
-            stats.bad(where, str(e).split(": ", 1)[-1])
+    convs = list(read_records(spec, to_messages, skip_bad, stats))
     stats.records = len(convs)
     if not convs:
         raise UserError(f"no usable conversations in {spec}"
@@ -232,17 +134,6 @@ def tokenize_conversations(convs: list[list[dict]], tok, block_size: int, overfl
         if ex is not None:
             out.append(ex)
     return out, stats
-
-
-def split_val(items: list, val_fraction: float, seed: int = 0) -> tuple[list, list]:
-    """A seeded held-out split (none when the data is too small for even one validation item)."""
-    n = len(items)
-    n_val = int(round(n * val_fraction)) if n >= 20 else 0
-    if n_val == 0:
-        return items, []
-    perm = np.random.default_rng(seed).permutation(n)
-    val_idx = set(perm[:n_val].tolist())
-    return [x for i, x in enumerate(items) if i not in val_idx], [x for i, x in enumerate(items) if i in val_idx]
 
 
 # ---- packing ----------------------------------------------------------------------------------------

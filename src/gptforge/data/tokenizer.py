@@ -9,16 +9,17 @@ special tokens chat needs (SPECIAL_TOKENS); their literal strings in text encode
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from gptforge.data.sources import iter_texts, resolve_inputs
 from gptforge.errors import UserError
 
 EOS, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
@@ -155,7 +156,7 @@ def train_bpe(files_or_texts: Iterable[str | Path] | Iterable[str], vocab_size: 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a tokenizer.json (or a directory holding one, e.g. a prepared dataset or a checkpoint)."""
-    p = Path(path)
+    p = Path(path).expanduser()
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise UserError(f"no tokenizer at '{path}'; give a tokenizer.json, a directory holding one, "
@@ -188,23 +189,29 @@ def build_tokenizer(spec: str | Path, texts: Iterable[str] | None = None) -> Tok
         except ValueError:
             raise UserError(f"bad tokenizer spec '{s}'; write bpe:VOCAB_SIZE, e.g. bpe:8192") from None
         return train_bpe(texts, n)
-    if not Path(s).exists():
+    if not Path(s).expanduser().exists():
         raise UserError(f"unknown tokenizer '{s}': not char, gpt2, bpe:N, nor an existing tokenizer path")
     return load_tokenizer(s)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from gptforge.data.corpus import iter_texts, resolve_inputs
+@dataclass
+class TrainTokenizerOptions:
+    """Train a byte-level BPE tokenizer (chat special tokens at ids 0..3)."""
 
-    ap = argparse.ArgumentParser(prog="gptforge train-tokenizer",
-                                 description="Train a byte-level BPE tokenizer (chat special tokens at ids 0..3).")
-    ap.add_argument("--input", nargs="+", required=True, help="text/JSONL files, folders, globs or HF datasets")
-    ap.add_argument("--vocab-size", type=int, required=True, help="vocabulary size, e.g. 8192 or 32000")
-    ap.add_argument("--out", required=True, help="output directory (tokenizer.json is written there)")
-    ap.add_argument("--field", default="text", help="JSONL / dataset field holding the text (default: text)")
-    ap.add_argument("--min-frequency", type=int, default=2, help="minimum pair count for a merge (default: 2)")
-    a = ap.parse_args(argv)
-    sources = resolve_inputs(a.input, field=a.field)
-    tok = train_bpe((text for text, _ in iter_texts(sources)), a.vocab_size, a.out, a.min_frequency)
-    print(f"wrote {Path(a.out) / 'tokenizer.json'} (vocab_size={tok.vocab_size})")
+    input: list[str]
+    """text/JSONL files, folders, globs or HF datasets (see gptforge prepare --help)"""
+    vocab_size: int
+    """vocabulary size, e.g. 8192 or 32000"""
+    out: str
+    """output directory (tokenizer.json is written there)"""
+    field: str = "text"
+    """JSONL / dataset field holding the text"""
+    min_frequency: int = 2
+    """minimum pair count for a merge"""
+
+
+def main(opts: TrainTokenizerOptions) -> int:
+    sources = resolve_inputs(opts.input, field=opts.field)
+    tok = train_bpe((text for text, _ in iter_texts(sources)), opts.vocab_size, opts.out, opts.min_frequency)
+    print(f"wrote {Path(opts.out) / 'tokenizer.json'} (vocab_size={tok.vocab_size})")
     return 0

@@ -1,0 +1,277 @@
+"""Where data comes from: ONE set of rules for `prepare`, `train-tokenizer`, SFT and DPO.
+
+Each input item (``--input`` of prepare, ``--data.path`` of the training stages) is, in this order:
+  hf:NAME[:CONFIG]  a Hugging Face hub dataset (streamed, split --hf-split, default train)
+  an existing path  a folder saved with ``datasets.save_to_disk`` (read with `datasets`); another folder:
+                    its files with the suffixes the reader wants, recursively, sorted; a file: read by
+                    its suffix (below)
+  a glob            (holds * ? or [) the files and folders it matches, sorted (** recurses)
+  a comma list      "a.jsonl,b.jsonl": split at commas, each part read by these rules
+``~`` is expanded in every item. Names starting with "." (hidden files and folders) are skipped in
+folder walks, as globs skip them. A file's kind comes from its suffix: .jsonl/.json JSON, .parquet/.csv/
+.arrow a Hugging Face builder, anything else plain UTF-8 text (the record readers read it as JSONL).
+A JSON file whose first non-blank character is "[" is one JSON array (read whole; records named
+``file[i]``); any other JSON file is JSONL, one value per line, blank lines skipped (records ``file:line``).
+
+`iter_texts()` streams sources as (text, ends_document) pieces for tokenizing, never holding a whole
+file in memory (a text file comes in ~1 MiB pieces cut after a newline; JSONL one record at a time).
+`iter_values()` yields (where, JSON value or dataset row) for the record readers (records.py).
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptforge.errors import UserError
+
+JSON_SUFFIXES = (".jsonl", ".json")
+HF_FILE_SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
+TEXT_FOLDER_SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")  # what a folder contributes to prepare
+RECORD_FOLDER_SUFFIXES = JSON_SUFFIXES  # ... and to SFT / DPO
+CHUNK_BYTES = 1 << 20
+Progress = Callable[[int], None]
+# where, why -> None: a bad JSON line is handed to it and skipped (no handler: UserError)
+OnBad = Callable[[str, str], None]
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input. kind: text | json (JSONL or a JSON array) | hf_disk (save_to_disk) | hf_files | hf_hub."""
+
+    kind: str
+    path: str
+    field: str = "text"
+    split: str = "train"
+
+    def size(self) -> int | None:
+        """Bytes on disk for files (for progress and cache keys); None for datasets."""
+        return os.path.getsize(self.path) if self.kind in ("text", "json", "hf_files") else None
+
+    @property
+    def is_dataset(self) -> bool:
+        return self.kind.startswith("hf_")
+
+
+def _is_hf_saved(d: Path) -> bool:
+    return any((d / f).is_file() for f in ("dataset_info.json", "dataset_dict.json", "state.json"))
+
+
+def _file_source(p: Path, field: str, split: str) -> Source:
+    suffix = p.suffix.lower()
+    kind = "json" if suffix in JSON_SUFFIXES else "hf_files" if suffix in HF_FILE_SUFFIXES else "text"
+    return Source(kind, str(p), field, split)
+
+
+def _walk(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
+    """The folder's files with those suffixes, recursively, sorted, hidden names skipped."""
+    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text", split: str = "train",
+                   suffixes: tuple[str, ...] = TEXT_FOLDER_SUFFIXES, flag: str = "--input") -> list[Source]:
+    """What the user typed -> Sources, in a deterministic order (the rules are in the module doc).
+
+    suffixes: the files a folder contributes; flag: the option named in error messages."""
+    items = [inputs] if isinstance(inputs, (str, Path)) else list(inputs)
+    items = [str(i) for i in items if str(i)]
+    if not items:
+        raise UserError(f"no input given; pass {flag} FILE_OR_DIR_OR_GLOB")
+    sources: list[Source] = []
+    for item in items:
+        if item.startswith("hf:"):
+            sources.append(Source("hf_hub", item[3:], field, split))
+            continue
+        p = Path(item).expanduser()
+        if p.is_dir():
+            if _is_hf_saved(p):
+                sources.append(Source("hf_disk", str(p), field, split))
+                continue
+            files = _walk(p, suffixes)
+            if not files:
+                raise UserError(f"folder '{p}' holds no {', '.join(suffixes)} files; point {flag} at your data")
+            sources += [_file_source(f, field, split) for f in files]
+        elif p.is_file():
+            sources.append(_file_source(p, field, split))
+        elif any(c in item for c in "*?["):
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            if not matches:
+                raise UserError(f"input glob '{item}' matches no files; check the pattern (quote it in the shell)")
+            sources += resolve_inputs(matches, field, split, suffixes, flag)
+        elif "," in item:
+            sources += resolve_inputs(item.split(","), field, split, suffixes, flag)
+        else:
+            raise UserError(f"input '{item}' not found; give an existing file, folder or glob "
+                            f"(or hf:NAME for a Hugging Face hub dataset)")
+    return sources
+
+
+# ---- plain text -------------------------------------------------------------------------------------
+def _iter_text_file(path: str, progress: Progress) -> Iterator[tuple[str, bool]]:
+    """~1 MiB pieces of a UTF-8 text file, each cut just after a newline when there is one."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    carry, done, yielded = b"", 0, False
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(CHUNK_BYTES)
+            data = carry + block
+            cut = data.rfind(b"\n") + 1 if block else len(data)
+            if block and cut == 0 and len(data) < 8 * CHUNK_BYTES:  # no newline yet: read on (bounded)
+                carry = data
+                continue
+            cut = cut or len(data)
+            carry = data[cut:]
+            try:
+                text = decoder.decode(data[:cut], final=not block)
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path}: not UTF-8 text (byte {done + e.start}); convert it, e.g. "
+                                f"iconv -f latin1 -t utf-8") from None
+            done += cut
+            progress(cut)
+            if not block:
+                if text or yielded:  # close the document (text may be empty if the last piece ended it)
+                    yield text, True
+                return
+            if text:
+                yielded = True
+                yield text, False
+
+
+# ---- JSON: an array or JSONL ------------------------------------------------------------------------
+def _bad(on_bad: OnBad | None, hint: str, where: str, why: str) -> None:
+    if on_bad is None:
+        raise UserError(f"{where}: {why}; {hint}")
+    on_bad(where, why)
+
+
+def iter_json(path: str, on_bad: OnBad | None = None, hint: str = "fix or remove that line",
+              progress: Progress | None = None) -> Iterator[tuple[str, object]]:
+    """(where, value) for every value of a JSON array ('file[i]') or JSONL file ('file:line').
+
+    A line that is not UTF-8 or not JSON goes to on_bad(where, why) and is skipped (an invalid array
+    skips the whole file); without on_bad it raises UserError 'where: why; hint'."""
+    progress = progress or (lambda n: None)
+    with open(path, "rb") as f:
+        is_array = f.read(4096).lstrip().startswith(b"[")
+        f.seek(0)
+        if is_array:
+            raw = f.read()
+            progress(len(raw))
+            try:
+                items = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                return _bad(on_bad, hint, path, f"not valid UTF-8 (byte {e.start}); the whole file is skipped")
+            except json.JSONDecodeError as e:
+                return _bad(on_bad, hint, f"{path}:{e.lineno}",
+                            f"invalid JSON ({e.msg} at column {e.colno}); the whole file is skipped")
+            for i, value in enumerate(items):
+                yield f"{path}[{i}]", value
+            return
+        for lineno, raw in enumerate(f, 1):
+            progress(len(raw))
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                _bad(on_bad, hint, f"{path}:{lineno}", "not valid UTF-8")
+                continue
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                _bad(on_bad, hint, f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            yield f"{path}:{lineno}", value
+
+
+# ---- Hugging Face datasets ----------------------------------------------------------------------------
+def _load_hf(src: Source):
+    try:
+        import datasets  # heavy and optional: only when a dataset is read
+    except ImportError:
+        raise UserError("reading Hugging Face datasets needs the 'datasets' package: "
+                        "pip install 'gptforge[hf]' (or pip install datasets)") from None
+    try:
+        if src.kind == "hf_disk":
+            ds = datasets.load_from_disk(src.path)
+            if isinstance(ds, datasets.DatasetDict):
+                if src.split not in ds:
+                    raise UserError(f"{src.path}: no split '{src.split}' (splits: {', '.join(ds)}); "
+                                    f"choose one with --hf-split")
+                ds = ds[src.split]
+            return ds
+        if src.kind == "hf_files":
+            builder = HF_FILE_SUFFIXES[Path(src.path).suffix.lower()]
+            return datasets.load_dataset(builder, data_files=src.path, split="train")
+        name, _, config = src.path.partition(":")
+        return datasets.load_dataset(name, config or None, split=src.split, streaming=True)
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot load dataset '{src.path}': {str(e).splitlines()[0] if str(e) else type(e).__name__}; "
+                        f"check the name/path (and network for hub datasets)") from None
+
+
+def iter_rows(src: Source, column: str | None = None) -> Iterator[tuple[str, object]]:
+    """('path[row i]', row) of a dataset: the row as a dict, or only its `column` (which must exist)."""
+    ds = _load_hf(src)
+    columns = ds.column_names
+    if column is not None and columns is not None and column not in columns:
+        raise UserError(f"dataset '{src.path}' has no field '{column}' (fields: {', '.join(columns)}); "
+                        f"choose one with --field")
+    i = 0
+    for batch in ds.iter(batch_size=1000):
+        rows = batch[column] if column is not None else [dict(zip(batch, vals)) for vals in zip(*batch.values())]
+        for row in rows:
+            yield f"{src.path}[row {i}]", row
+            i += 1
+
+
+def iter_values(src: Source, on_bad: OnBad | None = None, hint: str = "fix or remove that line",
+                progress: Progress | None = None) -> Iterator[tuple[str, object]]:
+    """(where, value) of every record of a source: JSON values (any plain file is read as JSON) or rows."""
+    if src.is_dataset:
+        return iter_rows(src)
+    return iter_json(src.path, on_bad, hint, progress)
+
+
+# ---- text for tokenizing ------------------------------------------------------------------------------
+def _json_text(value, field: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"{where}: expected a JSON object with field '{field}', got {type(value).__name__}")
+    if field not in value:
+        raise UserError(f"{where}: no field '{field}' (fields: {', '.join(map(str, value)) or 'none'}); "
+                        f"choose one with --field")
+    text = value[field]
+    if not isinstance(text, str):
+        raise UserError(f"{where}: field '{field}' is {type(text).__name__}, not text; choose another with --field")
+    return text
+
+
+def iter_texts(sources: list[Source], progress: Progress | None = None) -> Iterator[tuple[str, bool]]:
+    """Stream all sources as (text, ends_document) pieces. `progress(n)` is told of bytes consumed."""
+    progress = progress or (lambda n: None)
+    for src in sources:
+        if src.kind == "text":
+            yield from _iter_text_file(src.path, progress)
+            continue
+        if src.is_dataset:
+            values = iter_rows(src, column=src.field)
+        else:
+            values = iter_json(src.path, progress=progress)
+        for where, value in values:
+            if src.is_dataset and not isinstance(value, str):
+                raise UserError(f"{where}: field '{src.field}' is not text; choose another with --field")
+            text = _json_text(value, src.field, where)
+            if src.is_dataset:
+                progress(len(text))
+            if text:
+                yield text, True

@@ -1,0 +1,102 @@
+"""One set of source rules for prepare, SFT and DPO: ~ expanded, hidden names skipped in folder walks,
+comma lists, JSON array vs JSONL by the first character, records named file:line / file[i], datasets."""
+
+import json
+
+import pytest
+
+from gptforge.data.preference import read_pairs
+from gptforge.data.records import DataStats, iter_records
+from gptforge.data.sft import read_conversations
+from gptforge.data.sources import iter_texts, resolve_inputs
+from gptforge.data.tokenizer import char_tokenizer
+from gptforge.errors import UserError
+
+CONV = {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+PAIR = {"prompt": "q", "chosen": "a", "rejected": "b"}
+
+
+def texts(inputs):
+    """The documents prepare would tokenize."""
+    docs, cur = [], ""
+    for piece, end in iter_texts(resolve_inputs(inputs)):
+        cur += piece
+        if end:
+            docs, cur = docs + [cur], ""
+    return docs
+
+
+def where(spec, skip_bad=False, stats=None):
+    return [w for w, _ in iter_records(spec, skip_bad, stats or DataStats())]
+
+
+def test_tilde_is_expanded_for_every_reader(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "t.txt").write_text("hi\n")
+    (tmp_path / "c.jsonl").write_text(json.dumps(CONV) + "\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps(PAIR) + "\n")
+    assert texts("~/t.txt") == ["hi\n"] and texts(["~/*.txt"]) == ["hi\n"]
+    assert len(read_conversations("~/c.jsonl")[0]) == 1
+    assert len(read_pairs("~/p.jsonl", char_tokenizer(["qab"]), 32)[0]) == 1
+
+
+def test_hidden_files_and_folders_are_skipped_in_folder_walks(tmp_path):
+    d = tmp_path / "d"
+    for rel in ("a.jsonl", ".hidden.jsonl", ".git/x.jsonl", "sub/b.jsonl", "sub/.c.jsonl"):
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(json.dumps({"text": rel, **CONV}) + "\n")
+    assert texts(str(d)) == ["a.jsonl", "sub/b.jsonl"]
+    assert where(str(d)) == [f"{d}/a.jsonl:1", f"{d}/sub/b.jsonl:1"]
+    assert texts(str(d / ".hidden.jsonl")) == [".hidden.jsonl"]  # named explicitly: read
+
+
+def test_json_array_or_jsonl_by_first_character_whatever_the_suffix(tmp_path):
+    (tmp_path / "arr.jsonl").write_text("\n  [" + json.dumps({"text": "x", **CONV}) + ",\n" + json.dumps({"text": "y"}) + "]")
+    (tmp_path / "lines.json").write_text(json.dumps({"text": "z", **CONV}) + "\n\n" + json.dumps({"text": "w", **CONV}))
+    assert texts(str(tmp_path / "arr.jsonl")) == ["x", "y"] and texts(str(tmp_path / "lines.json")) == ["z", "w"]
+    assert where(str(tmp_path / "arr.jsonl")) == [f"{tmp_path}/arr.jsonl[0]", f"{tmp_path}/arr.jsonl[1]"]
+    assert where(str(tmp_path / "lines.json")) == [f"{tmp_path}/lines.json:1", f"{tmp_path}/lines.json:3"]
+
+
+def test_comma_lists_for_every_reader(tmp_path):
+    for name in ("a", "b", "c,d"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": name, **CONV}) + "\n")
+    spec = f"{tmp_path}/a.jsonl,{tmp_path}/b.jsonl"
+    assert texts(spec) == ["a", "b"] and texts([spec, str(tmp_path / "c,d.jsonl")]) == ["a", "b", "c,d"]
+    assert len(read_conversations(spec)[0]) == 2
+    with pytest.raises(UserError, match="input '.*nope.jsonl' not found"):
+        read_conversations(f"{tmp_path}/a.jsonl,{tmp_path}/nope.jsonl")
+    with pytest.raises(UserError, match="no input given; pass --data.path"):
+        read_conversations("")
+
+
+def test_bad_lines_are_named_or_skipped_and_counted(tmp_path):
+    f = tmp_path / "mixed.jsonl"
+    good = json.dumps({"text": "t", **CONV}).encode()
+    f.write_bytes(good + b"\n\xff\xfe\n{oops\n" + good + b"\n")
+    with pytest.raises(UserError, match=rf"{f}:2: not valid UTF-8; fix the line or pass --sft.skip_bad_lines"):
+        read_conversations(str(f))
+    convs, stats = read_conversations(str(f), skip_bad=True)
+    assert len(convs) == 2 and stats.bad_lines == 2 and stats.first_bad == f"{f}:2: not valid UTF-8"
+    broken = tmp_path / "broken.json"
+    broken.write_text("[\n" + json.dumps(CONV) + ",\n{oops]")
+    with pytest.raises(UserError, match=rf"{broken}:3: invalid JSON"):
+        read_conversations(str(broken))
+    stats = DataStats()
+    assert where(f"{broken},{f}", skip_bad=True, stats=stats) == [f"{f}:1", f"{f}:4"]
+    assert stats.bad_lines == 3 and "the whole file is skipped" in stats.first_bad
+    with pytest.raises(UserError, match=rf"{f}:2: not valid UTF-8; fix or remove that line"):
+        texts(str(f))  # prepare: no skipping
+
+
+def test_datasets_feed_sft_and_prepare_alike(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    rows = {"messages": [CONV["messages"]] * 3, "text": ["t0", "t1", "t2"]}
+    ds = datasets.Dataset.from_dict(rows)
+    ds.to_parquet(str(tmp_path / "chats.parquet"))
+    ds.save_to_disk(str(tmp_path / "saved"))
+    for spec in (str(tmp_path / "chats.parquet"), str(tmp_path / "saved")):
+        convs, stats = read_conversations(spec)
+        assert convs == [CONV["messages"]] * 3 and stats.records == 3
+        assert texts(spec) == ["t0", "t1", "t2"]
+    assert where(str(tmp_path / "saved"))[2] == f"{tmp_path / 'saved'}[row 2]"
