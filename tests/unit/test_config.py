@@ -67,3 +67,25 @@ def test_help_lists_keys(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain", "--help"])
     assert "train.max_steps" in capsys.readouterr().out
+
+
+_PY310 = r"""
+import sys
+sys.modules["tomllib"] = None          # Python 3.10 has no tomllib: importing it fails
+sys.version_info = (3, 10, 14, "final", 0)
+from gptforge.config.loader import parse_config
+cfg = parse_config(["--config", sys.argv[1]])
+print(cfg.train.max_steps, cfg.model.preset)
+"""
+
+
+def test_toml_config_loads_without_tomllib(tmp_path):
+    """The package declares Python >= 3.10, which has no tomllib: TOML files are read with tomli there."""
+    import subprocess
+    import sys
+
+    f = tmp_path / "c.toml"
+    f.write_text('[train]\nmax_steps = 7\n[model]\npreset = "micro"\n')
+    r = subprocess.run([sys.executable, "-c", _PY310, str(f)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["7", "micro"]

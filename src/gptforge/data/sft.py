@@ -29,7 +29,6 @@ import torch
 from gptforge.data.chat_template import check_messages, encode_chat
 from gptforge.data.loader import UnitLoader
 from gptforge.data.records import DataStats, read_records
-from gptforge.data.records import split_val  # noqa: F401  TRANSITIONAL: train/stages imports it from here
 from gptforge.errors import UserError
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "bing": "assistant",

@@ -15,7 +15,8 @@ from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA, encode
 from gptforge.data.loader import TokenLoader
 from gptforge.data.preference import PairLoader, read_pairs
 from gptforge.data.prepare import ensure_prepared
-from gptforge.data.sft import SFTLoader, read_conversations, split_val, tokenize_conversations
+from gptforge.data.records import split_val
+from gptforge.data.sft import SFTLoader, read_conversations, tokenize_conversations
 from gptforge.data.tokenizer import build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 from gptforge.hf.init_from import init_tokenizer
