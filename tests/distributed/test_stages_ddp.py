@@ -3,7 +3,7 @@
 
 Conversations of uneven length make the ranks' label-token counts differ, so this also checks that the
 SFT loss is the mean over the step's tokens on all ranks, not a mean of per-rank means. Workers must
-exit 0 without gloo's exit abort ("terminate called ...", DESIGN.md): rc 0 from torchrun and no such
+exit 0 without gloo's exit abort ("terminate called ...", gptforge.parallel.exit): rc 0 from torchrun and no such
 text in the output, else the test fails."""
 
 from __future__ import annotations
