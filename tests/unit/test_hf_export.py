@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 from gptforge.data.tokenizer import EOS, IM_END, IM_START, PAD, train_bpe  # noqa: E402
 from gptforge.errors import UserError  # noqa: E402
 from gptforge.model.gpt import GPTConfig, build_model  # noqa: E402
-from gptforge.hf.export import export_hf, main as export_main  # noqa: E402
+from gptforge.cli import main as cli_main  # noqa: E402
+from gptforge.hf.export import export_hf, export_model  # noqa: E402
 from gptforge.hf.load import load_hf  # noqa: E402
 from gptforge.hf.init_from import init_model_config, init_tokenizer, load_init_weights  # noqa: E402
 from gptforge.parallel.mesh import DistEnv  # noqa: E402
@@ -111,8 +112,8 @@ def test_export_cli_bf16_and_shards(tmp_path, tok):
     cfg = small_cfg("llama", 2, False, False)
     ours, ck = make_checkpoint(tmp_path / "run", cfg, tok)
     out = tmp_path / "hf16"
-    assert export_main(["--checkpoint", str(ck), "--out", str(out), "--dtype", "bf16",
-                        "--max-shard-gb", str(40_000 / 1024**3)]) == 0
+    assert cli_main(["export-hf", "--checkpoint", str(ck), "--out", str(out), "--dtype", "bf16",
+                     "--max-shard-gb", str(40_000 / 1024**3)]) == 0
     assert (out / "model.safetensors.index.json").is_file() and len(list(out.glob("model-*.safetensors"))) > 1
     assert not list(out.glob("*.bin")) and not (out / "model.safetensors").exists()
     tcfg = json.loads((out / "tokenizer_config.json").read_text())
@@ -177,8 +178,6 @@ def test_init_from_hf_pads_vocab_and_keeps_logits(tmp_path, tok):
     cfg = small_cfg("gpt2", 4, True, True)
     ours, _ = make_checkpoint(tmp_path / "run", cfg, tok)
     # an HF folder whose vocab is exactly the tokenizer's (unpadded, like gpt2's 50257)
-    from gptforge.hf.export import export_model
-
     small = GPTConfig(**(cfg.to_dict() | {"vocab_size": tok.vocab_size}))
     m = build_model(small, seed=2).eval()
     out = export_model(m, small, tmp_path / "hf", tokenizer_dir=tmp_path / "run" / "checkpoints" / "step_0000007")
