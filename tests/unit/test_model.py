@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptforge.config.presets import EXPECTED_PARAMS, MODEL_PRESETS
-from gptforge.serve.generate import generate_ids
+from gptforge.serve.sampling import generate_ids
 from gptforge.model.gpt import GPT, GPTConfig, build_model
 from gptforge.model.kv_cache import KVCache
 
