@@ -1,6 +1,5 @@
-"""Load a local Hugging Face model folder (GPT-2 or Llama family) as our GPT: the inverse of export-hf.
-
-    model, cfg, tok = load_hf("path/to/distilgpt2")
+"""Read a local Hugging Face model folder (GPT-2 or Llama family): its config, weights and tokenizer.
+`--init-from` (gptforge.hf.init_from) turns them into our GPT with gptforge.hf.mapping: the inverse of export-hf.
 
 Reads config.json and safetensors only (model.safetensors, or shards with model.safetensors.index.json);
 PyTorch pickles (pytorch_model.bin, *.pt) are refused, since unpickling can run code.
@@ -19,8 +18,6 @@ from tokenizers import decoders, models, pre_tokenizers
 
 from gptforge.data.tokenizer import Tokenizer, load_tokenizer
 from gptforge.errors import UserError
-from gptforge.hf.mapping import from_hf_state_dict, gpt_config_from_hf
-from gptforge.model.gpt import build_model
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
 
@@ -103,24 +100,3 @@ def hf_tokenizer(folder: str | Path):
         hf.decoder = decoders.ByteLevel()
         return Tokenizer(hf, "bpe")
     return None
-
-
-def load_hf(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-            with_tokenizer: bool = True):
-    """A local Hugging Face folder -> (GPT in eval mode, GPTConfig, our Tokenizer or None)."""
-    p = Path(folder)
-    if not p.is_dir():
-        raise UserError(f"Hugging Face model folder '{p}' does not exist")
-    conf = read_hf_config(p)
-    cfg = gpt_config_from_hf(conf)
-    files = weight_files(p)
-    sd = from_hf_state_dict(read_safetensors(files, dtype), cfg)
-    model = build_model(cfg, device)
-    for k, v in model.state_dict().items():
-        if k in sd and tuple(sd[k].shape) != tuple(v.shape):
-            raise UserError(f"Hugging Face tensor for '{k}' has shape {tuple(sd[k].shape)} but the config says "
-                            f"{tuple(v.shape)}; the folder's config.json and weights do not match")
-    model.load_state_dict(sd, strict=True)
-    model.to(dtype).eval()
-    tok = hf_tokenizer(p) if with_tokenizer else None
-    return model, cfg, tok
