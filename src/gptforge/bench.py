@@ -13,7 +13,6 @@ rank. Extra `pretrain` options go after `--`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -21,39 +20,56 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gptforge.errors import UserError
+from gptforge.options import Passthrough
 
 MODES = ("single", "ddp", "fsdp")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="gptforge bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--modes", default="single,ddp,fsdp", help="comma-separated subset of single,ddp,fsdp")
-    p.add_argument("--nproc", type=int, default=2, help="ranks for ddp / fsdp (default 2)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps per run (default 20)")
-    p.add_argument("--warmup", type=int, default=5, help="steps left out of the median (default 5)")
-    p.add_argument("--micro-batch", type=int, default=8, help="sequences per rank per step (default 8)")
-    p.add_argument("--preset", default="micro", help="model preset (default micro)")
-    p.add_argument("--block-size", type=int, default=None, help="context length (default: the preset's)")
-    p.add_argument("--precision", default="fp32", help="fp32 | bf16 | auto (default fp32)")
-    p.add_argument("--threads", type=int, default=None, help="threads per process (default: cores // nproc)")
-    p.add_argument("--data", default=None, help="prepared dataset dir or text (default: built-in Shakespeare)")
-    p.add_argument("--json", default=None, help="also write the results here")
-    return p
+@dataclass
+class BenchOptions:
+    """Step time of one training run single-process, under DDP and under FSDP2 (pretrain options after --)."""
+
+    modes: str = "single,ddp,fsdp"
+    """comma-separated subset of single,ddp,fsdp"""
+    nproc: int = 2
+    """ranks for ddp / fsdp"""
+    steps: int = 20
+    """optimizer steps per run"""
+    warmup: int = 5
+    """steps left out of the median"""
+    micro_batch: int = 8
+    """sequences per rank per step"""
+    preset: str = "micro"
+    """model preset"""
+    block_size: int | None = None
+    """context length (default: the preset's)"""
+    precision: str = "fp32"
+    """fp32 | bf16 | auto"""
+    threads: int | None = None
+    """threads per process (default: cores // nproc)"""
+    data: str | None = None
+    """prepared dataset dir or text (default: built-in Shakespeare)"""
+    json: str | None = None
+    """also write the results here"""
+    pretrain: Passthrough = field(default_factory=list)
+    """pretrain options (after --)"""
 
 
-def _pretrain_args(a, out_dir: Path, extra: list[str]) -> list[str]:
+def _pretrain_args(a: BenchOptions, out_dir: Path) -> list[str]:
     args = [f"--model.preset={a.preset}", f"--train.out_dir={out_dir}", f"--train.micro_batch={a.micro_batch}",
             f"--train.max_steps={a.steps}", f"--train.precision={a.precision}", "--train.log_every=1",
             "--train.eval_every=0", "--train.eval_batches=1", "--train.save_every=0", "--train.keep_last=1",
-            "--train.sample_tokens=0", "--train.progress=false", "--train.tensorboard=false"]
+            "--train.sample_tokens=0", "--train.progress=false", "--train.tensorboard=false",
+            "--parallel.timeout_s=120"]
     if a.block_size:
         args.append(f"--model.block_size={a.block_size}")
     if a.data:
         args.append(f"--data.path={a.data}")
-    return args + extra
+    return args + a.pretrain
 
 
 def _step_ms(run_dir: Path, warmup: int) -> tuple[float, float]:
@@ -64,14 +80,14 @@ def _step_ms(run_dir: Path, warmup: int) -> tuple[float, float]:
     return statistics.median(ms), max(ms) - min(ms)
 
 
-def run_mode(mode: str, a, root: Path, extra: list[str]) -> dict:
+def run_mode(mode: str, a: BenchOptions, root: Path) -> dict:
     out = root / mode
     nproc = 1 if mode == "single" else a.nproc
     threads = a.threads or max(1, (os.cpu_count() or 1) // a.nproc)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), GPTFORGE_COLLECTIVE_TIMEOUT_S="120")
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(k, None)
-    args = ["pretrain", *_pretrain_args(a, out, extra)]
+    args = ["pretrain", *_pretrain_args(a, out)]
     if mode == "single":
         argv = [sys.executable, "-m", "gptforge", *args]
     else:
@@ -101,13 +117,7 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra: list[str] = []
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    a = build_parser().parse_args(argv)
+def main(a: BenchOptions) -> int:
     modes = [m.strip() for m in a.modes.split(",") if m.strip()]
     bad = [m for m in modes if m not in MODES]
     if bad:
@@ -117,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.steps <= a.warmup:
         raise UserError(f"--steps ({a.steps}) must be larger than --warmup ({a.warmup})")
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-") as tmp:
-        results = [run_mode(m, a, Path(tmp), extra) for m in modes]
+        results = [run_mode(m, a, Path(tmp)) for m in modes]
     print(f"model {a.preset}, micro-batch {a.micro_batch} per rank, {a.precision}, median of steps "
           f"{a.warmup + 1}..{a.steps}")
     print(format_table(results))

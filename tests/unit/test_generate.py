@@ -1,7 +1,8 @@
 import torch
 
 from gptforge.cli import main
-from gptforge.serve.generate import generate_text, load_for_inference, sample_next
+from gptforge.serve.generate import load_for_inference
+from gptforge.serve.sampling import generate_text, sample_next
 
 
 def test_generate_cli_streams_and_is_seeded(trained_run, capsys):

@@ -12,14 +12,16 @@ from pathlib import Path
 
 import torch
 
+from gptforge.checkpoint import checkpoint_dir_of, load_model_weights, model_config
+from gptforge.data.tokenizer import load_tokenizer
 from gptforge.errors import UserError
+from gptforge.hf.load import hf_tokenizer, is_hf_folder, read_hf_config, read_safetensors, weight_files
+from gptforge.hf.mapping import from_hf_state_dict, gpt_config_from_hf
 
 VOCAB_MULTIPLE = 64
 
 
 def _kind(path: str | Path) -> str:
-    from gptforge.hf.load import is_hf_folder
-
     p = Path(path)
     if not p.exists():
         raise UserError(f"--init-from '{p}' does not exist; give a gptforge checkpoint or run dir, "
@@ -34,15 +36,11 @@ def _round_up(n: int, m: int = VOCAB_MULTIPLE) -> int:
 def init_model_config(path: str | Path):
     """The GPTConfig of the model to start from."""
     if _kind(path) == "hf":
-        from gptforge.hf.load import gpt_config_from_hf, hf_tokenizer, read_hf_config
-
         conf = read_hf_config(path)
         V = int(conf.get("vocab_size", 0))
         tok = hf_tokenizer(path)
         need = max(V, tok.vocab_size if tok is not None else 0)
         return gpt_config_from_hf(conf, vocab_size=_round_up(need))
-    from gptforge.checkpoint import checkpoint_dir_of, model_config
-
     return model_config(checkpoint_dir_of(path))
 
 
@@ -50,13 +48,8 @@ def init_model_config(path: str | Path):
 def load_init_weights(path: str | Path, model) -> None:
     """Copy the weights at `path` into `model` (plain, unwrapped, built from init_model_config(path))."""
     if _kind(path) == "gptforge":
-        from gptforge.checkpoint import checkpoint_dir_of, load_model_weights
-
         load_model_weights(checkpoint_dir_of(path), model)
         return
-    from gptforge.hf.load import (from_hf_state_dict, gpt_config_from_hf, read_hf_config,
-                                          read_safetensors, weight_files)
-
     conf = read_hf_config(path)
     hcfg = gpt_config_from_hf(conf)
     sd = from_hf_state_dict(read_safetensors(weight_files(path), torch.float32), hcfg)
@@ -85,14 +78,9 @@ def load_init_weights(path: str | Path, model) -> None:
 def init_tokenizer(path: str | Path):
     """Our Tokenizer saved with the checkpoint, or the Hugging Face folder's."""
     if _kind(path) == "hf":
-        from gptforge.hf.load import hf_tokenizer
-
         tok = hf_tokenizer(path)
         if tok is None:
             raise UserError(f"Hugging Face folder '{path}' has no tokenizer (tokenizer.json, or vocab.json + "
                             "merges.txt); copy the model's tokenizer files into it")
         return tok
-    from gptforge.data.tokenizer import load_tokenizer
-    from gptforge.checkpoint import checkpoint_dir_of
-
     return load_tokenizer(checkpoint_dir_of(path))

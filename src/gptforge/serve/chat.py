@@ -10,12 +10,16 @@ the system message is kept. Commands: /reset, /system TEXT, /exit (also Ctrl-D),
 
 from __future__ import annotations
 
-import argparse
 import sys
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Annotated, Callable
+
+import tyro
 
 from gptforge.data.chat_template import encode_chat, stop_ids
 from gptforge.errors import UserError
+from gptforge.serve.generate import load_for_inference
+from gptforge.serve.sampling import StreamDecoder, generate_ids
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
 
@@ -66,8 +70,6 @@ class ChatSession:
 
     def reply(self, user: str, on_text: Callable[[str], None] | None = None, ids: list[int] | None = None) -> str:
         """Sample the reply to `user` (streamed to on_text); `ids`: its prompt_ids() if already computed."""
-        from gptforge.serve.generate import StreamDecoder, generate_ids
-
         ids = self.prompt_ids(user) if ids is None else ids
         dec = StreamDecoder(self.tok)
         pieces: list[str] = []
@@ -145,29 +147,40 @@ def interactive(session: ChatSession, banner: str) -> int:
         print()
 
 
-def main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="gptforge chat", description="Chat with a fine-tuned checkpoint.")
-    p.add_argument("--checkpoint", required=True, help="checkpoint dir or run dir (latest checkpoint)")
-    p.add_argument("--message", action="append", default=None,
-                   help="non-interactive: send this message (repeat for several turns), print each reply, exit")
-    p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    a = p.parse_args(argv)
-    if a.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
-    from gptforge.serve.generate import load_for_inference
+@dataclass
+class ChatOptions:
+    """Chat with a fine-tuned checkpoint."""
 
-    model, tok, _ = load_for_inference(a.checkpoint, a.device)
-    session = ChatSession(model, tok, a.system, a.max_new_tokens, a.temperature, a.top_k or None, a.top_p, a.seed)
-    if a.message:
-        for m in a.message:
+    checkpoint: str
+    """checkpoint dir or run dir (latest checkpoint)"""
+    message: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    """non-interactive: send this message (repeat for several turns), print each reply, exit"""
+    system: str | None = None
+    """system message"""
+    max_new_tokens: int = 256
+    """most tokens per reply"""
+    temperature: float = 0.7
+    """0 = greedy"""
+    top_k: int = 50
+    """sample among the k most likely tokens (0 = all)"""
+    top_p: float | None = None
+    """sample among the most likely tokens holding this probability mass"""
+    seed: int | None = None
+    """random seed (reply i uses seed + i)"""
+    device: str = "auto"
+    """auto (a GPU when there is one) | cpu | cuda | cuda:N"""
+
+
+def main(opts: ChatOptions) -> int:
+    if opts.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be at least 1")
+    model, tok, _ = load_for_inference(opts.checkpoint, opts.device)
+    session = ChatSession(model, tok, opts.system, opts.max_new_tokens, opts.temperature, opts.top_k or None,
+                          opts.top_p, opts.seed)
+    if opts.message:
+        for m in opts.message:
             print(session.reply(m), flush=True)
         return 0
-    banner = (f"gptforge chat: {a.checkpoint} ({model.num_params() / 1e6:.1f}M parameters, context "
+    banner = (f"gptforge chat: {opts.checkpoint} ({model.num_params() / 1e6:.1f}M parameters, context "
               f"{model.cfg.block_size} tokens)")
     return interactive(session, banner)

@@ -1,0 +1,201 @@
+"""Our GPT <-> Hugging Face GPT-2 / Llama: the one translation of configs and weights, used by export-hf
+(ours -> HF) and by HF import / --init-from (HF -> ours).
+
+arch "gpt2"  <-> GPT2LMHeadModel: Conv1D layers (weights stored transposed, (in, out)) and one fused
+               c_attn = concat(q, k, v); needs bias=True and no grouped-query attention.
+arch "llama" <-> LlamaForCausalLM: q/k/v/o_proj, gate/up/down_proj, RMSNorm; RoPE rotate-half, as ours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gptforge.errors import UserError
+from gptforge.model.gpt import GPTConfig
+
+SUPPORTED = ("gpt2", "llama")
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+# buffers older transformers saved with the weights: not parameters, recomputed by our model
+_IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+
+
+# ---- the name map -------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Entry:
+    """One Hugging Face tensor = our tensor(s) `ours` concatenated along dim 0, transposed if `transpose`."""
+
+    hf: str
+    ours: tuple[str, ...]
+    transpose: bool = False
+
+
+def name_map(cfg) -> list[Entry]:
+    """Every tensor of the model `cfg`, our names <-> Hugging Face names and layouts."""
+    out: list[Entry] = []
+    if cfg.arch == "gpt2":
+        p = "transformer."
+        out += [Entry(p + "wte.weight", ("tok_emb.weight",)), Entry(p + "wpe.weight", ("pos_emb.weight",))]
+        for i in range(cfg.n_layer):
+            s, h = f"layers.{i}.", f"{p}h.{i}."
+            qkv = tuple(f"{s}attn.{n}_proj" for n in "qkv")  # fused into one Conv1D
+            for ours, theirs, conv in (("attn_norm", "ln_1", False), ("mlp_norm", "ln_2", False),
+                                       (qkv, "attn.c_attn", True), ("attn.o_proj", "attn.c_proj", True),
+                                       ("mlp.up_proj", "mlp.c_fc", True), ("mlp.down_proj", "mlp.c_proj", True)):
+                names = ours if isinstance(ours, tuple) else (s + ours,)
+                out += [Entry(f"{h}{theirs}.{k}", tuple(f"{n}.{k}" for n in names), conv and k == "weight")
+                        for k in ("weight", "bias")]
+        out += [Entry(p + "ln_f.weight", ("norm.weight",)), Entry(p + "ln_f.bias", ("norm.bias",))]
+    else:
+        p = "model."
+        out.append(Entry(p + "embed_tokens.weight", ("tok_emb.weight",)))
+        names = [("attn_norm", "input_layernorm", False), ("mlp_norm", "post_attention_layernorm", False)]
+        names += [(f"attn.{n}_proj", f"self_attn.{n}_proj", True) for n in "qkvo"]
+        names += [(f"mlp.{n}_proj", f"mlp.{n}_proj", True) for n in ("gate", "up", "down")]
+        for i in range(cfg.n_layer):
+            for ours, theirs, linear in names:
+                kinds = ("weight", "bias") if linear and cfg.bias else ("weight",)
+                out += [Entry(f"{p}layers.{i}.{theirs}.{k}", (f"layers.{i}.{ours}.{k}",)) for k in kinds]
+        out.append(Entry(p + "norm.weight", ("norm.weight",)))
+    if not cfg.tie_embeddings:
+        out.append(Entry("lm_head.weight", ("lm_head.weight",)))
+    return out
+
+
+def to_hf_state_dict(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Our state dict (names as in gptforge.model.gpt.GPT) -> Hugging Face names and layouts."""
+    check_exportable(cfg)
+    out: dict[str, torch.Tensor] = {}
+    for e in name_map(cfg):
+        parts = [state[k].detach() for k in e.ours]
+        t = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+        out[e.hf] = t.t() if e.transpose else t
+    return out
+
+
+def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """Hugging Face names and layouts -> ours (the inverse of to_hf_state_dict). Strict: every tensor is
+    used, every parameter found."""
+    src = dict(hf)
+    if cfg.arch == "gpt2":  # the hub's gpt2 stores keys without the "transformer." prefix
+        src = {(k if k == "lm_head.weight" or k.startswith("transformer.") else "transformer." + k): v
+               for k, v in src.items()}
+    used: set[str] = set()
+    sd: dict[str, torch.Tensor] = {}
+    for e in name_map(cfg):
+        if e.hf not in src:
+            raise UserError(f"Hugging Face weights lack '{e.hf}' expected for this {cfg.arch} config; "
+                            "the folder's config.json and weights do not match")
+        used.add(e.hf)
+        t = src[e.hf].t() if e.transpose else src[e.hf]
+        if len(e.ours) == 1:
+            sd[e.ours[0]] = t.contiguous() if e.transpose else t
+        else:
+            sd.update(zip(e.ours, (c.contiguous() for c in t.chunk(len(e.ours), 0))))
+    if cfg.tie_embeddings:
+        used.add("lm_head.weight")  # some tied checkpoints store it anyway: it equals the embedding
+        sd["lm_head.weight"] = sd["tok_emb.weight"]
+    extra = [k for k in src if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
+    if extra:
+        raise UserError(f"Hugging Face weights hold {len(extra)} tensor(s) this {cfg.arch} config does not use "
+                        f"(e.g. '{extra[0]}'); the folder's config.json and weights do not match")
+    return sd
+
+
+# ---- configs ------------------------------------------------------------------------------------
+def check_exportable(cfg) -> None:
+    """Raise UserError when our model has no exact Hugging Face counterpart."""
+    if cfg.arch == "gpt2":
+        if not cfg.bias:
+            raise UserError("this gpt2-style model has bias=False, but Hugging Face GPT2LMHeadModel always has "
+                            "biases; only models trained with model.bias=true export as GPT-2")
+        if cfg.n_kv_head != cfg.n_head:
+            raise UserError(f"this gpt2-style model uses grouped-query attention (n_kv_head={cfg.n_kv_head} < "
+                            f"n_head={cfg.n_head}), which GPT2LMHeadModel cannot express; train it with "
+                            "model.arch=llama to export GQA")
+    elif cfg.arch != "llama":
+        raise UserError(f"cannot export model.arch={cfg.arch!r}; supported: gpt2, llama")
+
+
+def hf_config(cfg, dtype: torch.dtype = torch.float32, bos_id: int | None = None, eos_id: int | None = None,
+              pad_id: int | None = None) -> dict:
+    """The config.json of the Hugging Face model equal to our GPTConfig `cfg`."""
+    check_exportable(cfg)
+    dt = DTYPE_NAMES[dtype]
+    common = {"vocab_size": cfg.vocab_size, "tie_word_embeddings": bool(cfg.tie_embeddings),
+              "bos_token_id": bos_id, "eos_token_id": eos_id, "pad_token_id": pad_id,
+              "initializer_range": cfg.init_std, "use_cache": True,
+              "torch_dtype": dt, "dtype": dt}  # transformers 4.x reads torch_dtype, 5.x dtype
+    if cfg.arch == "gpt2":
+        return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
+                "n_positions": cfg.block_size, "n_ctx": cfg.block_size, "n_embd": cfg.d_model,
+                "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.d_ff,
+                "activation_function": "gelu_new", "layer_norm_epsilon": cfg.norm_eps,
+                "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
+                "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+                "reorder_and_upcast_attn": False} | common
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.d_model,
+            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,  # transformers 4.x
+            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
+            "rope_scaling": None, "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias),
+            "attention_dropout": cfg.dropout, "pretraining_tp": 1} | common
+
+
+def gpt_config_from_hf(conf: dict, vocab_size: int | None = None) -> GPTConfig:
+    """Hugging Face config dict -> our GPTConfig (exactly the same model)."""
+    mt = conf.get("model_type")
+    if mt not in SUPPORTED:
+        raise UserError(f"unsupported Hugging Face model_type '{mt}'; gptforge converts: {', '.join(SUPPORTED)} "
+                        "(GPT-2 family such as gpt2/distilgpt2, Llama family such as TinyLlama)")
+    tie = bool(conf.get("tie_word_embeddings", True))
+    V = int(vocab_size or conf["vocab_size"])
+    try:
+        return _gpt2_config(conf, V, tie) if mt == "gpt2" else _llama_config(conf, V, tie)
+    except KeyError as e:
+        raise UserError(f"Hugging Face {mt} config is missing the field {e}; re-download the model") from None
+
+
+def _gpt2_config(conf: dict, V: int, tie: bool) -> GPTConfig:
+    act = conf.get("activation_function", "gelu_new")
+    if act not in _TANH_GELU:
+        raise UserError(f"GPT-2 model with activation_function '{act}': gptforge's GPT-2 MLP is tanh-GELU "
+                        f"({', '.join(_TANH_GELU)}); this model cannot be converted exactly")
+    if conf.get("scale_attn_by_inverse_layer_idx") or conf.get("scale_attn_weights", True) is False:
+        raise UserError("GPT-2 model with non-standard attention scaling (scale_attn_by_inverse_layer_idx "
+                        "or scale_attn_weights=false) cannot be converted")
+    d = int(conf["n_embd"])
+    return GPTConfig(arch="gpt2", vocab_size=V, block_size=int(conf.get("n_positions") or conf["n_ctx"]),
+                     n_layer=int(conf["n_layer"]), n_head=int(conf["n_head"]), d_model=d,
+                     d_ff=int(conf.get("n_inner") or 4 * d), dropout=0.0, bias=True, tie_embeddings=tie,
+                     norm_eps=float(conf.get("layer_norm_epsilon", 1e-5)),
+                     init_std=float(conf.get("initializer_range", 0.02)))
+
+
+def _llama_config(conf: dict, V: int, tie: bool) -> GPTConfig:
+    if conf.get("hidden_act", "silu") != "silu":
+        raise UserError(f"Llama model with hidden_act '{conf['hidden_act']}'; only silu (SwiGLU) converts")
+    rp = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
+    rope_type = rp.get("rope_type", rp.get("type", "default")) if isinstance(rp, dict) else "default"
+    if rope_type not in ("default", None):
+        raise UserError(f"Llama model with rope scaling '{rope_type}'; gptforge supports plain RoPE only")
+    theta = (rp.get("rope_theta") if isinstance(rp, dict) else None) or conf.get("rope_theta", 10000.0)
+    d, nh = int(conf["hidden_size"]), int(conf["num_attention_heads"])
+    if conf.get("head_dim") not in (None, d // nh):
+        raise UserError(f"Llama model with head_dim={conf['head_dim']} != hidden_size/num_attention_heads="
+                        f"{d // nh}; gptforge cannot express it")
+    ab, mb = bool(conf.get("attention_bias", False)), bool(conf.get("mlp_bias", False))
+    if ab != mb:
+        raise UserError(f"Llama model with attention_bias={ab} but mlp_bias={mb}; gptforge has one bias "
+                        "switch for both")
+    return GPTConfig(arch="llama", vocab_size=V, block_size=int(conf.get("max_position_embeddings", 2048)),
+                     n_layer=int(conf["num_hidden_layers"]), n_head=nh,
+                     n_kv_head=int(conf.get("num_key_value_heads") or nh), d_model=d,
+                     d_ff=int(conf["intermediate_size"]), dropout=0.0, bias=ab, tie_embeddings=tie,
+                     norm_eps=float(conf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+                     init_std=float(conf.get("initializer_range", 0.02)))
