@@ -149,7 +149,7 @@ def _container(opts: K8sOptions, spec: NodeSpec, command: list[str], extra_env: 
         "image": opts.image,
         "imagePullPolicy": opts.image_pull_policy,
         "command": command[:1],
-        "opts": command[1:],
+        "args": command[1:],
         "workingDir": "/workspace",
         "ports": [{"name": "pytorchjob-port" if opts.kind == "pytorchjob" else "rendezvous",
                    "containerPort": opts.master_port, "protocol": "TCP"}],
