@@ -94,6 +94,17 @@ volume_args() {
   VOLUME_ARGS=(-v "$data:/workspace/data" -v "$runs:/workspace/runs" -v gptforge_cache:/cache -w /workspace)
 }
 
+# node_args RANK NNODES MASTER PORT IFACE: fills NODE_ENV (docker -e: the rendezvous and interface
+# variables, for tools in the container) and NODE_FLAGS (the node flags of `gptforge launch` and
+# `gptforge doctor`, which render NCCL_SOCKET_IFNAME etc. themselves: gptforge.launch.node).
+node_args() {
+  # shellcheck disable=SC2034  # used by the scripts that source this file
+  NODE_ENV=(-e "NODE_RANK=$1" -e "NNODES=$2" -e "MASTER_ADDR=$3" -e "MASTER_PORT=$4"
+    -e "NCCL_SOCKET_IFNAME=$5" -e "GLOO_SOCKET_IFNAME=$5")
+  # shellcheck disable=SC2034
+  NODE_FLAGS=(--nnodes "$2" --node-rank "$1" --master-addr "$3" --master-port "$4" --iface "$5")
+}
+
 image_for() { echo "${GPTFORGE_IMAGE:-gptforge:$1}"; }
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }

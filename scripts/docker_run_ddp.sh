@@ -47,9 +47,9 @@ vendor=$(detect_gpu)
 gpu_docker_args "$vendor"
 volume_args
 
-net_env=(-e "NODE_RANK=$rank" -e "NNODES=$nnodes" -e "MASTER_ADDR=$master" -e "MASTER_PORT=$port"
-  -e "NCCL_SOCKET_IFNAME=$iface" -e "GLOO_SOCKET_IFNAME=$iface")
-launch=(gptforge launch --nnodes "$nnodes" --node-rank "$rank" --master-addr "$master" --master-port "$port" --iface "$iface")
+node_args "$rank" "$nnodes" "$master" "$port" "$iface"
+net_env=("${NODE_ENV[@]}")
+launch=(gptforge launch "${NODE_FLAGS[@]}")
 if [ "$gpus" -gt 1 ]; then launch+=(--nproc-per-node "$gpus"); fi
 if [ "${GPTFORGE_NO_IB:-0}" = 1 ]; then
   net_env+=(-e NCCL_IB_DISABLE=1)

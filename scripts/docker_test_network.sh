@@ -3,7 +3,7 @@
 # setup as scripts/docker_run_ddp.sh (host network, GPU devices, interface env).
 #   scripts/docker_test_network.sh 10.0.0.1 eth0       # on every node, same master address
 # The node rank is 0 when master_addr is one of this machine's addresses, else 1; NODE_RANK overrides.
-# Extra doctor arguments go after "--". Environment: NNODES (2), MASTER_PORT (29500), NODE_RANK,
+# Extra doctor arguments go after "--" (e.g. --timeout 60, an alias of --wait). Environment: NNODES (2), MASTER_PORT (29500), NODE_RANK,
 # plus those of scripts/docker_run.sh.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/../docker/common.sh
@@ -35,9 +35,7 @@ vendor=$(detect_gpu)
 gpu_docker_args "$vendor"
 volume_args
 
-cmd=(docker run --rm --name "gptforge-doctor$rank" --network host "${GPU_ARGS[@]}"
-  -e "NODE_RANK=$rank" -e "NNODES=$nnodes" -e "MASTER_ADDR=$master" -e "MASTER_PORT=$port"
-  -e "NCCL_SOCKET_IFNAME=$iface" -e "GLOO_SOCKET_IFNAME=$iface"
-  "${VOLUME_ARGS[@]}" "$(image_for "$vendor")"
-  gptforge doctor --nnodes "$nnodes" --node-rank "$rank" --master-addr "$master" --master-port "$port" --iface "$iface" "$@")
+node_args "$rank" "$nnodes" "$master" "$port" "$iface"
+cmd=(docker run --rm --name "gptforge-doctor$rank" --network host "${GPU_ARGS[@]}" "${NODE_ENV[@]}"
+  "${VOLUME_ARGS[@]}" "$(image_for "$vendor")" gptforge doctor "${NODE_FLAGS[@]}" "$@")
 run_cmd "${cmd[@]}"

@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "chat": ("gptforge.serve.chat", "main", "interactive chat with a checkpoint"),
     "export-hf": ("gptforge.hf.export", "main", "export a checkpoint to Hugging Face format"),
     "launch": ("gptforge.launch.torchrun", "main", "build and run the torchrun command for this node"),
-    "doctor": ("gptforge.launch.doctor", "main", "check GPUs, network and peers before a run"),
+    "doctor": ("gptforge.launch.doctor.command", "main", "check GPUs, network and peers before a run"),
     "slurm": ("gptforge.launch.slurm", "main", "write an sbatch script"),
     "k8s": ("gptforge.launch.k8s", "main", "write Kubernetes manifests"),
     "bench": ("gptforge.bench", "main", "measure training throughput"),
@@ -55,7 +55,10 @@ def run_command(name: str, argv: list[str]) -> int:
 
         opts = parse_config(argv, fn.defaults, prog)
     else:
-        opts = parse_options(cls, argv, prog)
+        try:
+            opts = parse_options(cls, argv, prog)
+        except UserError as e:  # e.g. `slurm: ` for the commands whose every error names them
+            raise UserError(getattr(cls, "error_prefix", "") + str(e)) from None
     return int(fn(opts) or 0)
 
 

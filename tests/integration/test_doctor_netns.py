@@ -112,7 +112,7 @@ def test_master_port_in_use_and_wrong_master_addr():
 
 WORKER = r'''
 import os, sys, time, datetime, torch, torch.distributed as dist
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ["GPTFORGE_COLLECTIVE_TIMEOUT_S"])))
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", "30"))))
 r, x = dist.get_rank(), torch.ones(1000)
 for i in range(1000):
     dist.all_reduce(x)

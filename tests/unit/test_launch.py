@@ -11,9 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from gptforge import cli
 from gptforge.errors import UserError
-from gptforge.launch import torchrun
-from gptforge.launch.torchrun import main as launch_main
+from gptforge.launch import failures, hostfile
+
+
+def launch_main(argv: list[str]) -> int:
+    return cli.run_command("launch", argv)
 
 
 def dry(capsys, *argv) -> tuple[dict[str, str], list[str]]:
@@ -36,7 +40,7 @@ def test_multi_node_command(capsys):
                     "--", "pretrain", "--train.max_steps=5", "--model.preset=nano")
     assert env["NCCL_SOCKET_IFNAME"] == "lo" and env["GLOO_SOCKET_IFNAME"] == "lo"
     assert env["NCCL_IB_DISABLE"] == "1"
-    assert env["GPTFORGE_COLLECTIVE_TIMEOUT_S"] == "30"
+    assert "GPTFORGE_COLLECTIVE_TIMEOUT_S" not in env  # the training config's parallel.timeout_s decides
     assert env["GPTFORGE_NODE_RANK"] == "1" and env["GPTFORGE_NNODES"] == "2"
     assert argv[:3] == [sys.executable, "-m", "torch.distributed.run"]
     for a in ("--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
@@ -75,6 +79,43 @@ def test_script_and_module_targets_and_timeout(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("GPTFORGE_COLLECTIVE_TIMEOUT_S", "50")
     env, _ = dry(capsys, "--", "pretrain")
     assert "GPTFORGE_COLLECTIVE_TIMEOUT_S" not in env  # the user's value stays
+
+
+SPY_TIMEOUT = r'''
+import torch.distributed as dist
+from gptforge.config.schema import ParallelSection
+from gptforge.parallel.mesh import init_distributed
+
+real = dist.init_process_group
+
+
+def spy(*args, **kwargs):
+    print(f"collective timeout {kwargs['timeout'].total_seconds():.0f} s", flush=True)
+    return real(*args, **kwargs)
+
+
+dist.init_process_group = spy
+init_distributed(ParallelSection(strategy="ddp", timeout_s=77), "cpu")
+dist.destroy_process_group()
+'''
+
+
+def test_launch_keeps_the_configured_collective_timeout(capsys, tmp_path, monkeypatch):
+    """parallel.timeout_s is what the training processes use under launch: launch sets no timeout of its
+    own (it used to export GPTFORGE_COLLECTIVE_TIMEOUT_S=30, which overrode the config); only an explicit
+    --collective-timeout does."""
+    monkeypatch.delenv("GPTFORGE_COLLECTIVE_TIMEOUT_S", raising=False)
+    env, argv = dry(capsys, "--nnodes", "2", "--master-addr", "10.0.0.1", "--", "pretrain", "--parallel.timeout_s=77")
+    assert "GPTFORGE_COLLECTIVE_TIMEOUT_S" not in env and argv[-1] == "--parallel.timeout_s=77"
+    env, _ = dry(capsys, "--collective-timeout", "45", "--", "pretrain", "--parallel.timeout_s=77")
+    assert env["GPTFORGE_COLLECTIVE_TIMEOUT_S"] == "45"
+    # a real run: both processes build their process group with the configured 77 s
+    script = tmp_path / "spy.py"
+    script.write_text(SPY_TIMEOUT)
+    r = subprocess.run([sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "2", "--", str(script)],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.splitlines().count("collective timeout 77 s") == 2, r.stdout + r.stderr[-2000:]
 
 
 def test_dry_run_output_runs_in_a_shell(capsys, tmp_path):
@@ -139,16 +180,16 @@ SUMMARY = textwrap.dedent("""\
 
 
 def test_parse_and_explain_failure():
-    f = torchrun.parse_failure(SUMMARY)
+    f = failures.parse_failure(SUMMARY)
     assert f["rank"] == "1" and f["local_rank"] == "1" and f["host"] == "node-a" and f["exitcode"].startswith("1")
-    msg = torchrun.explain_failure(SUMMARY, node_rank=3, rc=1)
+    msg = failures.explain_failure(SUMMARY, node_rank=3, rc=1)
     assert "rank 1 (local rank 1) on node 3" in msg and "RuntimeError: boom from rank 1" in msg
     killed = [ln.replace("1 (pid: 1234)", "-9 (pid: 1234) (SIGKILL)").replace(
         "To enable traceback see: https://pytorch.org/docs/stable/elastic/errors.html",
         "Signal 9 (SIGKILL) received by PID 1234") for ln in SUMMARY if not ln.startswith("[rank1]")]
-    msg = torchrun.explain_failure(killed, node_rank=0, rc=1)
+    msg = failures.explain_failure(killed, node_rank=0, rc=1)
     assert "exit code -9 (SIGKILL)" in msg
-    assert "rendezvous failed" in torchrun.explain_failure(["RendezvousTimeoutError: x"], 0, 1)
+    assert "rendezvous failed" in failures.explain_failure(["RendezvousTimeoutError: x"], 0, 1)
 
 
 PEER_FIRST = textwrap.dedent("""\
@@ -177,15 +218,15 @@ PEER_FIRST = textwrap.dedent("""\
 
 
 def test_killed_rank_is_named_even_when_a_peer_failed_first():
-    blocks = torchrun.parse_failures(PEER_FIRST)
+    blocks = failures.parse_failures(PEER_FIRST)
     assert [b["rank"] for b in blocks] == ["0", "1"]  # torchrun's root cause first
-    msg = torchrun.explain_failure(PEER_FIRST, node_rank=1, rc=1)
+    msg = failures.explain_failure(PEER_FIRST, node_rank=1, rc=1)
     assert "rank 1 (local rank 1) on node 1" in msg and "SIGKILL" in msg
 
 
 DIE = r'''
 import os, sys, time, datetime, torch, torch.distributed as dist
-dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ["GPTFORGE_COLLECTIVE_TIMEOUT_S"])))
+dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=float(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", "30"))))
 r, x = dist.get_rank(), torch.ones(10)
 for i in range(1000):
     dist.all_reduce(x)
@@ -212,7 +253,7 @@ def test_rank_death_ends_single_node_job(tmp_path: Path):
 def test_hostfile_parse_and_commands(tmp_path, capsys, monkeypatch):
     hf = tmp_path / "hosts"
     hf.write_text("# two nodes\n10.0.0.1 slots=2 iface=eth1\nroot@10.0.0.2 slots=4  # second\n\n")
-    hosts = torchrun.parse_hostfile(str(hf))
+    hosts = hostfile.parse_hostfile(str(hf))
     assert [(h.target, h.addr, h.slots, h.iface) for h in hosts] == [
         ("10.0.0.1", "10.0.0.1", 2, "eth1"), ("root@10.0.0.2", "10.0.0.2", 4, None)]
     monkeypatch.setenv("NCCL_DEBUG", "INFO")
