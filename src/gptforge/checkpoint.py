@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from gptforge.errors import UserError
-from gptforge.model.gpt import GPT, GPTConfig
+from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import barrier
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -201,8 +201,6 @@ def model_config(ckpt: Path):
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu", mcfg=None):
     """A plain GPT with the checkpoint's weights on `device` (inference, export)."""
-    with torch.device("meta"):
-        model = GPT(mcfg or model_config(ckpt))
-    model.init_weights(device=device)
+    model = build_model(mcfg or model_config(ckpt), device)
     load_model_weights(ckpt, model)
     return model

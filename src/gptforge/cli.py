@@ -45,13 +45,10 @@ def _options_type(fn) -> type:
 def run_command(name: str, argv: list[str]) -> int:
     module, func, _ = COMMANDS[name]
     fn = getattr(importlib.import_module(module), func)
-    hints = [h for k, h in typing.get_type_hints(fn).items() if k != "return"]
-    if hints and not dataclasses.is_dataclass(hints[0]):  # TRANSITIONAL: a module still parsing argv itself
-        return int(fn(argv) or 0)
     cls = _options_type(fn)
     prog = f"gptforge {name}"
     if hasattr(fn, "defaults"):  # training stages: Config from stage defaults, a config file, overrides
-        from gptforge.config.loader import parse_config
+        from gptforge.config.loader import parse_config  # here, not at the top: `gptforge --help` stays fast
 
         opts = parse_config(argv, fn.defaults, prog)
     else:

@@ -2,7 +2,7 @@ import torch
 
 from gptforge.cli import main
 from gptforge.serve.generate import load_for_inference
-from gptforge.serve.sampling import generate_text, sample_next
+from gptforge.model.sampling import generate_text, sample_next
 
 
 def test_generate_cli_streams_and_is_seeded(trained_run, capsys):

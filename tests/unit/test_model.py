@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptforge.config.presets import MODEL_PRESETS, preset_model
-from gptforge.serve.generate import generate_ids
+from gptforge.model.sampling import generate_ids
 from gptforge.model.gpt import GPT, GPTConfig, build_model
 from gptforge.model.kv_cache import KVCache
 

@@ -19,7 +19,7 @@ import tyro
 from gptforge.data.chat_template import encode_chat, stop_ids
 from gptforge.errors import UserError
 from gptforge.serve.generate import load_for_inference
-from gptforge.serve.sampling import StreamDecoder, generate_ids
+from gptforge.model.sampling import StreamDecoder, generate_ids
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
 

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from gptforge.checkpoint import checkpoint_dir_of, load_model
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.parallel.mesh import pick_device
-from gptforge.serve.sampling import check_prompt, generate_text
-from gptforge.serve.sampling import generate_ids  # noqa: F401 - TRANSITIONAL: train/ imports it from here
+from gptforge.model.sampling import check_prompt, generate_text
 
 
 def load_for_inference(checkpoint: str, device: str = "auto"):

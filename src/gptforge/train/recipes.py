@@ -25,7 +25,7 @@ from gptforge.objectives.lm import LMObjective
 from gptforge.parallel.mesh import barrier
 from gptforge.parallel.parallelize import parallelize, resolve_strategy
 from gptforge.parallel.tp import apply_tp
-from gptforge.serve.generate import generate_ids, generate_text
+from gptforge.model.sampling import generate_ids, generate_text
 from gptforge.train.run import Recipe, default_length, init_model, report, run
 from gptforge.train.trainer import autocast
 

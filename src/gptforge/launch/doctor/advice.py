@@ -7,8 +7,8 @@ communication per optimizer step = a ring all-reduce of the fp32 gradients, 2 (W
 measured bus bandwidth + latency (W = nnodes x GPUs per node). Accumulation k keeps communication under
 10% when comm <= 0.1 x (k x compute + comm), i.e. k >= 9 x comm / compute.
 
-With gptforge.launch.doctor.device, the only module of the doctor that calls gptforge.hardware (and the
-only one that reads the model presets).
+The parameter count and FLOPs come from gptforge.model.cost, the fit from gptforge.train.auto: the same
+numbers as the MFU in the training log and `--train.auto`.
 """
 
 from __future__ import annotations
@@ -16,21 +16,25 @@ from __future__ import annotations
 import math
 
 from gptforge import hardware
-from gptforge.config.presets import MODEL_PRESETS
+from gptforge.config.presets import preset_model
+from gptforge.errors import UserError
 from gptforge.launch.doctor.bench import matmul_tflops
 from gptforge.launch.doctor.options import DoctorOptions
 from gptforge.launch.doctor.report import INFO, PASS, WARN, Report
+from gptforge.model import cost
+from gptforge.train.auto import auto_config
 
 
 def memory(rep: Report, opts: DoctorOptions, dev: hardware.DeviceInfo):
     """The auto-config of ``--preset`` on this device and world: (model, auto-config, world, seq), or None."""
-    model = MODEL_PRESETS.get(opts.preset)
-    if model is None:
-        rep(WARN, "advice", f"unknown preset '{opts.preset}'", "pass --preset with a name from gptforge.config.presets")
+    try:
+        model = preset_model(opts.preset, nominal_vocab=True).complete()
+    except UserError as e:
+        rep(WARN, "advice", str(e), "pass --preset with one of those names")
         return None
     world = opts.nnodes * (opts.nproc_per_node or max(1, dev.count if dev.is_gpu else 1))
-    seq = opts.seq_len or model["block_size"]
-    auto = hardware.auto_config(model, dev, opts.global_batch, world, seq)
+    seq = opts.seq_len or model.block_size
+    auto = auto_config(model, dev, opts.global_batch, world, seq)
     rep(INFO if auto.fits else WARN, "memory", f"preset {opts.preset}: {auto.reason}",
         "" if auto.fits else "use FSDP or a smaller preset")
     return model, auto, world, seq
@@ -42,10 +46,10 @@ def accumulation(rep: Report, opts: DoctorOptions, dev: hardware.DeviceInfo, lat
     if found is None:
         return
     model, auto, world, seq = found
-    P = hardware.count_params(model)
+    P = cost.count_params(model)
     comm = 2 * (world - 1) / world * 4 * P / busbw + 2 * lat * max(1, math.ceil(4 * P / 25e6))  # 25 MB DDP buckets
-    tflops = matmul_tflops(dev.is_gpu, hardware.choose_precision(dev)) * 0.5
-    compute = hardware.flops_per_token(model, seq) * auto.micro_batch * seq / (tflops * 1e12)
+    tflops = matmul_tflops(dev.is_gpu, hardware.resolve_precision("auto", dev.vendor, dev.bf16)) * 0.5
+    compute = cost.flops_per_token(model, seq) * auto.micro_batch * seq / (tflops * 1e12)
     k = max(1, math.ceil(9 * comm / compute))
     frac = comm / (auto.grad_accum * compute + comm)
     detail = (f"preset {opts.preset} ({P / 1e6:.0f}M params, {world} ranks): gradient all-reduce ~{comm:.2f} s per "
