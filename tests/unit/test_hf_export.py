@@ -93,7 +93,7 @@ def test_export_matches_transformers_and_round_trips(tmp_path, tok, case):
     back, bcfg, btok = import_hf(out)
     unused = {"rope_theta"} if arch == "gpt2" else set()  # GPT-2 has no RoPE
     assert {k: v for k, v in bcfg.to_dict().items() if k not in unused} == \
-        {k: v for k, v in cfg.to_dict().items() if k not in unused}
+        {k: v for k, v in cfg.complete().to_dict().items() if k not in unused}
     with torch.no_grad():
         assert torch.equal(back(x), ref)
     assert btok.encode(TEXT + IM_START + EOS) == tok.encode(TEXT + IM_START + EOS)

@@ -171,7 +171,7 @@ def _gpt2_config(conf: dict, V: int, tie: bool) -> GPTConfig:
                         "or scale_attn_weights=false) cannot be converted")
     d = int(conf["n_embd"])
     return GPTConfig(arch="gpt2", vocab_size=V, block_size=int(conf.get("n_positions") or conf["n_ctx"]),
-                     n_layer=int(conf["n_layer"]), n_head=int(conf["n_head"]), d_model=d,
+                     n_layer=int(conf["n_layer"]), n_head=int(conf["n_head"]), n_kv_head=int(conf["n_head"]), d_model=d,
                      d_ff=int(conf.get("n_inner") or 4 * d), dropout=0.0, bias=True, tie_embeddings=tie,
                      norm_eps=float(conf.get("layer_norm_epsilon", 1e-5)),
                      init_std=float(conf.get("initializer_range", 0.02)))
