@@ -56,38 +56,32 @@ def _int_from(args: list[str]) -> int:
         return int(f)
 
 
-@REGISTRY.primitive_rule
-def _bool_rule(info):
-    if info.type is not bool:
-        return None
-    return constructors.PrimitiveConstructorSpec(
-        nargs="*", metavar="[{true,false}]", instance_from_str=_bool_from, is_instance=lambda x: isinstance(x, bool),
-        str_from_instance=lambda x: ["true" if x else "false"])
-
-
-@REGISTRY.primitive_rule
-def _int_rule(info):
-    if info.type is not int:
-        return None
-    return constructors.PrimitiveConstructorSpec(
-        nargs=1, metavar="INT", instance_from_str=_int_from,
-        is_instance=lambda x: isinstance(x, int) and not isinstance(x, bool), str_from_instance=lambda x: [str(x)])
-
-
-@REGISTRY.primitive_rule
-def _float_rule(info):
-    if info.type is not float:
-        return None
-    return constructors.PrimitiveConstructorSpec(
-        nargs=1, metavar="FLOAT", instance_from_str=_float_from,
-        is_instance=lambda x: isinstance(x, (int, float)) and not isinstance(x, bool), str_from_instance=lambda x: [repr(x)])
-
-
 def _float_from(args: list[str]) -> float:
     try:
         return float(args[0])
     except ValueError:
         raise ValueError(f"expects float, got {args[0]!r}") from None
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+# type -> (nargs, metavar, from strings, is an instance, to strings); a bool takes 0 or 1 value
+_RULES = {
+    bool: ("*", "[{true,false}]", _bool_from, lambda x: isinstance(x, bool), lambda x: ["true" if x else "false"]),
+    int: (1, "INT", _int_from, lambda x: _is_num(x) and isinstance(x, int), lambda x: [str(x)]),
+    float: (1, "FLOAT", _float_from, _is_num, lambda x: [repr(x)]),
+}
+
+
+@REGISTRY.primitive_rule
+def _primitive_rule(info):
+    if info.type not in _RULES:
+        return None
+    nargs, metavar, parse, is_instance, to_str = _RULES[info.type]
+    return constructors.PrimitiveConstructorSpec(nargs=nargs, metavar=metavar, instance_from_str=parse,
+                                                 is_instance=is_instance, str_from_instance=to_str)
 
 
 # ---- parsing ------------------------------------------------------------------------------------------
@@ -165,10 +159,10 @@ def _one_line(text: str, style: _Style, where: str) -> str:
     if m:
         wanted = (m.group(2) or "").replace("{None}|", "").replace("|{None}", "").lower()
         msg = m.group(4).strip().rstrip(".") or f"expects {wanted or 'another value'}, got {m.group(3)!r}"
-        return f"{style.name(_key(m.group(1)))} {msg} {where}"
+        return f"{style.name(_key(m.group(1).split('/')[-1]))} {msg} {where}"
     m = re.search(r"invalid choice '(.*?)' for argument '(--\S+?)'\. Expected one of \((.*?)\)", flat)
     if m:
-        return f"{style.name(_key(m.group(2)))} must be one of {m.group(3)}, got '{m.group(1)}' {where}"
+        return f"{style.name(_key(m.group(2).split('/')[-1]))} must be one of {m.group(3)}, got '{m.group(1)}' {where}"
     m = re.search(r"(Required options?|Missing required|Missing value for argument) ?(.*?)(?: Argument helptext:| "
                   r"For full helptext|$)", flat)
     if m:
