@@ -26,6 +26,11 @@ else:  # Python 3.10: the same parser as the `tomli` package (a dependency there
 VOCAB_MULTIPLE = 64
 
 
+def round_vocab(n: int) -> int:
+    """A tokenizer's vocab rounded up to the embedding size the model gets (a multiple of 64)."""
+    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
 def load_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
@@ -127,7 +132,7 @@ def resolve_model(model: GPTConfig, tokenizer_vocab: int | None = None) -> GPTCo
     """The config's model section (+ the tokenizer's vocab) -> a complete GPTConfig, or one-line UserError."""
     if tokenizer_vocab is not None:
         if model.vocab_size is None:
-            model = dataclasses.replace(model, vocab_size=-(-tokenizer_vocab // VOCAB_MULTIPLE) * VOCAB_MULTIPLE)
+            model = dataclasses.replace(model, vocab_size=round_vocab(tokenizer_vocab))
         elif model.vocab_size < tokenizer_vocab:
             raise UserError(f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
                             f"{model.vocab_size}; raise model.vocab_size or leave it unset")

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 
 from gptforge.checkpoint import checkpoint_dir_of, load_model_weights, model_config
+from gptforge.config.loader import round_vocab
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.errors import UserError
 from gptforge.hf.load import hf_tokenizer, is_hf_folder, read_hf_config, read_safetensors, weight_files
 from gptforge.hf.mapping import from_hf_state_dict, gpt_config_from_hf
 
-VOCAB_MULTIPLE = 64
 
 
 def _kind(path: str | Path) -> str:
@@ -29,10 +29,6 @@ def _kind(path: str | Path) -> str:
     return "hf" if is_hf_folder(p) else "gptforge"
 
 
-def _round_up(n: int, m: int = VOCAB_MULTIPLE) -> int:
-    return (n + m - 1) // m * m
-
-
 def init_model_config(path: str | Path):
     """The GPTConfig of the model to start from."""
     if _kind(path) == "hf":
@@ -40,7 +36,7 @@ def init_model_config(path: str | Path):
         V = int(conf.get("vocab_size", 0))
         tok = hf_tokenizer(path)
         need = max(V, tok.vocab_size if tok is not None else 0)
-        return gpt_config_from_hf(conf, vocab_size=_round_up(need))
+        return gpt_config_from_hf(conf, vocab_size=round_vocab(need))
     return model_config(checkpoint_dir_of(path))
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptforge.errors import UserError
+
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """Sum of log p(label) over the counted (label != -100) tokens of each row -> (rows,) float32."""
@@ -30,12 +32,8 @@ class DPOObjective:
 
     def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, ref_model=None):
         if beta <= 0:
-            from gptforge.errors import UserError
-
             raise UserError(f"dpo.beta must be positive, got {beta}")
         if not 0 <= label_smoothing < 0.5:
-            from gptforge.errors import UserError
-
             raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
         self.beta, self.ls, self.ref_model = beta, label_smoothing, ref_model
 

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.errors import UserError
+from gptforge.parallel.exit import mark_distributed
 
 
 @dataclass
@@ -85,8 +86,6 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         return DistEnv(device=device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    from gptforge.parallel.exit import mark_distributed
-
     mark_distributed()
     if not dist.is_initialized():
         timeout = int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s))

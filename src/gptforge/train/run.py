@@ -15,7 +15,7 @@ from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision
 from gptforge.hf.init_from import init_model_config, load_init_weights
-from gptforge.model.gpt import GPT
+from gptforge.model.gpt import build_model
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
@@ -83,9 +83,7 @@ def init_model(cfg: Config, env: DistEnv, vocab_size: int):
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {mcfg.vocab_size}; "
                         "use the tokenizer the model was trained with or raise model.vocab_size")
     torch.manual_seed(cfg.train.seed)
-    with torch.device("meta"):
-        model = GPT(mcfg)
-    model.init_weights(seed=cfg.train.seed, device=env.device)
+    model = build_model(mcfg, env.device, seed=cfg.train.seed)
     if init_from:
         load_init_weights(init_from, model)
     return model, model.cfg
