@@ -124,7 +124,6 @@ def _losses(out_dir: Path) -> list[float]:
 
 @pytest.mark.slow
 def test_hostfile_training_matches_single_node(ssh_nodes, tmp_path):
-    pytest.importorskip("gptforge.train.entry")
     net, cfg = ssh_nodes
     train = ["pretrain", "--train.max_steps=5", "--train.micro_batch=4", "--train.grad_accum=1",
              "--train.precision=fp32", "--train.log_every=1", "--train.eval_every=1000", "--train.sample_tokens=0",
