@@ -13,6 +13,7 @@ import os
 from gptforge.errors import UserError
 
 GiB = 1024**3
+FIT_FRACTION = 0.88  # of the device memory a run may plan to use; the rest is left for allocator fragmentation
 
 # HSA_OVERRIDE_GFX_VERSION for consumer RDNA cards (what the ROCm community uses). Cards that the
 # PyTorch ROCm wheels support natively (gfx1030, gfx1100, data-centre gfx90a/gfx942/gfx950) need none.

@@ -11,7 +11,7 @@ from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig
 from gptforge.parallel import exit as pexit
 from gptforge.parallel.grad import clip_grad_norm_
-from gptforge.parallel.parallelize import resolve_strategy
+from gptforge.parallel.layout import resolve_strategy
 from gptforge.parallel.tp import check_tp
 
 
@@ -27,7 +27,7 @@ def test_tp_must_divide_kv_heads_with_a_clear_error():
 def test_ddp_with_tp_is_refused_and_auto_picks_fsdp():
 
     sizes = {"dp_shard": 1, "dp_replicate": 2}
-    env = types.SimpleNamespace(dp_size=2, tp_size=2,
+    env = types.SimpleNamespace(dp_size=2, tp_size=2, layout=None,
                                 mesh={k: types.SimpleNamespace(size=lambda v=v: v) for k, v in sizes.items()})
     with pytest.raises(UserError, match="strategy=ddp cannot be combined with tensor parallel"):
         resolve_strategy(env, types.SimpleNamespace(strategy="ddp"))

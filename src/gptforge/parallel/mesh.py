@@ -25,6 +25,9 @@ class DistEnv:
     dp_rank: int = 0
     dp_size: int = 1
     tp_size: int = 1
+    nnodes: int = 1
+    ranks_per_node: int = 1
+    layout: object = None  # gptforge.parallel.layout.Layout once settled
 
     @property
     def is_main(self) -> bool:
@@ -72,8 +75,35 @@ def mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, tp: int) -> tu
     return dims[0], dims[1], dims[2]
 
 
+def node_counts(world: int, environ=os.environ) -> tuple[int, int]:
+    """(nodes, ranks per node) from torchrun's LOCAL_WORLD_SIZE; one node when it is missing or uneven."""
+    local = int(environ.get("LOCAL_WORLD_SIZE", world) or world)
+    if local < 1 or world % local:
+        return 1, world
+    return world // local, local
+
+
+def layout_pending(parallel_cfg, nnodes: int) -> bool:
+    """True when the mesh shape depends on the model (gptforge.parallel.layout): strategy auto with
+    dp_replicate / dp_shard left at their defaults (1 / -1) on several nodes."""
+    return (nnodes > 1 and parallel_cfg.strategy == "auto" and parallel_cfg.dp_replicate == 1
+            and parallel_cfg.dp_shard == -1)
+
+
+def build_mesh(env: DistEnv, rep: int, shard: int, tp: int) -> None:
+    """The DeviceMesh ("dp_replicate", "dp_shard", "tp") over every rank; ranks are row-major, so a node's
+    ranks (contiguous under torchrun) share a dp_replicate index when shard * tp = ranks per node."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    env.mesh = init_device_mesh(env.device.type, (rep, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
+    dp_mesh = env.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+    env.dp_rank, env.dp_size, env.tp_size = dp_mesh.get_local_rank(), rep * shard, tp
+
+
 def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
-    """Single process unless torchrun set WORLD_SIZE > 1."""
+    """Single process unless torchrun set WORLD_SIZE > 1. The mesh is built here unless its shape depends on
+    the model (layout_pending: several nodes, defaults): gptforge.parallel.layout.settle_layout builds it
+    then. dp_rank / dp_size do not depend on how the data-parallel ranks split into replicate x shard."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -84,6 +114,8 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
     if world == 1 and not launched:
         mesh_shape(1, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
         return DistEnv(device=device)
+    rep, shard, tp = mesh_shape(world, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
+    nnodes, per_node = node_counts(world)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     mark_distributed()
@@ -92,13 +124,11 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                                 device_id=device if device.type == "cuda" else None)
-    rep, shard, tp = mesh_shape(world, parallel_cfg.dp_replicate, parallel_cfg.dp_shard, parallel_cfg.tp)
-    from torch.distributed.device_mesh import init_device_mesh
-
-    mesh = init_device_mesh(device.type, (rep, shard, tp), mesh_dim_names=("dp_replicate", "dp_shard", "tp"))
-    dp_mesh = mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, mesh=mesh,
-                   dp_rank=dp_mesh.get_local_rank(), dp_size=rep * shard, tp_size=tp)
+    env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // tp,
+                  dp_size=world // tp, tp_size=tp, nnodes=nnodes, ranks_per_node=per_node)
+    if not layout_pending(parallel_cfg, nnodes):
+        build_mesh(env, rep, shard, tp)
+    return env
 
 
 def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:

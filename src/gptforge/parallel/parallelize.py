@@ -6,25 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gptforge.errors import UserError
+from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.tp import apply_tp
-
-
-def resolve_strategy(env, parallel_cfg) -> str:
-    """none | ddp | fsdp for this world: auto shards when dp_shard > 1, else replicates."""
-    if env.dp_size == 1:
-        explicit = env.mesh is not None and env.tp_size == 1 and parallel_cfg.strategy in ("ddp", "fsdp")
-        return parallel_cfg.strategy if explicit else "none"
-    if parallel_cfg.strategy == "none":
-        raise UserError("parallel.strategy=none but there are several data-parallel ranks; use ddp or fsdp")
-    if parallel_cfg.strategy == "auto":
-        # DDP cannot reduce DTensor gradients: with TP, pure replication runs as HSDP with dp_shard=1
-        return "fsdp" if env.mesh["dp_shard"].size() > 1 or env.tp_size > 1 else "ddp"
-    if parallel_cfg.strategy == "ddp" and env.tp_size > 1:
-        raise UserError(f"parallel.strategy=ddp cannot be combined with tensor parallel (parallel.tp={env.tp_size}): "
-                        "DDP does not reduce DTensor gradients; use parallel.strategy=fsdp or auto "
-                        "(with parallel.dp_shard=1 and parallel.dp_replicate=N it replicates like DDP)")
-    return parallel_cfg.strategy
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -35,7 +18,9 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, env, cfg) -> nn.Module:
-    """Returns the module to train (may be a DDP wrapper). cfg is the whole Config."""
+    """Returns the module to train (may be a DDP wrapper). cfg is the whole Config. Settles the layout first
+    (gptforge.parallel.layout: builds the mesh when its shape depends on the model, prints the layout line)."""
+    settle_layout(env, cfg, model.cfg)
     if env.tp_size > 1:
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
@@ -44,10 +29,6 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, torch.compile(block))
     strategy = resolve_strategy(env, cfg.parallel)
-    if env.is_main and env.mesh is not None:
-        shape = " x ".join(f"{n} {env.mesh[n].size()}" for n in env.mesh.mesh_dim_names)
-        print(f"parallel: {strategy}{' + tp' if env.tp_size > 1 else ''} on {env.world_size} rank(s), "
-              f"mesh {shape}, backend {'nccl' if env.device.type == 'cuda' else 'gloo'}", flush=True)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

@@ -9,11 +9,11 @@ import os
 
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
-from gptforge.hardware import GiB, DeviceInfo, detect, resolve_precision
+from gptforge.hardware import FIT_FRACTION, GiB, DeviceInfo, detect, resolve_precision
 from gptforge.model import cost
 from gptforge.model.gpt import GPTConfig
-
-FIT_FRACTION = 0.88  # of the device memory; the rest is left for allocator fragmentation
+from gptforge.parallel.layout import choose_layout
+from gptforge.parallel.mesh import layout_pending, node_counts
 
 
 @dataclasses.dataclass
@@ -79,8 +79,12 @@ def apply_auto(cfg: Config, model: GPTConfig, device_info: DeviceInfo | None = N
     t, par = cfg.train, cfg.parallel
     world = world_size or int(os.environ.get("WORLD_SIZE", "1"))
     dp = max(1, world // max(1, par.tp))
-    shard = max(1, dp // max(1, par.dp_replicate)) if par.strategy in ("auto", "fsdp") and dp > 1 else 1
     dev = device_info or detect()
+    nnodes, per_node = node_counts(world)
+    if layout_pending(par, nnodes):  # across nodes auto replicates when the model fits (gptforge.parallel.layout)
+        shard = choose_layout(cfg, model, world, nnodes, per_node, dev).dp_shard
+    else:
+        shard = max(1, dp // max(1, par.dp_replicate)) if par.strategy in ("auto", "fsdp") and dp > 1 else 1
     prec = None if t.precision == "auto" else t.precision
     ac = auto_config(model, dev, t.micro_batch * t.grad_accum * dp, dp, model.block_size, shard=shard, precision=prec)
     if not ac.fits:

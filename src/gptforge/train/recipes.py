@@ -23,7 +23,8 @@ from gptforge.hf.init_from import init_tokenizer
 from gptforge.objectives.dpo import DPOObjective, precompute_reference
 from gptforge.objectives.lm import LMObjective
 from gptforge.parallel.mesh import barrier
-from gptforge.parallel.parallelize import parallelize, resolve_strategy
+from gptforge.parallel.layout import resolve_strategy, settle_layout
+from gptforge.parallel.parallelize import parallelize
 from gptforge.parallel.tp import apply_tp
 from gptforge.model.sampling import generate_ids, generate_text
 from gptforge.train.run import Recipe, default_length, init_model, report, run
@@ -186,6 +187,7 @@ class DPO(ChatRecipe):
         cfg, env = self.cfg, self.env
         ref, _ = init_model(cfg, env, vocab_size)
         ref.requires_grad_(False)
+        settle_layout(env, cfg, ref.cfg)
         if resolve_strategy(env, cfg.parallel) == "fsdp":
             ref = parallelize(ref, env, cfg)
         elif env.tp_size > 1:
