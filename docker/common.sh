@@ -105,6 +105,44 @@ node_args() {
   NODE_FLAGS=(--nnodes "$2" --node-rank "$1" --master-addr "$3" --master-port "$4" --iface "$5")
 }
 
+# passthrough_env PREFIX...: fills PASS_ENV with "-e NAME=value" for every variable of this shell whose
+# name starts with one of the prefixes (e.g. NCCL_ GLOO_), sorted; the interface variables node_args
+# sets (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME) are left to it.
+passthrough_env() {
+  local name prefix
+  PASS_ENV=()
+  while IFS= read -r name; do
+    for prefix in "$@"; do
+      case "$name" in
+        NCCL_SOCKET_IFNAME | GLOO_SOCKET_IFNAME) ;;
+        "$prefix"*) PASS_ENV+=(-e "$name=${!name}") ;;
+      esac
+    done
+  done < <(compgen -e | LC_ALL=C sort)
+}
+
+# container_gpu_count VENDOR: the GPUs the container gets (one process each). GPTFORGE_GPUS=N or
+# "device=0,1" (CUDA --gpus), else the ids in CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES, else every GPU of
+# this host (nvidia-smi -L; ROCm: the KFD topology nodes with a gpu_id), else 1.
+container_gpu_count() {
+  local ids=${CUDA_VISIBLE_DEVICES:-${HIP_VISIBLE_DEVICES:-}} n=0 f
+  if is_uint "${GPTFORGE_GPUS:-}" && [ "$GPTFORGE_GPUS" -ge 1 ]; then
+    echo "$GPTFORGE_GPUS"
+    return
+  fi
+  if [[ ${GPTFORGE_GPUS:-} =~ ^\"?device=([0-9,]+)\"?$ ]]; then ids=${BASH_REMATCH[1]}; fi
+  if [ -n "$ids" ]; then
+    n=$(($(tr -cd , <<<"$ids" | wc -c) + 1))
+  elif [ "$1" = cuda ] && command -v nvidia-smi >/dev/null 2>&1; then
+    n=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+  elif [ "$1" = rocm ]; then
+    for f in /sys/class/kfd/kfd/topology/nodes/*/gpu_id; do
+      if [ -r "$f" ] && [ "$(cat "$f")" != 0 ]; then n=$((n + 1)); fi
+    done
+  fi
+  if [ "$n" -ge 1 ]; then echo "$n"; else echo 1; fi
+}
+
 image_for() { echo "${GPTFORGE_IMAGE:-gptforge:$1}"; }
 
 is_uint() { [[ $1 =~ ^[0-9]+$ ]]; }

@@ -6,9 +6,24 @@
 # Presets (1 GPU per node; effective batch 256 sequences over 2 nodes):
 #   tiny 50M: micro 16 x accum 8   small 124M: 8 x 16   medium 350M: 4 x 32
 # Accumulation is 256 / (micro x NNODES x GPUS_PER_NODE), so other node counts keep the batch.
-# Output goes to runs/<preset>. Extra pretrain arguments go after "--".
-# Environment: NNODES (2), MASTER_PORT (29500), GPUS_PER_NODE (1), GRAD_ACCUM (override),
-# GPTFORGE_NO_IB=1 (no InfiniBand: NCCL over sockets), plus those of scripts/docker_run.sh.
+# Output goes to runs/<preset>. Extra pretrain arguments go after "--"; they come last, so
+# "-- --parallel.strategy=fsdp" (or auto) overrides the --parallel.strategy=ddp this script passes.
+#
+# What each node needs: its own disk (GPTFORGE_RUNS / GPTFORGE_DATA, default ./runs ./data here) and
+# its own cache (the docker volume gptforge_cache); the image (scripts/build.sh, or GPTFORGE_IMAGE
+# pulled from a registry); the data, prepared on each node from its own copy; the network interface
+# the nodes share (iface, e.g. eth0: 'ip -br addr'); on node 0 an open TCP port for the rendezvous
+# (MASTER_PORT, default 29500) and the ports torch picks for its process groups (open the firewall
+# between the nodes, or run on a trusted network). It does NOT need a shared disk (NFS): node 0
+# keeps the checkpoints, the other nodes their own files. Check the nodes first with
+# scripts/docker_test_network.sh.
+#
+# One process per GPU: GPUS_PER_NODE (default: the GPUs given to the container: GPTFORGE_GPUS=N or
+# device=0,1, else the ids in CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES, else every GPU of the host).
+# Environment: NNODES (2), MASTER_PORT (29500), GPUS_PER_NODE, GRAD_ACCUM (override),
+# GPTFORGE_NO_IB=1 (no InfiniBand: NCCL over sockets), every NCCL_* and GLOO_* variable of this
+# shell (passed into the container, e.g. NCCL_DEBUG=INFO, NCCL_IB_DISABLE=1, NCCL_SOCKET_NTHREADS),
+# plus those of scripts/docker_run.sh.
 set -euo pipefail
 # shellcheck source=SCRIPTDIR/../docker/common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/../docker/common.sh"
@@ -23,7 +38,8 @@ epochs=${POS[3]:-5}
 iface=${POS[4]:-eth0}
 nnodes=${NNODES:-2}
 port=${MASTER_PORT:-29500}
-gpus=${GPUS_PER_NODE:-1}
+vendor=$(detect_gpu)
+gpus=${GPUS_PER_NODE:-$(container_gpu_count "$vendor")}
 
 is_uint "$nnodes" && [ "$nnodes" -ge 1 ] || usage_error "$USAGE" "NNODES='$nnodes' must be a positive integer"
 is_uint "$rank" && [ "$rank" -lt "$nnodes" ] || usage_error "$USAGE" "node_rank '$rank' must be an integer in 0..$((nnodes - 1))"
@@ -43,20 +59,20 @@ accum=${GRAD_ACCUM:-$((256 / (micro * nnodes * gpus)))}
 is_uint "$accum" || usage_error "$USAGE" "GRAD_ACCUM='$accum' must be a positive integer"
 [ "$accum" -ge 1 ] || accum=1
 
-vendor=$(detect_gpu)
 gpu_docker_args "$vendor"
 volume_args
 
 node_args "$rank" "$nnodes" "$master" "$port" "$iface"
 net_env=("${NODE_ENV[@]}")
-launch=(gptforge launch "${NODE_FLAGS[@]}")
-if [ "$gpus" -gt 1 ]; then launch+=(--nproc-per-node "$gpus"); fi
+launch=(gptforge launch "${NODE_FLAGS[@]}" --nproc-per-node "$gpus")
 if [ "${GPTFORGE_NO_IB:-0}" = 1 ]; then
-  net_env+=(-e NCCL_IB_DISABLE=1)
+  [ -n "${NCCL_IB_DISABLE:-}" ] || net_env+=(-e NCCL_IB_DISABLE=1)
   launch+=(--no-ib)
 fi
-launch+=(-- pretrain "--model.preset=$preset" "--train.micro_batch=$micro" "--train.grad_accum=$accum"
-  "--train.epochs=$epochs" "--train.out_dir=runs/$preset" "$@")
+passthrough_env NCCL_ GLOO_
+net_env+=("${PASS_ENV[@]}")
+launch+=(-- pretrain "--model.preset=$preset" "--parallel.strategy=ddp" "--train.micro_batch=$micro"
+  "--train.grad_accum=$accum" "--train.epochs=$epochs" "--train.out_dir=runs/$preset" "$@")
 
 cmd=(docker run --rm --name "gptforge-node$rank" --network host)
 if [ -t 0 ] && [ -t 1 ]; then cmd+=(-it); fi

@@ -135,7 +135,7 @@ PRESETS = {"tiny": (16, 8), "small": (8, 16), "medium": (4, 32)}
 @pytest.mark.parametrize("vendor", ["rocm", "cuda"])
 @pytest.mark.parametrize("preset", list(PRESETS))
 def test_ddp_node(vendor, preset):
-    argv = dry("docker_run_ddp.sh", "1", "10.0.0.1", preset, "3", "enp5s0", GPTFORGE_GPU=vendor)
+    argv = dry("docker_run_ddp.sh", "1", "10.0.0.1", preset, "3", "enp5s0", GPTFORGE_GPU=vendor, GPUS_PER_NODE="1")
     opts, cmd = split_at_image(argv, f"gptforge:{vendor}")
     assert opts[:3] == ["docker", "run", "--rm"]
     assert flag_value(opts, "--name") == ["gptforge-node1"]
@@ -150,14 +150,15 @@ def test_ddp_node(vendor, preset):
     assert micro * accum * 2 == 256  # effective batch over 2 nodes x 1 GPU
     sep = cmd.index("--")
     assert cmd[:sep] == ["gptforge", "launch", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1",
-                         "--master-port", "29500", "--iface", "enp5s0"]
-    assert cmd[sep + 1 :] == ["pretrain", f"--model.preset={preset}", f"--train.micro_batch={micro}",
-                              f"--train.grad_accum={accum}", "--train.epochs=3", f"--train.out_dir=runs/{preset}"]
+                         "--master-port", "29500", "--iface", "enp5s0", "--nproc-per-node", "1"]
+    assert cmd[sep + 1 :] == ["pretrain", f"--model.preset={preset}", "--parallel.strategy=ddp",
+                              f"--train.micro_batch={micro}", f"--train.grad_accum={accum}", "--train.epochs=3",
+                              f"--train.out_dir=runs/{preset}"]
 
 
 def test_ddp_defaults_and_options():
     argv = dry("docker_run_ddp.sh", "0", "node0.lan", "--", "--train.lr=3e-4", "--data.path=a b",
-               GPTFORGE_GPU="cuda", NNODES="4", MASTER_PORT="29600", GPTFORGE_NO_IB="1")
+               GPTFORGE_GPU="cuda", NNODES="4", MASTER_PORT="29600", GPTFORGE_NO_IB="1", GPUS_PER_NODE="1")
     opts, cmd = split_at_image(argv, "gptforge:cuda")
     env = env_of(opts)
     assert flag_value(opts, "--name") == ["gptforge-node0"]
@@ -168,8 +169,66 @@ def test_ddp_defaults_and_options():
     assert "--no-ib" in launch and launch[launch.index("--nnodes") + 1] == "4"
     assert launch[launch.index("--master-port") + 1] == "29600"
     # tiny over 4 nodes: accumulation halves so the effective batch stays 256.
-    assert cmd[sep + 1 :] == ["pretrain", "--model.preset=tiny", "--train.micro_batch=16", "--train.grad_accum=4",
-                              "--train.epochs=5", "--train.out_dir=runs/tiny", "--train.lr=3e-4", "--data.path=a b"]
+    assert cmd[sep + 1 :] == ["pretrain", "--model.preset=tiny", "--parallel.strategy=ddp", "--train.micro_batch=16",
+                              "--train.grad_accum=4", "--train.epochs=5", "--train.out_dir=runs/tiny", "--train.lr=3e-4",
+                              "--data.path=a b"]
+
+
+@pytest.mark.parametrize("gpus_env,expected", [
+    ({"GPTFORGE_GPUS": "4"}, 4),
+    ({"GPTFORGE_GPUS": "device=0,2"}, 2),
+    ({"CUDA_VISIBLE_DEVICES": "0,1,2"}, 3),
+    ({"GPUS_PER_NODE": "8", "CUDA_VISIBLE_DEVICES": "0"}, 8),
+])
+def test_ddp_one_process_per_gpu_of_the_container(gpus_env, expected):
+    argv = dry("docker_run_ddp.sh", "0", "10.0.0.1", "tiny", GPTFORGE_GPU="cuda", **gpus_env)
+    _, cmd = split_at_image(argv, "gptforge:cuda")
+    sep = cmd.index("--")
+    assert flag_value(cmd[:sep], "--nproc-per-node") == [str(expected)]
+    accum = int(flag_value(cmd[sep:], "--train.grad_accum")[0])
+    assert accum == max(1, 256 // (16 * 2 * expected))  # the effective batch stays 256 over 2 nodes
+
+
+def test_ddp_counts_the_host_gpus_with_nvidia_smi(tmp_path):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "nvidia-smi").write_text("#!/bin/sh\nprintf 'GPU 0: A (UUID: a)\\nGPU 1: A (UUID: b)\\n'\n")
+    (d / "nvidia-smi").chmod(0o755)
+    argv = dry("docker_run_ddp.sh", "0", "10.0.0.1", GPTFORGE_GPU="cuda", PATH=f"{d}:/usr/bin:/bin")
+    _, cmd = split_at_image(argv, "gptforge:cuda")
+    assert flag_value(cmd[: cmd.index("--")], "--nproc-per-node") == ["2"]
+
+
+def test_ddp_passes_nccl_and_gloo_variables_through():
+    argv = dry("docker_run_ddp.sh", "1", "10.0.0.1", "tiny", "5", "enp5s0", GPTFORGE_GPU="cuda", GPUS_PER_NODE="1",
+               NCCL_DEBUG="INFO", NCCL_IB_DISABLE="1", NCCL_SOCKET_NTHREADS="4", GLOO_DEVICE_TRANSPORT="TCP",
+               NCCL_SOCKET_IFNAME="wrong0", NCCLX="no", MY_NCCL_X="no")
+    opts, cmd = split_at_image(argv, "gptforge:cuda")
+    env = env_of(opts)
+    assert env["NCCL_DEBUG"] == "INFO" and env["NCCL_IB_DISABLE"] == "1" and env["NCCL_SOCKET_NTHREADS"] == "4"
+    assert env["GLOO_DEVICE_TRANSPORT"] == "TCP"
+    assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "enp5s0"  # the script's iface wins
+    assert "NCCLX" not in env and "MY_NCCL_X" not in env
+    assert flag_value(opts, "-e").count("NCCL_IB_DISABLE=1") == 1
+    with_no_ib = env_of(split_at_image(dry("docker_run_ddp.sh", "0", "10.0.0.1", GPTFORGE_GPU="cuda",
+                                           GPUS_PER_NODE="1", GPTFORGE_NO_IB="1", NCCL_IB_DISABLE="1"),
+                                       "gptforge:cuda")[0])
+    assert with_no_ib["NCCL_IB_DISABLE"] == "1"
+
+
+def test_ddp_strategy_can_be_overridden_after_the_separator():
+    argv = dry("docker_run_ddp.sh", "0", "10.0.0.1", "--", "--parallel.strategy=fsdp", GPTFORGE_GPU="cuda",
+               GPUS_PER_NODE="1")
+    _, cmd = split_at_image(argv, "gptforge:cuda")
+    strategies = [a for a in cmd if a.startswith("--parallel.strategy=")]
+    assert strategies == ["--parallel.strategy=ddp", "--parallel.strategy=fsdp"]  # the last one wins
+
+
+def test_ddp_header_states_what_each_node_needs():
+    head = (SCRIPTS / "docker_run_ddp.sh").read_text().split("set -euo pipefail")[0]
+    for needed in ("own disk", "own cache", "the image", "network interface", "open TCP port", "MASTER_PORT",
+                   "does NOT need a shared disk", "NCCL_*", "GLOO_*", "One process per GPU"):
+        assert needed in head, needed
 
 
 # ---------------------------------------------------------------------------------------- docker_test_network.sh
