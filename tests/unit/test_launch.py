@@ -283,3 +283,36 @@ def test_hostfile_errors(tmp_path, text, msg):
         launch_main(["--hostfile", str(hf), "--dry-run", "--", "pretrain"])
     with pytest.raises(UserError, match="cannot read hostfile"):
         launch_main(["--hostfile", str(tmp_path / "nope"), "--", "pretrain"])
+
+
+def test_unreachable_peers_names_the_lost_nodes():
+    peers = {"0": "10.0.0.1", "1": "10.0.0.2", "2": "10.0.0.3"}
+    down = {"10.0.0.2": "Network is unreachable"}
+    line = failures.unreachable_peers(peers, 0, 29500, check=lambda a, p: down.get(a))
+    assert line == ("gptforge launch: node 0: unreachable from this node: node 1 (10.0.0.2): Network is unreachable; "
+                    "the network link between the nodes is down or the machine is gone (the run stopped after "
+                    "parallel.timeout_s)")
+    assert failures.unreachable_peers(peers, 1, 29500, check=lambda a, p: None) is None
+    assert failures.unreachable_peers({}, 0, 29500) is None
+
+
+def test_probe_tells_a_refusal_from_no_route():
+    import socket
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens: refused, so the machine is there
+    assert failures.probe("127.0.0.1", port) is None
+    assert failures.probe("256.1.1.1", port) is not None  # not an address
+
+
+def test_failure_without_torchrun_summary_names_the_rank():
+    lines = ["[rank1]: Traceback (most recent call last):",
+             "[rank1]: RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms for recv"]
+    assert failures.worker_error(lines[1]) == "1" and failures.worker_error(lines[0]) is None
+    msg = failures.explain_failure(lines, node_rank=1, rc=-15)
+    assert msg.splitlines()[0].startswith("gptforge launch: rank 1 on node 1 (")
+    assert msg.splitlines()[0].endswith("failed: RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
+                                        "waiting 20000ms for recv")
+    assert msg.splitlines()[1] == "gptforge launch: torchrun exited with code -15"

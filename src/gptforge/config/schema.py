@@ -76,7 +76,8 @@ class TrainSection:
 @dataclass
 class ParallelSection:
     strategy: Literal["auto", "none", "ddp", "fsdp"] = "auto"
-    """auto: none on one process, else fsdp if dp_shard > 1, else ddp"""
+    """auto: none on one process; on one node fsdp if dp_shard > 1, else ddp; across nodes (dp sizes left at their
+    defaults) ddp when the model fits replicated, else HSDP (gptforge.parallel.layout)"""
     dp_replicate: int = 1
     dp_shard: int = -1
     """-1: the rest of the world size"""

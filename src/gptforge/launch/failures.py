@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import socket
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 _ROOT_RE = re.compile(r"Root Cause \(first observed failure\):")
@@ -90,6 +91,12 @@ def _error_line(lines: Sequence[str], rank: str) -> str | None:
     return found
 
 
+def worker_error(line: str) -> str | None:
+    """The rank of a `[rankN]: SomeError: ...` line (a worker's last traceback line before it exits), else None."""
+    m = _ERR_RE.match(line.strip())
+    return m.group(1) if m else None
+
+
 def explain_failure(lines: Sequence[str], node_rank: int, rc: int) -> str:
     f = parse_failure(lines)
     text = "\n".join(lines[-200:])
@@ -98,6 +105,10 @@ def explain_failure(lines: Sequence[str], node_rank: int, rc: int) -> str:
         if "RendezvousTimeoutError" in text or "RendezvousClosedError" in text or "RendezvousConnectionError" in text:
             return (f"gptforge launch: {where}: the rendezvous failed (exit {rc}): not all nodes joined or the "
                     f"rendezvous host is unreachable; run `gptforge doctor` with the same flags on every node")
+        ranks = [r for r in map(worker_error, lines) if r is not None]
+        if ranks:  # torchrun was stopped before its summary (its agent waited for an unreachable node 0)
+            return (f"gptforge launch: rank {ranks[0]} on {where} failed: {_error_line(lines, ranks[0])[:300]}"
+                    f"\ngptforge launch: torchrun exited with code {rc}")
         return f"gptforge launch: {where}: torchrun exited with code {rc}"
     code = f.get("exitcode", "?")
     tb = f.get("traceback", "")
@@ -118,3 +129,30 @@ def explain_failure(lines: Sequence[str], node_rank: int, rc: int) -> str:
                 "unreachable; look at the other nodes' output for the first failure")
     msg += "\ngptforge launch: the job was stopped (--max-restarts=0)"
     return msg
+
+
+def probe(addr: str, port: int, timeout: float = 3.0) -> str | None:
+    """None when ``addr`` answers (a connection, or a refusal: the machine is there), else why not."""
+    try:
+        with socket.create_connection((addr, port), timeout=timeout):
+            return None
+    except ConnectionRefusedError:
+        return None
+    except TimeoutError:
+        return "no answer within 3 s"
+    except OSError as e:
+        return e.strerror or str(e)
+
+
+def unreachable_peers(peers: dict[str, str], node_rank: int, port: int, check=probe) -> str | None:
+    """One line naming the other nodes this node cannot reach (peers: {node rank: address}, written by the
+    ranks at start-up, gptforge.parallel.mesh.record_peers), or None when every peer answers. The
+    nodes are probed in parallel, so this takes at most one probe timeout."""
+    others = sorted(((int(n), a) for n, a in peers.items() if int(n) != node_rank))
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(others)))) as pool:
+        why = list(pool.map(lambda na: check(na[1], port), others))
+    lost = [f"node {n} ({a}): {w}" for (n, a), w in zip(others, why) if w]
+    if not lost:
+        return None
+    return (f"gptforge launch: node {node_rank}: unreachable from this node: {'; '.join(lost)}; the network link "
+            f"between the nodes is down or the machine is gone (the run stopped after parallel.timeout_s)")

@@ -3,20 +3,27 @@ torchrun when the hostfile launcher goes away, and stop a group of remote nodes.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import deque
 from typing import IO
 
-from gptforge.launch.failures import explain_failure
+from gptforge.launch.failures import explain_failure, unreachable_peers, worker_error
+
+STUCK_GRACE = 15  # seconds torchrun may take to end after one of its ranks failed
+KILL_GRACE = 5  # seconds between SIGTERM and SIGKILL then
 
 
-def pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "") -> None:
-    """Copy ``src`` to ``dst`` a line at a time (with ``prefix``), keeping the lines in ``keep``."""
+def pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "",
+         failed: threading.Event | None = None) -> None:
+    """Copy ``src`` to ``dst`` a line at a time (with ``prefix``), keeping the lines in ``keep``; set ``failed``
+    at the first line of a worker's error (failures.worker_error)."""
     for raw in iter(src.readline, b""):
         line = raw.decode(errors="replace")
         try:
@@ -26,13 +33,46 @@ def pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "") -> 
             pass
         if keep is not None:
             keep.append(line.rstrip("\n"))
+        if failed is not None and not failed.is_set() and worker_error(line) is not None:
+            failed.set()
     src.close()
 
 
-def start_pump(src: IO[bytes], dst: IO[str], keep: deque | None = None, prefix: str = "") -> threading.Thread:
-    t = threading.Thread(target=pump, args=(src, dst, keep, prefix), daemon=True)
+def start_pump(src: IO[bytes], dst: IO[str], keep: deque | None = None, prefix: str = "",
+               failed: threading.Event | None = None) -> threading.Thread:
+    t = threading.Thread(target=pump, args=(src, dst, keep, prefix, failed), daemon=True)
     t.start()
     return t
+
+
+def _wait(proc: subprocess.Popen, failed: threading.Event) -> tuple[int, bool]:
+    """Wait for torchrun; (exit code, whether it was stopped here). When a worker has failed and torchrun is
+    still running STUCK_GRACE s later (its agent waits for a rendezvous store on a node it cannot reach),
+    stop it: SIGTERM, then SIGKILL after KILL_GRACE s."""
+    since, forced = None, False
+    while True:
+        try:
+            return proc.wait(timeout=0.5), forced
+        except subprocess.TimeoutExpired:
+            pass
+        except KeyboardInterrupt:  # torchrun got the SIGINT too; wait for it to stop its workers
+            continue
+        if failed.is_set():
+            since = since or time.monotonic()
+            waited = time.monotonic() - since
+            if waited > STUCK_GRACE + KILL_GRACE:
+                proc.kill()
+            elif waited > STUCK_GRACE and not forced:
+                forced = True
+                proc.terminate()
+
+
+def _peers(path: str) -> dict[str, str]:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
 
 
 def _watch_stdin(proc: subprocess.Popen, stopped: threading.Event) -> None:
@@ -47,14 +87,19 @@ def _watch_stdin(proc: subprocess.Popen, stopped: threading.Event) -> None:
         proc.send_signal(signal.SIGTERM)
 
 
-def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch_stdin: bool = False) -> int:
-    """Run torchrun in the foreground, SIGTERM/SIGHUP forwarded; on failure print which rank died first."""
-    env = {**os.environ, **env_add}
+def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch_stdin: bool = False,
+                 port: int = 29500) -> int:
+    """Run torchrun in the foreground, SIGTERM/SIGHUP forwarded; on failure print which rank died first and
+    which other nodes this node cannot reach (probed on ``port``; their addresses come from the ranks,
+    GPTFORGE_PEERS_FILE)."""
+    fd, peers_file = tempfile.mkstemp(prefix="gptforge-peers-", suffix=".json")
+    os.close(fd)
+    env = {**os.environ, **env_add, "GPTFORGE_PEERS_FILE": peers_file}
     tail: deque[str] = deque(maxlen=400)
     proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL if watch_stdin else None)
-    stopped = threading.Event()
-    reader = start_pump(proc.stderr, sys.stderr, tail)
+    stopped, failed = threading.Event(), threading.Event()
+    reader = start_pump(proc.stderr, sys.stderr, tail, failed=failed)
     if watch_stdin:
         threading.Thread(target=_watch_stdin, args=(proc, stopped), daemon=True).start()
 
@@ -64,22 +109,25 @@ def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
     try:
-        while True:
-            try:
-                rc = proc.wait()
-                break
-            except KeyboardInterrupt:  # torchrun got the SIGINT too; wait for it to stop its workers
-                continue
+        rc, forced = _wait(proc, failed)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     reader.join(timeout=5)
+    peers = _peers(peers_file)
+    os.unlink(peers_file)
     if rc != 0:
         if stopped.is_set():
             print(f"gptforge launch: node {node_rank}: stopped because the launcher closed the connection "
                   f"(another node failed)", file=sys.stderr, flush=True)
-        else:
-            print(explain_failure(list(tail), node_rank, rc), file=sys.stderr, flush=True)
+            return rc
+        print(explain_failure(list(tail), node_rank, rc), file=sys.stderr, flush=True)
+        if forced:
+            print(f"gptforge launch: node {node_rank}: torchrun still ran {STUCK_GRACE} s after its rank failed "
+                  f"(waiting for the other nodes); stopped it", file=sys.stderr, flush=True)
+        lost = unreachable_peers(peers, node_rank, port) if failed.is_set() else None
+        if lost:
+            print(lost, file=sys.stderr, flush=True)
     return rc
 
 

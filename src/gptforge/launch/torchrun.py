@@ -147,4 +147,6 @@ def main(opts: LaunchOptions) -> int:
         if rc != 0:
             print("gptforge launch: doctor found problems (FAIL above); not launching", file=sys.stderr)
             return rc
-    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin)
+    if spec.local_addr or opts.node_rank == 0:  # the address the other nodes know this one by (record_peers)
+        env["GPTFORGE_LOCAL_ADDR"] = spec.local_addr or spec.master_addr
+    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin, port=opts.master_port)

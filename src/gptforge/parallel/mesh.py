@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -124,11 +125,27 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                                 device_id=device if device.type == "cuda" else None)
+    record_peers(world, local_rank)
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // tp,
                   dp_size=world // tp, tp_size=tp, nnodes=nnodes, ranks_per_node=per_node)
     if not layout_pending(parallel_cfg, nnodes):
         build_mesh(env, rep, shard, tp)
     return env
+
+
+def record_peers(world: int, local_rank: int) -> None:
+    """For `gptforge launch`, which names the node it lost when a run fails (launch.failures.unreachable_peers):
+    when it set GPTFORGE_PEERS_FILE (on every node), the ranks exchange their node rank and address
+    (GPTFORGE_NODE_RANK, GPTFORGE_LOCAL_ADDR) once, and local rank 0 writes {node: address} there."""
+    path = os.environ.get("GPTFORGE_PEERS_FILE")
+    if not path or world < 2:
+        return
+    mine = (os.environ.get("GPTFORGE_NODE_RANK", ""), os.environ.get("GPTFORGE_LOCAL_ADDR", ""))
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    if local_rank == 0:
+        with open(path, "w") as f:
+            json.dump({node: addr for node, addr in every if node and addr}, f)
 
 
 def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
