@@ -7,6 +7,7 @@ import torch
 import torch.nn as nn
 
 from gptforge.errors import UserError
+from gptforge.parallel.compress import check_compression, register_compression
 from gptforge.parallel.tp import apply_tp
 
 
@@ -36,6 +37,8 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     """Returns the module to train (may be a DDP wrapper). cfg is the whole Config."""
+    strategy = resolve_strategy(env, cfg.parallel)
+    check_compression(cfg.parallel, strategy, env.dp_size, env.tp_size)
     if env.tp_size > 1:
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
@@ -43,7 +46,6 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     if cfg.train.compile:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, torch.compile(block))
-    strategy = resolve_strategy(env, cfg.parallel)
     if env.is_main and env.mesh is not None:
         shape = " x ".join(f"{n} {env.mesh[n].size()}" for n in env.mesh.mesh_dim_names)
         print(f"parallel: {strategy}{' + tp' if env.tp_size > 1 else ''} on {env.world_size} rank(s), "
@@ -65,7 +67,11 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        ddp = DDP(model, device_ids=ids)
+        what = register_compression(ddp, cfg.parallel)
+        if what and env.is_main:
+            print(f"parallel: ddp gradients sent as {what}", flush=True)
+        return ddp
     return model
 
 
