@@ -2,13 +2,13 @@
 
 For each of bf16 and powersgd: 3 optimizer steps of 2 accumulation micro-steps on a model of 4 layers of
 d_model 256 (~13 MB of fp32 gradients: several DDP buckets). A dispatch mode records every c10d op with
-the dtype of its first tensor, and a gradient hook on the position embedding (the last gradient
+the dtype of its first tensor and its number of elements (collectives issued from Gloo's callback
+threads, e.g. PowerSGD's Q, are not seen), and a gradient hook on the position embedding (the last gradient
 backward computes) records "pos_emb" where it fires. Prints one JSON line from rank 0:
 {kind: [[ops of step 0 micro 0], [step 0 micro 1], ...]}."""
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -17,9 +17,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from gptforge.config.schema import Config
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.exit import run_main
-from gptforge.parallel.mesh import init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.trainer import grad_sync
+
+from _comm_worker import report  # this script's folder is on sys.path
 
 
 class CollectiveLog(TorchDispatchMode):
@@ -31,7 +32,8 @@ class CollectiveLog(TorchDispatchMode):
         if func.namespace in ("c10d", "_c10d_functional", "c10d_functional"):
             first = args[0][0] if args and isinstance(args[0], (list, tuple)) and args[0] else None
             dtype = str(first.dtype).replace("torch.", "") if isinstance(first, torch.Tensor) else "?"
-            self.ops.append(f"{func.__name__}:{dtype}")
+            numel = sum(t.numel() for t in args[0]) if args and isinstance(args[0], (list, tuple)) else 0
+            self.ops.append(f"{func.__name__}:{dtype}:{numel}")
         return func(*args, **(kwargs or {}))
 
 
@@ -61,12 +63,7 @@ def steps_of(kind: str, env) -> list[list[str]]:
 
 
 def main() -> int:
-    env = init_distributed(Config().parallel, "cpu")
-    out = {k: steps_of(k, env) for k in ("bf16", "powersgd")}
-    if env.rank == 0:
-        print("COMMS " + json.dumps(out), flush=True)
-    shutdown(env)
-    return 0
+    return report(steps_of, ("bf16", "powersgd"))
 
 
 if __name__ == "__main__":

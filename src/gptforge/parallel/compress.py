@@ -12,7 +12,11 @@ final micro-step (and no_sync micro-steps still send nothing):
   gradient) and warm start (``powerSGD_hook``). Vectors (biases, norms) and matrices that would not
   shrink 2x go uncompressed. The first ``parallel.powersgd_start`` optimizer steps are exact all-reduces:
   early training is the most sensitive to approximate gradients. Its state (error buffers, Q) lives in
-  memory only: a resumed run restarts it (exact steps, then fresh error feedback)."""
+  memory only: a resumed run restarts it (exact steps, then fresh error feedback). On Gloo, PowerSGD's
+  second all-reduce (Q) is issued from a callback on Gloo's thread and can race the next bucket's first
+  all-reduce, so the ranks disagree on the order (Gloo aborts: "Received data size doesn't match"):
+  there each bucket waits for the previous bucket's exchange before starting (``one_bucket_at_a_time``),
+  which still overlaps each exchange with the backward of the layers before it."""
 
 from __future__ import annotations
 
@@ -57,6 +61,20 @@ def bf16_hook(process_group, bucket):  # no annotations: DDP checks them, and `a
     return fut.then(back)
 
 
+def one_bucket_at_a_time(hook):
+    """Wrap a comm hook so a bucket's collectives start only after the previous bucket's have finished."""
+    pending: list = []
+
+    def run(state, bucket):
+        if pending:
+            pending.pop().wait()
+        fut = hook(state, bucket)
+        pending.append(fut)
+        return fut
+
+    return run
+
+
 def register_compression(ddp_model, parallel_cfg) -> str:
     """Install the comm hook on a DDP module; returns a description for the log ('' for none)."""
     kind = parallel_cfg.grad_compression
@@ -69,7 +87,8 @@ def register_compression(ddp_model, parallel_cfg) -> str:
         state = psgd.PowerSGDState(process_group=None, matrix_approximation_rank=parallel_cfg.powersgd_rank,
                                    start_powerSGD_iter=parallel_cfg.powersgd_start, min_compression_rate=2,
                                    use_error_feedback=True, warm_start=True)
-        ddp_model.register_comm_hook(state, psgd.powerSGD_hook)
+        hook = psgd.powerSGD_hook
+        ddp_model.register_comm_hook(state, one_bucket_at_a_time(hook) if dist.get_backend() == "gloo" else hook)
         return (f"PowerSGD rank {parallel_cfg.powersgd_rank} with error feedback "
                 f"(exact all-reduce for the first {parallel_cfg.powersgd_start} steps)")
     return ""
