@@ -58,14 +58,18 @@ def micro_steps(strategy: str, env) -> list[list[str]]:
     return steps
 
 
-def main() -> int:
-    cfg = Config()
-    env = init_distributed(cfg.parallel, "cpu")
-    out = {s: micro_steps(s, env) for s in ("ddp", "fsdp")}
+def report(steps_of, kinds: tuple[str, ...]) -> int:
+    """Run steps_of(kind, env) for each kind; rank 0 prints "COMMS {kind: ...}" (also for _compress_worker)."""
+    env = init_distributed(Config().parallel, "cpu")
+    out = {k: steps_of(k, env) for k in kinds}
     if env.rank == 0:
         print("COMMS " + json.dumps(out), flush=True)
     shutdown(env)
     return 0
+
+
+def main() -> int:
+    return report(micro_steps, ("ddp", "fsdp"))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,21 @@ def test_mesh_shape_errors_name_both_numbers():
         mesh_shape(4, 2, 2, 2)
     with pytest.raises(UserError, match="world size 1 is not divisible .* = 2"):
         mesh_shape(1, 1, -1, 2)
+
+
+def test_grad_compression_needs_ddp_over_two_ranks():
+    from types import SimpleNamespace
+
+    from gptforge.parallel.compress import check_compression
+
+    cfg = SimpleNamespace(grad_compression="bf16", powersgd_rank=4, powersgd_start=10)
+    check_compression(cfg, "ddp", 2, 1)
+    with pytest.raises(UserError, match=r"^parallel.grad_compression=bf16 .* this run is fsdp \+ tp on 2 data-parallel"):
+        check_compression(cfg, "fsdp", 2, 2)
+    with pytest.raises(UserError, match="this run is a single data-parallel rank"):
+        check_compression(cfg, "ddp", 1, 1)
+    cfg.grad_compression, cfg.powersgd_start = "powersgd", 1
+    with pytest.raises(UserError, match="powersgd_start >= 2 .* got 4 and 1"):
+        check_compression(cfg, "ddp", 2, 1)
+    cfg.grad_compression = "none"
+    check_compression(cfg, "fsdp", 1, 2)  # nothing asked, nothing checked

@@ -87,6 +87,12 @@ class ParallelSection:
     """FSDP2: bf16 params/reductions when train.precision is bf16"""
     timeout_s: int = 60
     """collective timeout: a dead rank ends the job after this long"""
+    grad_compression: Literal["none", "bf16", "powersgd"] = "none"
+    """DDP only: send gradients as bf16 (half the bytes) or PowerSGD low-rank factors (error feedback)"""
+    powersgd_rank: int = 4
+    """PowerSGD: rank r of the approximation (an m x n gradient sends r*(m+n) numbers)"""
+    powersgd_start: int = 10
+    """PowerSGD: optimizer steps of exact all-reduce before compressing (>= 2)"""
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from gptforge.parallel.compress import check_compression, register_compression
 from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.tp import apply_tp
 
@@ -21,6 +22,8 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     """Returns the module to train (may be a DDP wrapper). cfg is the whole Config. Settles the layout first
     (gptforge.parallel.layout: builds the mesh when its shape depends on the model, prints the layout line)."""
     settle_layout(env, cfg, model.cfg)
+    strategy = resolve_strategy(env, cfg.parallel)
+    check_compression(cfg.parallel, strategy, env.dp_size, env.tp_size)
     if env.tp_size > 1:
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
@@ -28,7 +31,6 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     if cfg.train.compile:
         for name, block in list(model.layers.named_children()):
             model.layers.register_module(name, torch.compile(block))
-    strategy = resolve_strategy(env, cfg.parallel)
     if strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -46,7 +48,11 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ids = [env.device.index] if env.device.type == "cuda" else None
-        return DDP(model, device_ids=ids)
+        ddp = DDP(model, device_ids=ids)
+        what = register_compression(ddp, cfg.parallel)
+        if what and env.is_main:
+            print(f"parallel: ddp gradients sent as {what}", flush=True)
+        return ddp
     return model
 
 

@@ -16,6 +16,7 @@ from gptforge.errors import UserError
 from gptforge.hardware import device_precision
 from gptforge.hf.init_from import init_model_config, load_init_weights
 from gptforge.model.gpt import build_model
+from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
@@ -110,6 +111,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         recipe = recipe_cls(cfg, env)
         tok = recipe.tokenizer()
         model, mcfg = init_model(cfg, env, tok.vocab_size)
+        settle_layout(env, cfg, mcfg)  # the mesh across nodes depends on the model's size
         recipe.say(describe_model(cfg, model, mcfg) + f" | data: {recipe.data_label()}")
         if cfg.train.auto:
             apply_auto(cfg, mcfg, world_size=env.world_size)

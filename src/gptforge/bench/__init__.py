@@ -1,0 +1,27 @@
+"""`gptforge bench`: step time of the same training run in several layouts, side by side, with ratios.
+
+    gptforge bench                                  # micro model, 2 ranks, micro-batch 8 per rank, CPU
+    gptforge bench --nproc 4 --modes single,fsdp -- --model.preset=nano --train.precision=bf16
+    gptforge bench --nodes 2 --rate 100mbit --settings ddp,bf16,powersgd,sync8 -- --train.grad_accum=4
+
+On one machine (``local``) every mode trains the same model with the same *per-rank* micro-batch, so
+DDP/FSDP with N ranks do N times the work of one process per step. With ``--nodes 2`` (``nodes``) two
+network namespaces stand for two machines joined by a link of ``--rate``, each with its own folder and
+cache, one process each started by `gptforge launch`; every setting is compared with the compute-only
+step (one process doing the same per-rank work). Step time is the median ``perf/step_ms`` after the
+warm-up steps, read from each run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+from gptforge.bench import local, nodes
+from gptforge.bench.options import BenchOptions
+from gptforge.errors import UserError
+
+
+def main(a: BenchOptions) -> int:
+    if a.nodes == 1:
+        return local.main(a)
+    if a.nodes == 2:
+        return nodes.main(a)
+    raise UserError(f"--nodes {a.nodes}: bench runs on this machine (1) or on two namespace nodes (2)")

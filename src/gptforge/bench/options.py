@@ -1,0 +1,80 @@
+"""`gptforge bench` options, the pretrain command line every run shares, and what a run leaves behind."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gptforge.errors import UserError
+from gptforge.options import Passthrough
+
+
+@dataclass
+class BenchOptions:
+    """Step time of one training run single-process, under DDP and under FSDP2, or across two network-namespace
+    nodes with a rate-limited link (pretrain options after --)."""
+
+    modes: str = "single,ddp,fsdp"
+    """comma-separated subset of single,ddp,fsdp (one machine)"""
+    nproc: int = 2
+    """ranks for ddp / fsdp (one machine)"""
+    nodes: int = 1
+    """1: runs on this machine; 2: two network-namespace nodes, one process each (needs root, `ip`, `tc`)"""
+    rate: str | None = None
+    """--nodes 2: link rate of each node, a tc rate such as 100mbit or 1gbit (default: not limited)"""
+    settings: str = "ddp,bf16,powersgd,sync8"
+    """--nodes 2: comma-separated settings to compare (ddp, bf16, powersgd, sync4, sync8, sync16, fsdp, auto)"""
+    steps: int = 20
+    """optimizer steps per run"""
+    warmup: int = 5
+    """steps left out of the median"""
+    micro_batch: int = 8
+    """sequences per rank per step"""
+    preset: str = "micro"
+    """model preset"""
+    block_size: int | None = None
+    """context length (default: the preset's)"""
+    precision: str = "fp32"
+    """fp32 | bf16 | auto"""
+    threads: int | None = None
+    """threads per process (default: cores // processes)"""
+    data: str | None = None
+    """prepared dataset dir or text (default: built-in Shakespeare)"""
+    run_timeout: float = 3600
+    """--nodes 2: seconds one setting may run before it is stopped (reported as failed)"""
+    json: str | None = None
+    """also write the results here"""
+    pretrain: Passthrough = field(default_factory=list)
+    """pretrain options (after --)"""
+
+
+def pretrain_args(a: BenchOptions, out_dir: Path | str, data: str | None = None, setting: list[str] = ()) -> list[str]:
+    """The pretrain options of one run: ours, then the setting's, then the user's (after --: they win)."""
+    args = [f"--model.preset={a.preset}", f"--train.out_dir={out_dir}", f"--train.micro_batch={a.micro_batch}",
+            f"--train.max_steps={a.steps}", f"--train.precision={a.precision}", "--train.log_every=1",
+            "--train.eval_every=0", "--train.eval_batches=1", "--train.save_every=0", "--train.keep_last=1",
+            "--train.sample_tokens=0", "--train.progress=false", "--train.tensorboard=false",
+            "--parallel.timeout_s=120"]
+    if a.block_size:
+        args.append(f"--model.block_size={a.block_size}")
+    if data or a.data:
+        args.append(f"--data.path={data or a.data}")
+    return args + list(setting) + a.pretrain
+
+
+def read_metrics(run_dir: Path, warmup: int) -> dict:
+    """Median and spread of ``perf/step_ms`` after the warm-up steps, and the last training loss."""
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ms = [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r.get("step", 0) > warmup]
+    if not ms:
+        raise UserError(f"no step times after the warm-up in {run_dir}; raise --steps above --warmup")
+    losses = [r["train/loss"] for r in rows if "train/loss" in r]
+    return {"step_ms": statistics.median(ms), "spread_ms": max(ms) - min(ms),
+            "final_loss": losses[-1] if losses else None}
+
+
+def check_steps(a: BenchOptions) -> None:
+    if a.steps <= a.warmup:
+        raise UserError(f"--steps ({a.steps}) must be larger than --warmup ({a.warmup})")
