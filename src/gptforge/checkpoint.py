@@ -9,12 +9,15 @@ import json
 import os
 import pickle
 import re
+import secrets
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -29,6 +32,7 @@ from torch.distributed.checkpoint.state_dict import (
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import barrier
+from gptforge.parallel.parallelize import unwrap
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _STEP_RE = re.compile(r"^step_(\d+)$")
@@ -108,30 +112,125 @@ def read_json(ckpt: Path, name: str) -> dict:
         raise UserError(f"checkpoint '{ckpt}' is corrupt: {name} is not valid JSON ({e.msg})") from None
 
 
+# ---- agreement between ranks and nodes ----------------------------------------------------------------
+def _bcast(obj, env):
+    """Rank 0's object on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _rank0(fn, env):
+    """Run fn() on rank 0 only; every rank gets its result, or the same UserError (no rank is left waiting)."""
+    out = None
+    if env.is_main:
+        try:
+            out = ("ok", fn())
+        except UserError as e:
+            out = ("error", str(e))
+    kind, value = _bcast(out, env)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def _all_true(flag: bool, env) -> bool:
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def storage_is_shared(out_dir: str | Path, env) -> bool:
+    """Do all ranks see the same out_dir? Rank 0 writes a random token there and every rank looks for it:
+    true on one node or a shared filesystem, false on machines with disks of their own."""
+    if not env.distributed:
+        return True
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    token = _bcast(secrets.token_hex(8) if env.is_main else None, env)
+    probe = root / f".gptforge-probe-{token}"
+    if env.is_main:
+        probe.write_text(token)
+    barrier(env)
+    try:
+        seen = probe.read_text() == token
+    except OSError:
+        seen = False
+    shared = _all_true(seen, env)
+    barrier(env)
+    if env.is_main:
+        probe.unlink(missing_ok=True)
+    return shared
+
+
+def resume_candidates(resume: str, out_dir: str | Path, env) -> list[Path]:
+    """The checkpoints to try, newest first, as rank 0 sees them: every rank resumes from the same one."""
+    def pick() -> list[str]:
+        found = list_checkpoints(out_dir) if resume == "auto" else [checkpoint_dir_of(resume)]
+        return [str(p) for p in reversed(found)]
+
+    return [Path(p) for p in _rank0(pick, env)]
+
+
+def read_json_rank0(ckpt: Path, name: str, env) -> dict:
+    """read_json on rank 0 (whose disk holds every checkpoint), the result on every rank."""
+    return _rank0(lambda: read_json(ckpt, name), env)
+
+
+def require_everywhere(ckpt: Path, env) -> None:
+    """A sharded checkpoint is read by every rank: one clear error naming the nodes that lack it."""
+    here = (ckpt / STATE_FILE).is_file()
+    if _all_true(here, env):
+        return
+    seen = [None] * env.world_size
+    dist.all_gather_object(seen, (env.rank, socket.gethostname(), here))
+    missing = ", ".join(f"rank {r} on {host}" for r, host, ok in seen if not ok)
+    raise UserError(f"checkpoint '{ckpt}' is sharded over all ranks but {missing} cannot see it; resume on "
+                    "the machines that saved it (same shared folder), or from a checkpoint saved without one")
+
+
 # ---- save -------------------------------------------------------------------------------------
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, env,
-                    files: dict[str, str | bytes], keep_last: int = 2) -> Path:
-    """All ranks call this. `files`: small files (config, tokenizer) written by rank 0 beside the tensors."""
+                    files: dict[str, str | bytes], keep_last: int = 2, shared: bool = True) -> Path:
+    """All ranks call this. `files`: small files (config, tokenizer) written by rank 0 beside the tensors.
+    shared (all ranks see out_dir): every rank writes its shards (DCP, reshardable). Not shared (each
+    machine has its own disk): the full state is gathered to rank 0, which alone writes it, so node 0 holds
+    a complete checkpoint and resumes broadcast it to the others."""
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     partial = root / f"step_{step:07d}.partial"
+    fmt = "sharded" if shared or not env.distributed else "full"
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
         if partial.exists():
             shutil.rmtree(partial)
     barrier(env)
-    msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
-    state = {"model": msd} | ({"optim": osd} if osd is not None else {})
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.save(state, checkpoint_id=str(partial))
-    # every rank writes its own RNG state: exact resume at the same world size
-    (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
+        if fmt == "sharded":
+            msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
+            dcp.save({"model": msd} | ({"optim": osd} if osd is not None else {}), checkpoint_id=str(partial))
+            # every rank writes its own RNG state: exact resume at the same world size
+            (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
+        else:
+            msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            rngs = [None] * env.world_size
+            dist.all_gather_object(rngs, rng_state())
+            if env.is_main:
+                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial), no_dist=True)
+                for r, st in enumerate(rngs):
+                    (partial / f"rng_{r}.json").write_text(json.dumps(st))
+            del msd, osd
     barrier(env)
     if env.is_main:
         for name, content in files.items():
             (partial / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state | {"world_size": env.world_size}, indent=2))
+        (partial / STATE_FILE).write_text(json.dumps(trainer_state | {"world_size": env.world_size, "format": fmt},
+                                                     indent=2))
         _fsync_dir(partial)
         if final.exists():
             shutil.rmtree(final)
@@ -155,11 +254,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 # ---- load -------------------------------------------------------------------------------------
-def _dcp_load(state: dict, ckpt: Path) -> None:
+def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)))
+            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
         msg = " ".join(str(e).split())[:200] or type(e).__name__
         raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated ({msg}); "
@@ -167,21 +266,36 @@ def _dcp_load(state: dict, ckpt: Path) -> None:
 
 
 def load_checkpoint(ckpt: Path, model, optimizer, env) -> dict:
-    """Restore model (+ optimizer, + RNG when the world size matches); returns trainer_state."""
-    ts = read_json(ckpt, STATE_FILE)
-    if optimizer is not None:
+    """Restore model + optimizer (+ RNG when the world size matches) on every rank; returns trainer_state.
+    The checkpoint is the one rank 0 names (all ranks call this with the same path)."""
+    ts = _rank0(lambda: read_json(ckpt, STATE_FILE), env)
+    if ts.get("format", "sharded") == "full":
+        _load_full(ckpt, model, optimizer, env)
+        rngs = _rank0(lambda: [json.loads(p.read_text()) if (p := ckpt / f"rng_{r}.json").is_file() else None
+                               for r in range(env.world_size)], env)
+        rng = rngs[env.rank] if ts.get("world_size") == env.world_size else None
+    else:
+        if env.distributed:
+            require_everywhere(ckpt, env)
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optim": osd}
         _dcp_load(state, ckpt)
         set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    else:
-        state = {"model": get_model_state_dict(model)}
-        _dcp_load(state, ckpt)
-        set_model_state_dict(model, state["model"])
-    rng = ckpt / f"rng_{env.rank}.json"
-    if ts.get("world_size") == env.world_size and rng.is_file():
-        set_rng_state(json.loads(rng.read_text()))
+        p = ckpt / f"rng_{env.rank}.json"
+        rng = json.loads(p.read_text()) if ts.get("world_size") == env.world_size and p.is_file() else None
+    if rng:
+        set_rng_state(rng)
     return ts
+
+
+def _load_full(ckpt: Path, model, optimizer, env) -> None:
+    """Rank 0 reads the full state from its disk; the others receive it over the network."""
+    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(model, optimizer, options=offload if env.is_main else StateDictOptions(full_state_dict=True))
+    _rank0(lambda: _dcp_load({"model": msd, "optim": osd}, ckpt, no_dist=True), env)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
+    # DDP's wrapper does not take broadcast state dicts: load into the module it wraps (same parameters)
+    set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
 
 
 def load_model_weights(ckpt: Path, model) -> None:

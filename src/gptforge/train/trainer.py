@@ -62,6 +62,7 @@ class Trainer:
         self.tokens_per_step = self.seqs_per_step * model_cfg.block_size
         self.total_steps = self._total_steps()
         self.step, self.tokens_seen = 0, 0
+        self.shared_storage = True  # set by fit(): do all ranks see out_dir?
         self.history: list[float] = []
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
@@ -95,11 +96,11 @@ class Trainer:
         r = self.tcfg.resume
         if r in ("none", "", None):
             return
-        candidates = ckpt_mod.list_checkpoints(self.out_dir) if r == "auto" else [ckpt_mod.checkpoint_dir_of(r)]
+        candidates = ckpt_mod.resume_candidates(r, self.out_dir, self.env)
         if not candidates:
             self.print(f"resume=auto: no checkpoint in {self.out_dir / 'checkpoints'}, starting from step 0")
             return
-        for i, ck in enumerate(reversed(candidates)):
+        for i, ck in enumerate(candidates):
             self._check_compatible(ck)
             try:
                 state = ckpt_mod.load_checkpoint(ck, self.model, self.optimizer, self.env)
@@ -119,10 +120,10 @@ class Trainer:
             return
 
     def _check_compatible(self, ck: Path) -> None:
-        saved = ckpt_mod.read_json(ck, "model_config.json")
+        saved = ckpt_mod.read_json_rank0(ck, "model_config.json", self.env)
         now = self.model_cfg.to_dict()
         diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
-                if k not in ("dropout",) and saved.get(k) != now[k]]
+                if k not in ("dropout", "preset") and saved.get(k) != now[k]]
         if diff:
             raise UserError(f"cannot resume from '{ck}': the model differs ({'; '.join(diff[:3])}); "
                             "use the same model config or a new train.out_dir")
@@ -184,10 +185,14 @@ class Trainer:
                  "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
         files = dict(self.files) | {"model_config.json": _json(self.model_cfg.to_dict())}
         return ckpt_mod.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
-                                        files, keep_last=t.keep_last)
+                                        files, keep_last=t.keep_last, shared=self.shared_storage)
 
     def fit(self) -> dict:
         t, env = self.tcfg, self.env
+        self.shared_storage = ckpt_mod.storage_is_shared(self.out_dir, env)
+        if not self.shared_storage:
+            self.print(f"checkpoints: the ranks do not share {self.out_dir} (machines with disks of their own): "
+                       "node 0 keeps each full checkpoint, and a resume sends it to the other nodes")
         self.maybe_resume()
         self.model.train()
         self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
