@@ -24,14 +24,16 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
+    get_optimizer_state_dict,
     get_state_dict,
     set_model_state_dict,
+    set_optimizer_state_dict,
     set_state_dict,
 )
 
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
-from gptforge.parallel.mesh import barrier
+from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
@@ -113,37 +115,6 @@ def read_json(ckpt: Path, name: str) -> dict:
 
 
 # ---- agreement between ranks and nodes ----------------------------------------------------------------
-def _bcast(obj, env):
-    """Rank 0's object on every rank."""
-    if not env.distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _rank0(fn, env):
-    """Run fn() on rank 0 only; every rank gets its result, or the same UserError (no rank is left waiting)."""
-    out = None
-    if env.is_main:
-        try:
-            out = ("ok", fn())
-        except UserError as e:
-            out = ("error", str(e))
-    kind, value = _bcast(out, env)
-    if kind == "error":
-        raise UserError(value)
-    return value
-
-
-def _all_true(flag: bool, env) -> bool:
-    if not env.distributed:
-        return flag
-    t = torch.tensor([1 if flag else 0], device=env.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
 def storage_is_shared(out_dir: str | Path, env) -> bool:
     """Do all ranks see the same out_dir? Rank 0 writes a random token there and every rank looks for it:
     true on one node or a shared filesystem, false on machines with disks of their own."""
@@ -151,7 +122,7 @@ def storage_is_shared(out_dir: str | Path, env) -> bool:
         return True
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    token = _bcast(secrets.token_hex(8) if env.is_main else None, env)
+    token = broadcast_object(secrets.token_hex(8) if env.is_main else None, env)
     probe = root / f".gptforge-probe-{token}"
     if env.is_main:
         probe.write_text(token)
@@ -160,7 +131,7 @@ def storage_is_shared(out_dir: str | Path, env) -> bool:
         seen = probe.read_text() == token
     except OSError:
         seen = False
-    shared = _all_true(seen, env)
+    shared = all_true(seen, env)
     barrier(env)
     if env.is_main:
         probe.unlink(missing_ok=True)
@@ -173,18 +144,18 @@ def resume_candidates(resume: str, out_dir: str | Path, env) -> list[Path]:
         found = list_checkpoints(out_dir) if resume == "auto" else [checkpoint_dir_of(resume)]
         return [str(p) for p in reversed(found)]
 
-    return [Path(p) for p in _rank0(pick, env)]
+    return [Path(p) for p in on_main(pick, env)]
 
 
 def read_json_rank0(ckpt: Path, name: str, env) -> dict:
     """read_json on rank 0 (whose disk holds every checkpoint), the result on every rank."""
-    return _rank0(lambda: read_json(ckpt, name), env)
+    return on_main(lambda: read_json(ckpt, name), env)
 
 
 def require_everywhere(ckpt: Path, env) -> None:
     """A sharded checkpoint is read by every rank: one clear error naming the nodes that lack it."""
     here = (ckpt / STATE_FILE).is_file()
-    if _all_true(here, env):
+    if all_true(here, env):
         return
     seen = [None] * env.world_size
     dist.all_gather_object(seen, (env.rank, socket.gethostname(), here))
@@ -195,11 +166,13 @@ def require_everywhere(ckpt: Path, env) -> None:
 
 # ---- save -------------------------------------------------------------------------------------
 def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_state: dict, env,
-                    files: dict[str, str | bytes], keep_last: int = 2, shared: bool = True) -> Path:
+                    files: dict[str, str | bytes], keep_last: int = 2, shared: bool = True,
+                    replicas: bool = False, extra: dict | None = None) -> Path:
     """All ranks call this. `files`: small files (config, tokenizer) written by rank 0 beside the tensors.
     shared (all ranks see out_dir): every rank writes its shards (DCP, reshardable). Not shared (each
     machine has its own disk): the full state is gathered to rank 0, which alone writes it, so node 0 holds
-    a complete checkpoint and resumes broadcast it to the others."""
+    a complete checkpoint and resumes broadcast it to the others. replicas: every rank has an optimizer
+    state of its own (local SGD), saved per rank; extra: tensors that are the same on every rank."""
     root = Path(out_dir) / "checkpoints"
     final = root / f"step_{step:07d}"
     partial = root / f"step_{step:07d}.partial"
@@ -211,26 +184,29 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_st
     barrier(env)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        if fmt == "sharded":
+        if replicas:
+            _save_replicas(partial, model, optimizer, env, fmt, extra or {})
+        elif fmt == "sharded":
             msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
             dcp.save({"model": msd} | ({"optim": osd} if osd is not None else {}), checkpoint_id=str(partial))
-            # every rank writes its own RNG state: exact resume at the same world size
-            (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
-        else:
+        elif not replicas:
             msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            rngs = [None] * env.world_size
-            dist.all_gather_object(rngs, rng_state())
             if env.is_main:
                 dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial), no_dist=True)
-                for r, st in enumerate(rngs):
-                    (partial / f"rng_{r}.json").write_text(json.dumps(st))
             del msd, osd
+        if fmt == "sharded":  # every rank writes its own RNG state: exact resume at the same world size
+            (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
+        else:
+            rngs = [None] * env.world_size
+            dist.all_gather_object(rngs, rng_state())
+            for r, st in enumerate(rngs if env.is_main else []):
+                (partial / f"rng_{r}.json").write_text(json.dumps(st))
     barrier(env)
     if env.is_main:
         for name, content in files.items():
             (partial / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state | {"world_size": env.world_size, "format": fmt},
-                                                     indent=2))
+        meta = {"world_size": env.world_size, "format": fmt, "replicas": replicas}
+        (partial / STATE_FILE).write_text(json.dumps(trainer_state | meta, indent=2))
         _fsync_dir(partial)
         if final.exists():
             shutil.rmtree(final)
@@ -265,22 +241,28 @@ def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
                         "resume from an earlier one or delete it") from None
 
 
-def load_checkpoint(ckpt: Path, model, optimizer, env) -> dict:
+def load_checkpoint(ckpt: Path, model, optimizer, env, extra: dict | None = None) -> dict:
     """Restore model + optimizer (+ RNG when the world size matches) on every rank; returns trainer_state.
-    The checkpoint is the one rank 0 names (all ranks call this with the same path)."""
-    ts = _rank0(lambda: read_json(ckpt, STATE_FILE), env)
+    The checkpoint is the one rank 0 names (all ranks call this with the same path). `extra`: tensors to
+    fill in place (see save_checkpoint)."""
+    ts = on_main(lambda: read_json(ckpt, STATE_FILE), env)
+    if ts.get("replicas"):
+        if ts.get("format") != "full" and env.distributed:
+            require_everywhere(ckpt, env)
+        _load_replicas(ckpt, model, optimizer, env, ts, extra or {})
     if ts.get("format", "sharded") == "full":
-        _load_full(ckpt, model, optimizer, env)
-        rngs = _rank0(lambda: [json.loads(p.read_text()) if (p := ckpt / f"rng_{r}.json").is_file() else None
+        if not ts.get("replicas"):
+            _load_full(ckpt, model, optimizer, env)
+        rngs = on_main(lambda: [json.loads(p.read_text()) if (p := ckpt / f"rng_{r}.json").is_file() else None
                                for r in range(env.world_size)], env)
         rng = rngs[env.rank] if ts.get("world_size") == env.world_size else None
     else:
-        if env.distributed:
-            require_everywhere(ckpt, env)
-        msd, osd = get_state_dict(model, optimizer)
-        state = {"model": msd, "optim": osd}
-        _dcp_load(state, ckpt)
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if not ts.get("replicas"):
+            if env.distributed:
+                require_everywhere(ckpt, env)
+            msd, osd = get_state_dict(model, optimizer)
+            _dcp_load({"model": msd, "optim": osd}, ckpt)
+            set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
         p = ckpt / f"rng_{env.rank}.json"
         rng = json.loads(p.read_text()) if ts.get("world_size") == env.world_size and p.is_file() else None
     if rng:
@@ -292,10 +274,62 @@ def _load_full(ckpt: Path, model, optimizer, env) -> None:
     """Rank 0 reads the full state from its disk; the others receive it over the network."""
     offload = StateDictOptions(full_state_dict=True, cpu_offload=True)
     msd, osd = get_state_dict(model, optimizer, options=offload if env.is_main else StateDictOptions(full_state_dict=True))
-    _rank0(lambda: _dcp_load({"model": msd, "optim": osd}, ckpt, no_dist=True), env)
+    on_main(lambda: _dcp_load({"model": msd, "optim": osd}, ckpt, no_dist=True), env)
     opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
     # DDP's wrapper does not take broadcast state dicts: load into the module it wraps (same parameters)
     set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+
+
+def _cpu(tree):
+    """A CPU copy of a (nested) state dict: its own storage, also for tensors already on the CPU."""
+    if torch.is_tensor(tree):
+        return tree.detach().to("cpu", copy=True)
+    if isinstance(tree, dict):
+        return {k: _cpu(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_cpu(v) for v in tree)
+    return tree
+
+
+def _save_replicas(partial: Path, model, optimizer, env, fmt: str, extra: dict) -> None:
+    """Local SGD: the (synchronised) model once, each rank's own optimizer state as optim_rank{r}."""
+    osd = get_optimizer_state_dict(model, optimizer)
+    if fmt == "sharded":
+        dcp.save({"model": get_model_state_dict(model), f"optim_rank{env.rank}": osd, "extra": extra},
+                 checkpoint_id=str(partial))
+        return
+    osds = [None] * env.world_size if env.is_main else None
+    dist.gather_object(_cpu(osd), osds, dst=0)
+    if env.is_main:
+        state = {"model": _cpu(get_model_state_dict(model)), "extra": _cpu(extra)}
+        dcp.save(state | {f"optim_rank{r}": o for r, o in enumerate(osds)}, checkpoint_id=str(partial), no_dist=True)
+
+
+def _load_replicas(ckpt: Path, model, optimizer, env, ts: dict, extra: dict) -> None:
+    """Inverse of _save_replicas; a rank beyond the saved number of replicas starts from rank 0's optimizer."""
+    saved = int(ts.get("world_size", 1))
+    own = lambda r: f"optim_rank{r if r < saved else 0}"  # noqa: E731
+    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    if ts.get("format") != "full":
+        state = {"model": msd, own(env.rank): osd, "extra": extra}
+        _dcp_load(state, ckpt)
+    else:
+        common, mine, per_rank = None, [None], None
+        if env.is_main:
+            state = {"model": _cpu(msd), "extra": _cpu(extra)} | {own(r): _cpu(osd) for r in range(env.world_size)}
+            _dcp_load(state, ckpt, no_dist=True)
+            common, per_rank = {"model": state["model"], "extra": state["extra"]}, [state[own(r)] for r in
+                                                                                    range(env.world_size)]
+        if env.distributed:  # the model once to everyone, each rank only its own optimizer state
+            common = broadcast_object(common, env)
+            dist.scatter_object_list(mine, per_rank, src=0)
+        else:
+            mine = per_rank
+        msd, osd = common["model"], mine[0]
+        for k, v in common["extra"].items():
+            extra[k].copy_(v)
+    set_model_state_dict(model, msd)
+    set_optimizer_state_dict(model, optimizer, osd)
 
 
 def load_model_weights(ckpt: Path, model) -> None:

@@ -1,6 +1,6 @@
 """Two machines that share nothing (issue 10): two network-namespace nodes, each in its own folder with its
 own copy of the data and its own GPTFORGE_CACHE, run `gptforge launch`. Save -> stop -> resume gives the
-losses of an uninterrupted run (1e-5) under DDP and HSDP; node 0 alone holds the complete checkpoint, from
+losses of an uninterrupted run (1e-5) under DDP, HSDP and local SGD (per-replica optimizer states); node 0 alone holds the complete checkpoint, from
 which `generate` and `export-hf` work and on which one process and four processes resume exactly."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from distributed._fixtures import base_gpt2, run_args  # noqa: F401  (fixture)
-from distributed._harness import ABORT_MARKERS, assert_losses_close, job_env, read_losses
+from distributed._harness import ABORT_MARKERS, assert_losses_close, job_env, read_losses, torchrun
 from support.netns import netns_unavailable_reason, two_nodes
 
 pytestmark = [pytest.mark.netns, pytest.mark.timeout(600),
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(600),
 LAYOUTS = {  # name -> (processes per node, micro-batch per rank, options): global batch 8 as base_gpt2
     "ddp": (1, 4, ["--parallel.strategy=ddp"]),
     "hsdp": (2, 2, ["--parallel.strategy=fsdp", "--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "localsgd": (1, 4, ["--parallel.strategy=ddp", "--parallel.sync_every=4", "--parallel.outer_momentum=0.9"]),
 }
 
 
@@ -80,8 +81,17 @@ def own_disk_runs(tmp_path_factory, char_data):
     return results
 
 
+@pytest.fixture(scope="module")
+def localsgd_reference(tmp_path_factory, char_data):
+    """Local SGD uninterrupted, 2 processes on one machine: what the two own-disk nodes must reproduce."""
+    out = tmp_path_factory.mktemp("localsgd_ref")
+    torchrun(2, ["pretrain", *run_args(out, char_data, "--train.micro_batch=4", "--train.save_every=5",
+                                       "--train.log_every=1", *LAYOUTS["localsgd"][2])])
+    return out
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_save_stop_resume_matches_uninterrupted(own_disk_runs, base_gpt2, layout):
+def test_save_stop_resume_matches_uninterrupted(own_disk_runs, base_gpt2, localsgd_reference, layout):
     r = own_disk_runs[layout]
     run0, run1 = (h / "runs/x" for h in r["homes"])
     # node 0 alone holds the checkpoint; node 1's disk has none (and no half-written one)
@@ -89,7 +99,8 @@ def test_save_stop_resume_matches_uninterrupted(own_disk_runs, base_gpt2, layout
     assert "do not share" in r["outs"][0][0] and "node 0 keeps each full checkpoint" in r["outs"][0][0]
     assert "resumed from" in r["outs"][1][0] and "at step 5" in r["outs"][1][0]
     assert _steps(run0) == ["step_0000005", "step_0000010"] and _steps(run1) == []
-    assert_losses_close(read_losses(run0), read_losses(base_gpt2))  # steps 1-5, then 6-10 after the resume
+    want = read_losses(localsgd_reference if layout == "localsgd" else base_gpt2)
+    assert_losses_close(read_losses(run0), want)  # steps 1-5, then 6-10 after the resume
 
 
 def test_generate_and_export_from_node0_copy(own_disk_runs, tmp_path):

@@ -93,6 +93,13 @@ class ParallelSection:
     """PowerSGD: rank r of the approximation (an m x n gradient sends r*(m+n) numbers)"""
     powersgd_start: int = 10
     """PowerSGD: optimizer steps of exact all-reduce before compressing (>= 2)"""
+    sync_every: int = 1
+    """1: gradients all-reduced every step (DDP). H > 1: local SGD / DiLoCo: each replica takes H optimizer steps
+    on its own data, then the replicas average their parameter change (H times less communication)"""
+    outer_lr: float = 1.0
+    """sync_every > 1: step size of the outer update (1.0 with no momentum: plain averaging; DiLoCo: 0.7)"""
+    outer_momentum: float = 0.0
+    """sync_every > 1: Nesterov momentum of the outer update (DiLoCo: 0.9)"""
 
 
 @dataclass

@@ -157,6 +157,37 @@ def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     return x / env.world_size
 
 
+def broadcast_object(obj, env):
+    """Rank 0's object on every rank."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def on_main(fn, env):
+    """Run fn() on rank 0 only; every rank gets its result, or the same UserError (no rank is left waiting)."""
+    out = None
+    if env.is_main:
+        try:
+            out = ("ok", fn())
+        except UserError as e:
+            out = ("error", str(e))
+    kind, value = broadcast_object(out, env)
+    if kind == "error":
+        raise UserError(value)
+    return value
+
+
+def all_true(flag: bool, env) -> bool:
+    if not env.distributed:
+        return flag
+    t = torch.tensor([1 if flag else 0], device=env.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
 def barrier(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.barrier()

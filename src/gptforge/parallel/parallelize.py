@@ -8,6 +8,7 @@ import torch.nn as nn
 
 from gptforge.parallel.compress import check_compression, register_compression
 from gptforge.parallel.layout import resolve_strategy, settle_layout
+from gptforge.parallel.localsgd import check_local_sgd
 from gptforge.parallel.tp import apply_tp
 
 
@@ -24,6 +25,7 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     settle_layout(env, cfg, model.cfg)
     strategy = resolve_strategy(env, cfg.parallel)
     check_compression(cfg.parallel, strategy, env.dp_size, env.tp_size)
+    check_local_sgd(cfg.parallel, strategy, env.tp_size)
     if env.tp_size > 1:
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
@@ -44,6 +46,12 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
             fully_shard(block, **kw)
         fully_shard(model, **kw)
         return model
+    if strategy == "ddp" and cfg.parallel.sync_every > 1:
+        if env.is_main:
+            print(f"parallel: local SGD: {env.dp_size} replicas train on their own and average their parameter "
+                  f"change every {cfg.parallel.sync_every} steps (outer lr {cfg.parallel.outer_lr}, momentum "
+                  f"{cfg.parallel.outer_momentum})", flush=True)
+        return model  # the Trainer's LocalSGD synchronises the replicas
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
 

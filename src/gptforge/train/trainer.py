@@ -20,6 +20,7 @@ from gptforge.hardware import device_precision, peak_flops
 from gptforge.model.cost import flops_per_token
 from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier
+from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
 from gptforge.train.metrics import MetricsLogger, fmt_duration
 from gptforge.train.optim import build_optimizer, lr_at
@@ -63,6 +64,9 @@ class Trainer:
         self.total_steps = self._total_steps()
         self.step, self.tokens_seen = 0, 0
         self.shared_storage = True  # set by fit(): do all ranks see out_dir?
+        p = cfg.parallel
+        self.local_sgd = (LocalSGD(unwrap(model), p.sync_every, p.outer_lr, p.outer_momentum)
+                          if p.sync_every > 1 and env.dp_size > 1 else None)
         self.history: list[float] = []
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
@@ -103,7 +107,10 @@ class Trainer:
         for i, ck in enumerate(candidates):
             self._check_compatible(ck)
             try:
-                state = ckpt_mod.load_checkpoint(ck, self.model, self.optimizer, self.env)
+                extra = self.local_sgd.state_dict() if self.local_sgd else None
+                state = ckpt_mod.load_checkpoint(ck, self.model, self.optimizer, self.env, extra=extra)
+                if self.local_sgd:
+                    self.local_sgd.load_state_dict(extra)
             except UserError as e:
                 if r == "auto" and i + 1 < len(candidates):
                     self.print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
@@ -185,7 +192,9 @@ class Trainer:
                  "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
         files = dict(self.files) | {"model_config.json": _json(self.model_cfg.to_dict())}
         return ckpt_mod.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
-                                        files, keep_last=t.keep_last, shared=self.shared_storage)
+                                        files, keep_last=t.keep_last, shared=self.shared_storage,
+                                        replicas=self.local_sgd is not None,
+                                        extra=self.local_sgd.state_dict() if self.local_sgd else None)
 
     def fit(self) -> dict:
         t, env = self.tcfg, self.env
@@ -219,6 +228,9 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}")
             last = self.step == end
+            save_due = bool(t.save_every and self.step % t.save_every == 0) or last
+            if self.local_sgd is not None and (self.local_sgd.due(self.step) or save_due):
+                self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
             if self.step % t.log_every == 0 or last or self.step == 1:
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
@@ -243,7 +255,7 @@ class Trainer:
                     self.print(f"step {self.step}: val loss {self.last_val:.4f}")
                     self.log.log(self.step, {"val/loss": self.last_val})
                 window_t = time.perf_counter()  # keep eval out of the step time
-            if (t.save_every and self.step % t.save_every == 0) or last:
+            if save_due:
                 path = self.save()
                 saved_at = self.step
                 self.print(f"saved checkpoint {path}")
