@@ -1,6 +1,6 @@
 """Two machines that share nothing (issue 10): two network-namespace nodes, each in its own folder with its
 own copy of the data and its own GPTFORGE_CACHE, run `gptforge launch`. Save -> stop -> resume gives the
-losses of an uninterrupted run (1e-5) under DDP, HSDP and local SGD (per-replica optimizer states); node 0 alone holds the complete checkpoint, from
+losses of an uninterrupted run (1e-5) under DDP, HSDP, TP x replication and local SGD (per-replica optimizer states); node 0 alone holds the complete checkpoint, from
 which `generate` and `export-hf` work and on which one process and four processes resume exactly."""
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.netns, pytest.mark.timeout(600),
 LAYOUTS = {  # name -> (processes per node, micro-batch per rank, options): global batch 8 as base_gpt2
     "ddp": (1, 4, ["--parallel.strategy=ddp"]),
     "hsdp": (2, 2, ["--parallel.strategy=fsdp", "--parallel.dp_replicate=2", "--parallel.dp_shard=2"]),
+    "tp": (2, 4, ["--parallel.tp=2"]),  # tensor parallel inside each node, replicated across the nodes
     "localsgd": (1, 4, ["--parallel.strategy=ddp", "--parallel.sync_every=4", "--parallel.outer_momentum=0.9"]),
 }
 
