@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import tiny_args
-from distributed._harness import check_clean, finish, start, torchrun
+from distributed._harness import start, torchrun
 
 pytestmark = pytest.mark.timeout(300)
 
