@@ -61,7 +61,10 @@ def micro_steps(strategy: str, env) -> list[list[str]]:
 def report(steps_of, kinds: tuple[str, ...]) -> int:
     """Run steps_of(kind, env) for each kind; rank 0 prints "COMMS {kind: ...}" (also for _compress_worker)."""
     env = init_distributed(Config().parallel, "cpu")
-    out = {k: steps_of(k, env) for k in kinds}
+    out = {}
+    for k in kinds:
+        env.layout = None  # one process, several models: each settles its own layout (a run settles once)
+        out[k] = steps_of(k, env)
     if env.rank == 0:
         print("COMMS " + json.dumps(out), flush=True)
     shutdown(env)
