@@ -84,7 +84,8 @@ def test_script_and_module_targets_and_timeout(capsys, tmp_path, monkeypatch):
 SPY_TIMEOUT = r'''
 import torch.distributed as dist
 from gptforge.config.schema import ParallelSection
-from gptforge.parallel.mesh import init_distributed
+from gptforge.parallel.exit import run_main
+from gptforge.parallel.mesh import init_distributed, shutdown
 
 real = dist.init_process_group
 
@@ -95,8 +96,8 @@ def spy(*args, **kwargs):
 
 
 dist.init_process_group = spy
-init_distributed(ParallelSection(strategy="ddp", timeout_s=77), "cpu")
-dist.destroy_process_group()
+# end as gptforge's own workers do (barrier, destroy, os._exit): gloo may abort at interpreter exit
+run_main(lambda: shutdown(init_distributed(ParallelSection(strategy="ddp", timeout_s=77), "cpu")))
 '''
 
 
