@@ -28,8 +28,8 @@ def test_bench_two_nodes_table(tmp_path, char_data):
     lines = r.stdout.splitlines()
     assert "2 nodes, link 100mbit, model micro" in r.stdout, r.stdout
     head = next(i for i, ln in enumerate(lines) if ln.startswith("setting"))
-    assert lines[head].split()[:5] == ["setting", "step", "ms", "vs", "compute"]
-    num = r"(\d+\.\d)\s+(\d+\.\d\d)x\s+(\d+\.\d{4})"
+    assert lines[head].split()[:9] == ["setting", "median", "ms", "vs", "compute", "mean", "ms", "vs", "compute"]
+    num = r"(\d+\.\d)\s+(\d+\.\d\d)x\s+\d+\.\d\s+\d+\.\d\dx\s+(\d+\.\d{4})"
     rows = {m.group(1): m.groups()[1:] for ln in lines[head + 1:] if (m := re.match(r"(\w+)\s+" + num, ln))}
     assert set(rows) == {"compute", "ddp", "bf16"}, r.stdout
     assert rows["compute"][1] == "1.00"
@@ -40,5 +40,6 @@ def test_bench_two_nodes_table(tmp_path, char_data):
     for s in data["settings"]:
         assert "error" not in s, s
         assert s["vs_compute"] == pytest.approx(s["step_ms"] / data["compute"]["step_ms"])
+        assert s["mean_vs_compute"] == pytest.approx(s["mean_ms"] / data["compute"]["mean_ms"])
     left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert not re.search(rf"^{PREFIX}\d+n", left, re.M), left

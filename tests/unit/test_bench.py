@@ -35,16 +35,18 @@ def test_nodes_settings_table_and_errors(capsys, monkeypatch):
 
     assert nodes.parse_settings("ddp, sync8") == ["ddp", "sync8"]
     assert nodes.SETTINGS["sync8"] == ["--parallel.strategy=ddp", "--parallel.sync_every=8"]
-    base = {"step_ms": 5000.0, "final_loss": 2.5}
-    rows = [{"setting": "ddp", "options": "--parallel.strategy=ddp", "step_ms": 9000.0, "final_loss": 2.5},
+    base = {"step_ms": 5000.0, "mean_ms": 5000.0, "final_loss": 2.5}
+    rows = [{"setting": "ddp", "options": "--parallel.strategy=ddp", "step_ms": 9000.0, "mean_ms": 9500.0,
+             "final_loss": 2.5},
             {"setting": "bf16", "options": "--parallel.strategy=ddp --parallel.grad_compression=bf16",
-             "step_ms": 6500.0, "final_loss": 2.525},
+             "step_ms": 6500.0, "mean_ms": 7500.0, "final_loss": 2.525},
             {"setting": "sync8", "options": "", "error": "node 0 exit 2: gptforge: error: unknown key"}]
     table = nodes.format_table(base, rows).splitlines()
-    assert table[0].split()[:7] == ["setting", "step", "ms", "vs", "compute", "final", "loss"]
-    assert table[1].split()[:4] == ["compute", "5000.0", "1.00x", "2.5000"]
-    assert table[2].split()[:5] == ["ddp", "9000.0", "1.80x", "2.5000", "+0.0%"]
-    assert table[3].split()[:5] == ["bf16", "6500.0", "1.30x", "2.5250", "+1.0%"]
+    assert table[0].split()[:11] == ["setting", "median", "ms", "vs", "compute", "mean", "ms", "vs", "compute",
+                                     "final", "loss"]
+    assert table[1].split()[:6] == ["compute", "5000.0", "1.00x", "5000.0", "1.00x", "2.5000"]
+    assert table[2].split()[:7] == ["ddp", "9000.0", "1.80x", "9500.0", "1.90x", "2.5000", "+0.0%"]
+    assert table[3].split()[:7] == ["bf16", "6500.0", "1.30x", "7500.0", "1.50x", "2.5250", "+1.0%"]
     assert table[4] == "sync8      failed: node 0 exit 2: gptforge: error: unknown key"
     assert nodes.error_line("a\n[rank0]: gptforge: error: no such key --parallel.sync_every\nb\n") == \
         "[rank0]: gptforge: error: no such key --parallel.sync_every"

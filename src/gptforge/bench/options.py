@@ -65,13 +65,14 @@ def pretrain_args(a: BenchOptions, out_dir: Path | str, data: str | None = None,
 
 
 def read_metrics(run_dir: Path, warmup: int) -> dict:
-    """Median and spread of ``perf/step_ms`` after the warm-up steps, and the last training loss."""
+    """Median, mean and spread of ``perf/step_ms`` after the warm-up steps, and the last training loss. The
+    mean counts settings whose cost falls on a few steps (sync_every=H: one exchange every H steps)."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     ms = [r["perf/step_ms"] for r in rows if "perf/step_ms" in r and r.get("step", 0) > warmup]
     if not ms:
         raise UserError(f"no step times after the warm-up in {run_dir}; raise --steps above --warmup")
     losses = [r["train/loss"] for r in rows if "train/loss" in r]
-    return {"step_ms": statistics.median(ms), "spread_ms": max(ms) - min(ms),
+    return {"step_ms": statistics.median(ms), "mean_ms": statistics.fmean(ms), "spread_ms": max(ms) - min(ms),
             "final_loss": losses[-1] if losses else None}
 
 
