@@ -192,8 +192,8 @@ def iter_json(path: str, on_bad: OnBad | None = None, hint: str = "fix or remove
             progress(len(raw))
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                _bad(on_bad, hint, f"{path}:{lineno}", f"not valid UTF-8 (byte {e.start} of the line)")
+            except UnicodeDecodeError:
+                _bad(on_bad, hint, f"{path}:{lineno}", "not valid UTF-8")
                 continue
             if not line.strip():
                 continue
