@@ -13,6 +13,15 @@ import os
 from gptforge.errors import UserError
 
 GiB = 1024**3
+DEVICE_CHOICES = "auto, cpu, cuda, cuda:N"
+
+
+def check_device_name(name: str, what: str) -> None:
+    """A device name as the user may write it (auto | cpu | cuda | cuda:N); UserError naming `what` otherwise."""
+    kind, _, index = str(name).partition(":")
+    ok = (name in ("auto", "cpu", "cuda")) or (kind == "cuda" and index.isdigit())
+    if not ok:
+        raise UserError(f"{what} must be one of {DEVICE_CHOICES}, got {name!r}")
 FIT_FRACTION = 0.88  # of the device memory a run may plan to use; the rest is left for allocator fragmentation
 
 # HSA_OVERRIDE_GFX_VERSION for consumer RDNA cards (what the ROCm community uses). Cards that the

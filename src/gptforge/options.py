@@ -153,7 +153,7 @@ def _is_number(s: str) -> bool:
 
 def _one_line(text: str, style: _Style, where: str) -> str:
     """tyro's boxed error -> one line naming the flag and what it expects."""
-    flat = " ".join(re.sub(r"[│╭╮╰╯─]+", " ", text).split())
+    flat = " ".join(re.sub(r"[│╭╮╰╯─]+|-{3,}", " ", text).split())  # box drawing and ---- rules
     m = re.search(r"Error parsing (--\S+?):? (?:no type matching (.*?) could be instantiated from \['(.*?)'\])?(.*?)"
                   r"(?: Argument helptext:| Got errors:| For full helptext|$)", flat)
     if m:

@@ -26,9 +26,10 @@ def reverse_pairs(n: int, seed: int = 1) -> list[dict]:
     """chosen: the word reversed (what SFT taught); rejected: the word rotated by one (plausible, wrong)."""
     r = random.Random(seed)
     out = []
-    for _ in range(n):
+    while len(out) < n:
         w = "".join(r.choice(LETTERS) for _ in range(4))
-        out.append({"prompt": w, "chosen": w[::-1], "rejected": w[1:] + w[0]})
+        if w[::-1] != w[1:] + w[0]:  # e.g. 'abab': chosen == rejected, a pair DPO drops (nothing to learn)
+            out.append({"prompt": w, "chosen": w[::-1], "rejected": w[1:] + w[0]})
     return out
 
 

@@ -37,7 +37,7 @@ def run_mode(mode: str, a: BenchOptions, root: Path) -> dict:
     r = subprocess.run(argv, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         tail = "\n".join((r.stdout + r.stderr).splitlines()[-30:])
-        raise UserError(f"the {mode} run failed (exit {r.returncode}):\n{tail}")
+        raise UserError(f"the {mode} run failed (exit {r.returncode}):\n{tail}", multiline=True)
     m = read_metrics(out, a.warmup)
     return {"mode": mode, "nproc": nproc, "threads": threads, **m,
             "seqs_per_step": a.micro_batch * nproc, "wall_s": time.perf_counter() - t0}

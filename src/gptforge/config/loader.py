@@ -14,6 +14,7 @@ from typing import Any
 
 from gptforge.config.presets import preset_model
 from gptforge.config.schema import Config
+from gptforge.config.validate import check_config
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig
 from gptforge.options import parse_options
@@ -35,7 +36,17 @@ def load_file(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"config file '{p}' not found; check the path given to --config")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"config file '{p}' is not a text file (byte {e.start} is not UTF-8); give a TOML, "
+                        f"YAML or JSON config to --config") from None
+    except OSError as e:
+        raise UserError(f"cannot read config file '{p}' ({e.strerror or e}); check the path given to --config") \
+            from None
+    if "\x00" in text:
+        raise UserError(f"config file '{p}' is not a text file (it holds NUL bytes); give a TOML, YAML or JSON "
+                        f"config to --config")
     try:
         if p.suffix == ".toml":
             return tomllib.loads(text)
@@ -51,9 +62,14 @@ def load_file(path: str | Path) -> dict:
     raise UserError(f"config file '{p}' must end in .toml, .yaml, .yml or .json")
 
 
+def _short(value: Any) -> str:
+    r = " ".join(repr(value).split())
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
 def _as_arg(key: str, value: Any, where: str) -> str:
-    if isinstance(value, (dict, list)):
-        raise UserError(f"config key '{key}' {where} must be a single value, got {value!r}")
+    if isinstance(value, (dict, list, tuple, set)):
+        raise UserError(f"config key '{key}' {where} must be a single value, got {_short(value)}")
     if isinstance(value, bool):
         value = "true" if value else "false"
     return f"--{key}={'None' if value is None else value}"
@@ -62,11 +78,12 @@ def _as_arg(key: str, value: Any, where: str) -> str:
 def file_args(data: dict, where: str) -> list[str]:
     """A config file's {section: {key: value}} as --section.key=value arguments."""
     if not isinstance(data, dict):
-        raise UserError(f"the config {where} must be a table of sections ([train], [model], ...)")
+        raise UserError(f"the config {where} must be a table of sections ([train], [model], ...), "
+                        f"got a {type(data).__name__}")
     out = []
     for section, values in data.items():
         if not isinstance(values, dict):
-            raise UserError(f"config section '{section}' {where} must be a table of keys, got {values!r}")
+            raise UserError(f"config section '{section}' {where} must be a table of keys, got {_short(values)}")
         out += [_as_arg(f"{section}.{k}", v, where) for k, v in values.items()]
     return out
 
@@ -125,7 +142,7 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
     base = _with_defaults(Config(model=preset_model(preset)), {k: v for k, v in defaults.items() if k != "model"})
     if fargs:
         base = parse_options(Config, fargs, prog, default=base, where=f"in {config_file}", config_keys=True)
-    return parse_options(Config, argv, prog, default=base, config_keys=True)
+    return check_config(parse_options(Config, argv, prog, default=base, config_keys=True))
 
 
 def resolve_model(model: GPTConfig, tokenizer_vocab: int | None = None) -> GPTConfig:

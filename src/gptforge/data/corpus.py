@@ -23,6 +23,33 @@ def cache_dir() -> Path:
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "gptforge"
 
 
+def check_writable(folder: str | Path, what: str, fix: str) -> None:
+    """UserError (one line naming `folder`) unless `folder` exists as a writable folder or can be created:
+    its nearest existing ancestor must be a folder we can write into (tried with a temporary file, so the
+    check holds for root and read-only mounts too). Creates nothing that stays."""
+    p = Path(folder).expanduser()
+    probe = p
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise UserError(f"{what} '{p}' cannot be created: '{probe}' is a file, not a folder; {fix}")
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".gptforge-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise UserError(f"{what} '{p}' is not writable ({e.strerror or e} in '{probe}'); {fix}") from None
+
+
+def checked_cache_dir() -> Path:
+    """cache_dir(), checked to be writable (one line naming it and GPTFORGE_CACHE otherwise)."""
+    d = cache_dir()
+    check_writable(d, "the cache folder", "set GPTFORGE_CACHE to a folder you can write to")
+    return d
+
+
 # ---------------------------------------------------------------------------------------------- Shakespeare
 
 def strip_gutenberg(text: str) -> str:

@@ -56,7 +56,7 @@ class UnitLoader:
                  shuffle: bool = True, accum_steps: int = 1, name: str = "data",
                  unit_name: str = "training units (sequences / pairs)"):
         if micro_batch < 1 or accum_steps < 1:
-            raise UserError(f"micro_batch ({micro_batch}) and accum_steps ({accum_steps}) must be positive")
+            raise UserError(f"train.micro_batch ({micro_batch}) and train.grad_accum ({accum_steps}) must be >= 1")
         if not 0 <= dp_rank < dp_size:
             raise UserError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
         self.n, self.B, self.dp_rank, self.dp_size = n_units, micro_batch, dp_rank, dp_size

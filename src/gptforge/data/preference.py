@@ -88,11 +88,23 @@ def read_pairs(spec, tok, block_size: int, overflow: str = "truncate", skip_bad:
         if sides[0] is None or sides[1] is None:
             stats.examples -= sum(s is not None for s in sides)
             continue
+        if _same(sides[0], sides[1]):  # chosen == rejected (as trained): a zero gradient, nothing to learn
+            stats.examples -= 2
+            stats.extra["identical"] = stats.extra.get("identical", 0) + 1
+            continue
         pairs.append(Pair(sides[0], sides[1]))
     stats.examples //= 2
+    same = stats.extra.get("identical", 0)
+    if not pairs and same and same == stats.records:
+        raise UserError(f"every pair in {spec} has 'chosen' identical to 'rejected' ({same} pairs); DPO learns "
+                        "nothing from them: give pairs whose answers differ")
     if not pairs:
         raise UserError(f"no usable preference pairs in {spec} ({stats.summary('pairs')})")
     return pairs, stats
+
+
+def _same(a: Example, b: Example) -> bool:
+    return np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
 
 
 class PairLoader(UnitLoader):

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gptforge.data.corpus import cache_dir, shakespeare_path
+from gptforge.data.corpus import checked_cache_dir, shakespeare_path
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
 from gptforge.data.tokenizer import Tokenizer, build_tokenizer
 from gptforge.errors import UserError
@@ -129,12 +129,13 @@ def _encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]]) -> Iterab
 
 
 def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fraction: float = 0.01,
-            field: str = "text", hf_split: str = "train", progress: bool = True) -> dict:
+            field: str = "text", hf_split: str = "train", progress: bool = True,
+            val_key: str = "--val-fraction") -> dict:
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
     tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict."""
     if not 0 < val_fraction < 0.5:
-        raise UserError(f"--val-fraction {val_fraction} must be between 0 and 0.5 (e.g. 0.01)")
+        raise UserError(f"{val_key} {val_fraction} must be between 0 and 0.5 (e.g. 0.01)")
     sources = resolve_inputs(inputs, field=field, split=hf_split)
     total = _total_bytes(sources)
     spec = str(tokenizer)
@@ -201,7 +202,7 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
         path = path[0]
     if path is not None and not isinstance(path, (list, tuple)) and (Path(path).expanduser() / "meta.json").is_file():
         return Path(path).expanduser()
-    root = Path(cache or cache_dir())
+    root = Path(cache or checked_cache_dir())
     inputs = [shakespeare_path(root)] if path is None else path
     spec = str(tokenizer or "char")
     sources = resolve_inputs(inputs, field=field)
@@ -212,7 +213,8 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".preparing-", dir=final.parent))
     try:
-        prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field, progress=progress)
+        prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field, progress=progress,
+                val_key="data.val_fraction")
         try:
             os.replace(tmp, final)  # atomic; fails if another process finished first
         except OSError:

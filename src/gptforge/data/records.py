@@ -38,6 +38,8 @@ class DataStats:
     def summary(self, what: str = "conversations") -> str:
         s = (f"{self.records} {what} -> {self.examples} examples; {self.truncated} truncated, "
              f"{self.dropped_long} dropped as too long, {self.dropped_empty} dropped with nothing to learn")
+        if self.extra.get("identical"):
+            s += f", {self.extra['identical']} dropped as chosen identical to rejected"
         if self.bad_lines:
             s += f", {self.bad_lines} malformed lines skipped (first: {self.first_bad})"
         return s

@@ -116,7 +116,7 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text
 def _iter_text_file(path: str, progress: Progress) -> Iterator[tuple[str, bool]]:
     """~1 MiB pieces of a UTF-8 text file, each cut just after a newline when there is one."""
     decoder = codecs.getincrementaldecoder("utf-8")()
-    carry, done, yielded = b"", 0, False
+    carry, done, yielded, lines = b"", 0, False, 0
     with open(path, "rb") as f:
         while True:
             block = f.read(CHUNK_BYTES)
@@ -130,8 +130,10 @@ def _iter_text_file(path: str, progress: Progress) -> Iterator[tuple[str, bool]]
             try:
                 text = decoder.decode(data[:cut], final=not block)
             except UnicodeDecodeError as e:
-                raise UserError(f"{path}: not UTF-8 text (byte {done + e.start}); convert it, e.g. "
+                line = lines + data[:max(e.start, 0)].count(b"\n") + 1
+                raise UserError(f"{path}:{line}: not UTF-8 text (byte {done + e.start}); convert it, e.g. "
                                 f"iconv -f latin1 -t utf-8") from None
+            lines += data[:cut].count(b"\n")
             done += cut
             progress(cut)
             if not block:
@@ -158,25 +160,38 @@ def iter_json(path: str, on_bad: OnBad | None = None, hint: str = "fix or remove
     skips the whole file); without on_bad it raises UserError 'where: why; hint'."""
     progress = progress or (lambda n: None)
     with open(path, "rb") as f:
-        is_array = f.read(4096).lstrip().startswith(b"[")
+        is_array = f.read(4096).removeprefix(codecs.BOM_UTF8).lstrip().startswith(b"[")
         f.seek(0)
         if is_array:
             raw = f.read()
             progress(len(raw))
+            suspect = b"\\ud" in raw.lower()  # a \\udXXX escape may be a lone surrogate
             try:
-                items = json.loads(raw.decode("utf-8"))
+                text = raw.decode("utf-8-sig")
             except UnicodeDecodeError as e:
-                return _bad(on_bad, hint, path, f"not valid UTF-8 (byte {e.start}); the whole file is skipped")
+                line = raw[:e.start].count(b"\n") + 1
+                if on_bad is None:
+                    return _bad(on_bad, hint, f"{path}:{line}", f"not valid UTF-8 (byte {e.start})")
+                # skipping: undecodable bytes become lone surrogates; only the records holding them are bad
+                text = raw.decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+                suspect = True
+            try:
+                items = json.loads(text)
             except json.JSONDecodeError as e:
                 return _bad(on_bad, hint, f"{path}:{e.lineno}",
                             f"invalid JSON ({e.msg} at column {e.colno}); the whole file is skipped")
+            if not isinstance(items, list):  # e.g. '[1] [2]' is caught above; a top-level '[' is always a list
+                return _bad(on_bad, hint, path, "not a JSON array; the whole file is skipped")
             for i, value in enumerate(items):
+                if suspect and _has_surrogates(value):
+                    _bad(on_bad, hint, f"{path}[{i}]", "not valid UTF-8 text (undecodable bytes or a lone surrogate)")
+                    continue
                 yield f"{path}[{i}]", value
             return
         for lineno, raw in enumerate(f, 1):
             progress(len(raw))
             try:
-                line = raw.decode("utf-8")
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError:
                 _bad(on_bad, hint, f"{path}:{lineno}", "not valid UTF-8")
                 continue
@@ -187,7 +202,26 @@ def iter_json(path: str, on_bad: OnBad | None = None, hint: str = "fix or remove
             except json.JSONDecodeError as e:
                 _bad(on_bad, hint, f"{path}:{lineno}", f"invalid JSON ({e.msg} at column {e.colno})")
                 continue
+            if b"\\ud" in raw.lower() and _has_surrogates(value):  # only an escape makes one in valid UTF-8
+                _bad(on_bad, hint, f"{path}:{lineno}", "not valid text (a lone surrogate escape such as \\ud800)")
+                continue
             yield f"{path}:{lineno}", value
+
+
+def _has_surrogates(value) -> bool:
+    """Does a JSON value hold lone surrogates: bytes that were not UTF-8 (decoded with surrogateescape) or
+    \\ud800-style escapes? Neither is text (encoding it would fail later)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+            return False
+        except UnicodeEncodeError:
+            return True
+    if isinstance(value, dict):
+        return any(_has_surrogates(k) or _has_surrogates(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_surrogates(v) for v in value)
+    return False
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------------

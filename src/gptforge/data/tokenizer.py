@@ -19,6 +19,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from gptforge.data.corpus import check_writable
 from gptforge.data.sources import iter_texts, resolve_inputs
 from gptforge.errors import UserError
 
@@ -211,7 +212,24 @@ class TrainTokenizerOptions:
 
 
 def main(opts: TrainTokenizerOptions) -> int:
+    if opts.vocab_size < len(SPECIAL_TOKENS) + 256:
+        raise UserError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 256} (256 bytes + the special "
+                        f"tokens), got {opts.vocab_size}; e.g. 8192")
+    if opts.min_frequency < 1:
+        raise UserError(f"--min-frequency must be at least 1, got {opts.min_frequency}")
+    check_writable(opts.out, "--out", "choose a folder you can write to")
     sources = resolve_inputs(opts.input, field=opts.field)
-    tok = train_bpe((text for text, _ in iter_texts(sources)), opts.vocab_size, opts.out, opts.min_frequency)
+    seen = {"chars": 0}
+
+    def texts():
+        for text, _ in iter_texts(sources):
+            seen["chars"] += len(text.strip())
+            yield text
+
+    tok = train_bpe(texts(), opts.vocab_size, None, opts.min_frequency)
+    if seen["chars"] == 0:  # nothing written: a tokenizer of bytes only would be silently useless
+        raise UserError(f"--input {' '.join(opts.input)} holds no text ({len(sources)} file(s), all empty or "
+                        f"blank); point --input at your corpus (and --field at the text of JSONL records)")
+    tok.save(opts.out)
     print(f"wrote {Path(opts.out) / 'tokenizer.json'} (vocab_size={tok.vocab_size})")
     return 0

@@ -10,6 +10,7 @@ import shutil
 import socket
 import struct
 import subprocess
+import threading
 
 from gptforge.errors import UserError
 
@@ -90,11 +91,33 @@ def local_addresses() -> set[str]:
     return out
 
 
-def resolve(host: str) -> str:
+RESOLVE_TIMEOUT_S = 10.0
+
+
+def resolve(host: str, timeout: float = RESOLVE_TIMEOUT_S) -> str:
+    """host -> IPv4 address within `timeout` seconds (a slow DNS lookup runs in a daemon thread), else a
+    one-line UserError naming --master-addr."""
     try:
-        return socket.gethostbyname(host)
-    except OSError as e:
-        raise UserError(f"cannot resolve master address '{host}' ({e}); use its IP address or fix /etc/hosts") from None
+        ipaddress.IPv4Address(host)
+        return host
+    except ValueError:
+        pass
+    result: dict = {}
+
+    def lookup() -> None:
+        try:
+            result["ip"] = socket.gethostbyname(host)
+        except (OSError, UnicodeError) as e:
+            result["error"] = e
+
+    t = threading.Thread(target=lookup, daemon=True, name="resolve-master")
+    t.start()
+    t.join(timeout)
+    if "ip" in result:
+        return result["ip"]
+    why = result.get("error") or f"no answer from DNS within {timeout:.0f} s"
+    raise UserError(f"cannot resolve --master-addr '{host}' ({why}); use node 0's IP address or fix DNS / "
+                    "/etc/hosts") from None
 
 
 def is_local(host: str) -> bool:

@@ -48,6 +48,11 @@ def validate(opts: LaunchOptions) -> None:
     opts.check_node()
     if opts.iface:
         netutil.require_iface(opts.iface)
+    if opts.rdzv_timeout < 1:
+        raise UserError(f"--rdzv-timeout must be at least 1 second, got {opts.rdzv_timeout}")
+    # torchrun retries an unresolvable master for minutes whatever --rdzv-timeout says: resolve it here
+    if not opts.dry_run:
+        netutil.resolve(opts.master(), timeout=min(netutil.RESOLVE_TIMEOUT_S, opts.rdzv_timeout))
 
 
 def _gpu_count() -> int:

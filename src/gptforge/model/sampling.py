@@ -30,6 +30,18 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs.cpu(), 1, generator=gen).to(logits.device)
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """The sampling flags of generate and chat, checked before any model is loaded (one line naming the flag)."""
+    if max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if not (temperature >= 0 and temperature < float("inf")):
+        raise UserError(f"--temperature must be >= 0 (0 = greedy, e.g. 0.8), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise UserError(f"--top-k must be >= 0 (0 = all tokens, e.g. 50), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UserError(f"--top-p must be in (0, 1] (e.g. 0.9; leave it out for no nucleus cut), got {top_p}")
+
+
 def check_prompt(n_tokens: int, block_size: int) -> None:
     if n_tokens == 0:
         raise UserError("the prompt is empty; give at least one token of text")
@@ -86,16 +98,24 @@ class StreamDecoder:
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
                   top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
-                  on_text: Callable[[str], None] | None = None, use_cache: bool = True) -> str:
+                  on_text: Callable[[str], None] | None = None, use_cache: bool = True,
+                  info: dict | None = None) -> str:
+    """`info` (optional) is filled with new_tokens and stopped: 'eos', 'max_new_tokens' or 'context'."""
     ids = tokenizer.encode(prompt)
     dec = StreamDecoder(tokenizer)
     stop = {tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else None
     out = []
+    info = {} if info is None else info
+    info.update(new_tokens=0, stopped="max_new_tokens")
     for tid in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop):
         if stop and tid in stop:
+            info["stopped"] = "eos"
             break
+        info["new_tokens"] += 1
         piece = dec.push(tid)
         out.append(piece)
         if on_text and piece:
             on_text(piece)
+    if info["stopped"] != "eos" and info["new_tokens"] < max_new_tokens:
+        info["stopped"] = "context"
     return "".join(out)

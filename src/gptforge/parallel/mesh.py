@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.errors import UserError
+from gptforge.hardware import check_device_name
 from gptforge.parallel.exit import mark_distributed
 
 
@@ -40,6 +41,7 @@ class DistEnv:
 
 
 def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    check_device_name(name, "the device")
     if name == "auto":
         if torch.cuda.is_available():  # CUDA and ROCm builds both answer here
             return torch.device("cuda", local_rank % torch.cuda.device_count())

@@ -16,10 +16,12 @@ from typing import Annotated, Callable
 
 import tyro
 
-from gptforge.data.chat_template import encode_chat, stop_ids
+from gptforge.checkpoint import checkpoint_dir_of
+from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, encode_chat, stop_ids
 from gptforge.errors import UserError
 from gptforge.serve.generate import load_for_inference
-from gptforge.model.sampling import StreamDecoder, generate_ids
+from gptforge.hardware import check_device_name
+from gptforge.model.sampling import StreamDecoder, check_sampling, generate_ids
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
 
@@ -169,11 +171,23 @@ class ChatOptions:
     """random seed (reply i uses seed + i)"""
     device: str = "auto"
     """auto (a GPU when there is one) | cpu | cuda | cuda:N"""
+    allow_base: bool = False
+    """chat with a checkpoint that was never fine-tuned for chat (no chat template: pretrain only)"""
+
+
+def check_chat_checkpoint(checkpoint: str, allow_base: bool) -> None:
+    """A checkpoint without the chat template was never fine-tuned for chat: refuse (one line), unless allowed."""
+    ck = checkpoint_dir_of(checkpoint)
+    if not (ck / CHAT_TEMPLATE_FILE).is_file() and not allow_base:
+        raise UserError(f"checkpoint '{ck}' was never fine-tuned for chat (no {CHAT_TEMPLATE_FILE}: a pretrain "
+                        f"checkpoint); fine-tune it first (gptforge sft --init-from {checkpoint} ...), sample it "
+                        f"with gptforge generate, or pass --allow-base to chat anyway")
 
 
 def main(opts: ChatOptions) -> int:
-    if opts.max_new_tokens < 1:
-        raise UserError("--max-new-tokens must be at least 1")
+    check_sampling(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p)
+    check_device_name(opts.device, "--device")
+    check_chat_checkpoint(opts.checkpoint, opts.allow_base)
     model, tok, _ = load_for_inference(opts.checkpoint, opts.device)
     session = ChatSession(model, tok, opts.system, opts.max_new_tokens, opts.temperature, opts.top_k or None,
                           opts.top_p, opts.seed)

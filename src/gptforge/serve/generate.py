@@ -9,7 +9,9 @@ from dataclasses import dataclass
 from gptforge.checkpoint import checkpoint_dir_of, load_model
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.parallel.mesh import pick_device
-from gptforge.model.sampling import check_prompt, generate_text
+from gptforge.errors import UserError
+from gptforge.hardware import check_device_name
+from gptforge.model.sampling import check_prompt, check_sampling, generate_text
 
 
 def load_for_inference(checkpoint: str, device: str = "auto"):
@@ -47,15 +49,31 @@ class GenerateOptions:
     """auto (a GPU when there is one) | cpu | cuda | cuda:N"""
 
 
+def check_options(opts: GenerateOptions) -> None:
+    """Every flag checked before the model is loaded."""
+    check_sampling(opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p)
+    if opts.num_samples < 1:
+        raise UserError(f"--num-samples must be at least 1, got {opts.num_samples}")
+    check_device_name(opts.device, "--device")
+
+
 def main(opts: GenerateOptions) -> int:
+    check_options(opts)
     model, tok, _ = load_for_inference(opts.checkpoint, opts.device)
-    check_prompt(len(tok.encode(opts.prompt)), model.cfg.block_size)
+    n_prompt = len(tok.encode(opts.prompt))
+    check_prompt(n_prompt, model.cfg.block_size)
     for i in range(opts.num_samples):
         if i:
             print("\n---")
         sys.stdout.write(opts.prompt)
+        info: dict = {}
         generate_text(model, tok, opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
                       None if opts.seed is None else opts.seed + i,
-                      on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), use_cache=not opts.no_cache)
+                      on_text=lambda s: (sys.stdout.write(s), sys.stdout.flush()), use_cache=not opts.no_cache,
+                      info=info)
         print()
+        if info["stopped"] == "context":
+            print(f"note: sample {i + 1} stopped at the context of {model.cfg.block_size} tokens after "
+                  f"{info['new_tokens']} new tokens (--max-new-tokens {opts.max_new_tokens}; the prompt is "
+                  f"{n_prompt} tokens)", file=sys.stderr, flush=True)
     return 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from gptforge.config.schema import Config
+from gptforge.config.validate import check_run_paths
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA, encode_chat, stop_ids
 from gptforge.data.loader import TokenLoader
 from gptforge.data.preference import PairLoader, read_pairs
@@ -199,6 +200,7 @@ class DPO(ChatRecipe):
 def _stage(recipe: type[Recipe]):
     def command(cfg: Config) -> int:
         default_length(cfg, **recipe.length)
+        check_run_paths(cfg, needs_cache=recipe is Pretrain)
         if recipe is not Pretrain and cfg.data.path is None:
             raise UserError("give the data: --data.path=FILE_OR_DIR (JSONL; see gptforge.data.sft for the formats)")
         if recipe is DPO and not cfg.train.init_from:
