@@ -86,7 +86,7 @@ def test_sbatch_default(tmp_path, capsys):
     assert "--ntasks-per-node=1" in argv[:t] and "--nodes=2" in argv[:t]
     assert argv[t:] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                         "--rdzv-endpoint=gpu07:29500", "--rdzv-id=4242", "--rdzv-conf=join_timeout=900",
-                        "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=tiny"]
+                        "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=tiny", "--train.resume=auto"]
     assert rec["env"]["MASTER_ADDR"] == "gpu07" and rec["env"]["MASTER_PORT"] == "29500"
 
 
@@ -113,7 +113,7 @@ def test_sbatch_all_options(tmp_path, capsys):
     assert "--nproc-per-node=8" in argv and "--rdzv-endpoint=gpu07:29600" in argv
     # The training arguments arrive exactly as given (spaces, quotes).
     assert argv[argv.index("gptforge") + 1 :] == ["pretrain", "--model.preset=small", "--data.path=data/my corpus",
-                                                  "--train.note=it's"]
+                                                  "--train.note=it's", "--train.resume=auto"]
     assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "enp5s0"
     assert env["NCCL_IB_DISABLE"] == "1" and env["HSA_OVERRIDE_GFX_VERSION"] == "12.0.1" and env["NOTE"] == "two words"
 
@@ -207,7 +207,7 @@ def test_indexed_job(tmp_path, capsys, gpu, resource):
     cmd = c["command"] + c["args"]
     assert cmd == ["torchrun", "--nnodes=3", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
                    "--master-addr=llm-run-0.llm-run", "--master-port=29500", "--max-restarts=0", "-m", "gptforge",
-                   "pretrain", "--model.preset=small", "--data.path=data/my corpus"]
+                   "pretrain", "--model.preset=small", "--data.path=data/my corpus", "--train.resume=auto"]
     env = {e["name"]: e for e in c["env"]}
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["NCCL_SOCKET_IFNAME"]["value"] == env["GLOO_SOCKET_IFNAME"]["value"] == "eth0"
@@ -263,7 +263,7 @@ def test_pytorchjob(tmp_path, capsys, nnodes):
     assert job["spec"]["nprocPerNode"] == "8"
     c = replicas["Master"]["template"]["spec"]["containers"][0]
     assert c["name"] == "pytorch" and c["command"] + c["args"] == [
-        "torchrun", "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=small"]
+        "torchrun", "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=small", "--train.resume=auto"]
     assert c["resources"]["limits"]["amd.com/gpu"] == "8"
     assert c["ports"][0]["name"] == "pytorchjob-port"
     r = kubernetes_validate(tmp_path, _pod_templates(job))

@@ -27,7 +27,6 @@ prints the workers' "stopped by ..." line and exits with 128 + the signal's numb
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import shlex
 import sys
@@ -39,14 +38,11 @@ from gptforge.launch import netutil
 from gptforge.launch.doctor.command import main as doctor_main
 from gptforge.launch.doctor.options import DoctorOptions
 from gptforge.launch.hostfile import run_hostfile
+from gptforge.launch.jobfile import ELASTIC_SIGNALS, shutdown_timeout, train_grace_s
 from gptforge.launch.node import NodeFlags, NodeSpec, gptforge_target
 from gptforge.launch.options import LaunchOptions
 from gptforge.launch.process import run_torchrun
 
-SHUTDOWN_MARGIN = 10  # seconds torchrun waits, beyond the workers' train.grace_s, after a stop signal
-# torchrun passes these on to its workers (their checkpoint-and-exit signals, gptforge.train.preempt); by default
-# it does not handle SIGUSR1 (Slurm's --signal), which would end it at once
-ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 PYTHON_TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
@@ -114,30 +110,12 @@ def node_spec(opts: LaunchOptions) -> NodeSpec:
                     max_restarts=opts.max_restarts)
 
 
-def train_grace_s(command: list[str]) -> float:
-    """The training command's train.grace_s (its flags and --config file), else the default."""
-    from gptforge.config.loader import parse_config
-    from gptforge.config.schema import TrainSection
-
-    default = TrainSection.grace_s
-    if not command or command[0] not in ("pretrain", "sft", "dpo"):
-        return default
-    try:
-        return float(parse_config(command[1:]).train.grace_s)
-    except (UserError, SystemExit, ValueError, TypeError):
-        return default  # the workers report the problem with the command
-
-
-def shutdown_timeout(grace_s: float) -> str:
-    """TORCH_ELASTIC_SHUTDOWN_TIMEOUT: the user's own, else the workers' grace period plus a margin."""
-    return os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(math.ceil(grace_s) + SHUTDOWN_MARGIN))
-
-
 def node_env(spec: NodeSpec, grace_s: float = TrainSection.grace_s) -> dict[str, str]:
     """The variables added to torchrun's environment. The collective timeout only when --collective-timeout
     is given: otherwise the trainer uses the config's parallel.timeout_s (or the user's own variable)."""
     env = spec.network_env()
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = shutdown_timeout(grace_s)
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                           str(shutdown_timeout(grace_s)))
     env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
     env["GPTFORGE_NODE_RANK"] = str(spec.node_rank)
     env["GPTFORGE_NNODES"] = str(spec.nnodes)
