@@ -18,7 +18,8 @@ TRAIN_COMMANDS = ("pretrain", "sft", "dpo", "bench")
 # stages that save checkpoints: they stop on SIGTERM/SIGINT/SIGUSR1 with one (gptforge.train.preempt)
 CHECKPOINTING = ("pretrain", "sft", "dpo")
 SHUTDOWN_MARGIN = 10  # seconds torchrun waits, beyond the workers' train.grace_s, before it kills them
-# torchrun passes these on to its workers; by default it does not handle SIGUSR1 (Slurm's --signal),
+# torchrun (--signals-to-handle, read from PET_SIGNALS_TO_HANDLE) passes these on to its workers; by default
+# it does not handle SIGUSR1 (Slurm's --signal),
 # which would end it at once
 ELASTIC_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
 

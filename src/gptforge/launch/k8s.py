@@ -141,7 +141,7 @@ def node_spec(opts: K8sOptions, nproc: int, rdzv: str) -> NodeSpec:
 
 def _stop_env(grace: float) -> list[dict]:
     """torchrun passes SIGTERM/SIGUSR1 to the workers and gives them their grace period before it kills them."""
-    return [{"name": "TORCHELASTIC_SIGNALS_TO_HANDLE", "value": ELASTIC_SIGNALS},
+    return [{"name": "PET_SIGNALS_TO_HANDLE", "value": ELASTIC_SIGNALS},
             {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(grace))}]
 
 

@@ -7,7 +7,7 @@ The script takes the master (rendezvous host) from the job's node list, so it ru
 allocation: `srun` starts one `torchrun` per node and the c10d rendezvous (keyed by the job id) gives
 each node its rank. The torchrun command and the network variables come from gptforge.launch.node.
 
-Preemption and time limits (``--requeue``, the default): ``#SBATCH --signal=B:USR1@T`` makes Slurm send
+Preemption and time limits (unless ``--no-requeue``): ``#SBATCH --signal=B:USR1@T`` makes Slurm send
 SIGUSR1 to the batch script T = train.grace_s + SIGNAL_MARGIN seconds before the time limit (so does
 ``scancel --signal=USR1 --batch JOB``). The script's trap passes it to srun -> torchrun -> every worker:
 they finish the step, save a checkpoint and exit (gptforge.train.preempt); then the script runs
@@ -83,9 +83,9 @@ class SlurmOptions:
     """pyxis mounts, e.g. /data:/workspace/data"""
     container_workdir: str | None = None
     """working directory inside the container"""
-    requeue: bool = True
-    """before the time limit (and on SIGUSR1): save a checkpoint, requeue the job, resume (--no-requeue: save
-    and end)"""
+    no_requeue: bool = False
+    """do not requeue: before the time limit (or on SIGUSR1) save a checkpoint and end (default: save, requeue
+    the job, resume from the checkpoint)"""
     out: str | None = None
     """write the script to FILE (default: stdout)"""
     command: Passthrough = dataclasses.field(default_factory=list)
@@ -148,7 +148,7 @@ def render(opts: SlurmOptions) -> str:
     grace = train_grace_s(opts.command)
     warn = math.ceil(grace) + SIGNAL_MARGIN
     sb += [f"#SBATCH --signal=B:USR1@{warn}", "#SBATCH --open-mode=append"]  # a requeued run appends its log
-    if opts.requeue:
+    if not opts.no_requeue:
         sb.append("#SBATCH --requeue")
     for key in ("partition", "account", "chdir"):
         if getattr(opts, key):
@@ -169,7 +169,7 @@ def render(opts: SlurmOptions) -> str:
         f"MASTER_PORT={opts.master_port}",
         "export MASTER_ADDR MASTER_PORT",
     ]
-    stop_env = {"TORCHELASTIC_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS,
+    stop_env = {"PET_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS,
                 "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout(grace))}
     body += [f"export {k}={shlex.quote(v)}" for k, v in [*spec.network_env().items(), *stop_env.items(), *env]]
     body += ['echo "gptforge: job $SLURM_JOB_ID on $SLURM_NNODES nodes ($SLURM_JOB_NODELIST), '
@@ -180,7 +180,7 @@ def render(opts: SlurmOptions) -> str:
             srun.append(f"--{key.replace('_', '-')}={shlex.quote(getattr(opts, key))}")
     torchrun = [shell_word(a) for a in spec.torchrun_argv(gptforge_target([]))]
     requeue = (f'  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL; requeueing it (the run resumes from its '
-               f'checkpoint)"\n  scontrol requeue "$SLURM_JOB_ID"' if opts.requeue else
+               f'checkpoint)"\n  scontrol requeue "$SLURM_JOB_ID"' if not opts.no_requeue else
                '  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL (--no-requeue: not requeued)"')
     trap = [
         f"# SIGUSR1 arrives {warn} s before the time limit (--signal; or scancel --signal=USR1 --batch $SLURM_JOB_ID),",

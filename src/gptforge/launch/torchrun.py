@@ -116,7 +116,7 @@ def node_env(spec: NodeSpec, grace_s: float = TrainSection.grace_s) -> dict[str,
     env = spec.network_env()
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
                                                            str(shutdown_timeout(grace_s)))
-    env["TORCHELASTIC_SIGNALS_TO_HANDLE"] = os.environ.get("TORCHELASTIC_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
+    env["PET_SIGNALS_TO_HANDLE"] = os.environ.get("PET_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
     env["GPTFORGE_NODE_RANK"] = str(spec.node_rank)
     env["GPTFORGE_NNODES"] = str(spec.nnodes)
     if not os.environ.get("OMP_NUM_THREADS") and _gpu_count() == 0:
