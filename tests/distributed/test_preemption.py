@@ -238,7 +238,8 @@ def test_kill9_worker_restarts_and_matches(tmp_path, char_data, baseline):
     complete checkpoint, and the run ends at its length with the uninterrupted losses."""
     run, end = tmp_path / "run", 40
     argv = launch(*args(run, char_data, "--train.save_every=2", f"--train.stop_after={end}", micro=4), restarts=1)
-    with started(argv) as p:
+    # a loaded 2-core CI machine may take long to start the restarted workers (gloo's connect timeout)
+    with started(argv, job_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="40", GPTFORGE_COLLECTIVE_TIMEOUT_S="90")) as p:
         p.wait_step(6)
         victim = _worker_pid(p.p.pid, rank=1)
         assert victim, "rank 1's worker not found"
@@ -249,10 +250,14 @@ def test_kill9_worker_restarts_and_matches(tmp_path, char_data, baseline):
     assert "torchrun restart 1: resuming from the newest complete checkpoint" in out, out[-4000:]
     m = re.search(r"resumed from (\S+) at step (\d+)", out)
     assert m and 0 < int(m.group(2)) < end, out[-4000:]
-    got, want = losses_by_step(run), baseline.upto(end)
-    assert sorted(got) == list(range(1, end + 1))
-    diff = max(abs(got[s] - want[s]) for s in want)
-    assert diff < 1e-5, f"losses differ from the uninterrupted run by {diff:.2e}"
+    # the same 2-worker run without the kill: a restarted run must give exactly its losses
+    ref = tmp_path / "uninterrupted"
+    run_ok(launch(*args(ref, char_data, "--train.save_every=2", f"--train.stop_after={end}", micro=4)))
+    got, want = losses_by_step(run), losses_by_step(ref)
+    assert sorted(got) == sorted(want) == list(range(1, end + 1))
+    assert got == want, [(s, got[s], want[s]) for s in want if got[s] != want[s]]
+    # and both are the single-process run's (global batch 8) up to float summation order
+    assert max(abs(got[s] - v) for s, v in baseline.upto(end).items()) < 1e-4
 
 
 def test_bad_grace_and_max_restarts_are_one_line(tmp_path, char_data):

@@ -74,7 +74,7 @@ def start_pump(src: IO[bytes], dst: IO[str], keep: deque | None = None, prefix: 
     return t
 
 
-def _wait(proc: subprocess.Popen, failed: threading.Event) -> tuple[int, bool]:
+def _wait(proc: subprocess.Popen, failed: threading.Event, force: bool = True) -> tuple[int, bool]:
     """Wait for torchrun; (exit code, whether it was stopped here). When a worker has failed and torchrun is
     still running STUCK_GRACE s later (its agent waits for a rendezvous store on a node it cannot reach),
     stop it: SIGTERM, then SIGKILL after KILL_GRACE s."""
@@ -86,7 +86,7 @@ def _wait(proc: subprocess.Popen, failed: threading.Event) -> tuple[int, bool]:
             pass
         except KeyboardInterrupt:  # torchrun got the SIGINT too; wait for it to stop its workers
             continue
-        if failed.is_set():
+        if failed.is_set() and force:  # not under --max-restarts: torchrun is restarting the workers
             since = since or time.monotonic()
             waited = time.monotonic() - since
             if waited > STUCK_GRACE + KILL_GRACE:
@@ -117,7 +117,7 @@ def _watch_stdin(proc: subprocess.Popen, stopped: threading.Event) -> None:
 
 
 def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch_stdin: bool = False,
-                 port: int = 29500) -> int:
+                 port: int = 29500, max_restarts: int = 0) -> int:
     """Run torchrun in the foreground, SIGTERM/SIGHUP forwarded; on failure print which rank died first and
     which other nodes this node cannot reach (probed on ``port``; their addresses come from the ranks,
     GPTFORGE_PEERS_FILE)."""
@@ -140,7 +140,7 @@ def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch
 
     old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        rc, forced = _wait(proc, failed)
+        rc, forced = _wait(proc, failed, force=max_restarts == 0)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

@@ -161,4 +161,5 @@ def main(opts: LaunchOptions) -> int:
             return rc
     if spec.local_addr or opts.node_rank == 0:  # the address the other nodes know this one by (record_peers)
         env["GPTFORGE_LOCAL_ADDR"] = spec.local_addr or spec.master_addr
-    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin, port=opts.master_port)
+    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin, port=opts.master_port,
+                        max_restarts=opts.max_restarts)
