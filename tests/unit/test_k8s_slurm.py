@@ -12,8 +12,10 @@ import copy
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -86,7 +88,7 @@ def test_sbatch_default(tmp_path, capsys):
     assert "--ntasks-per-node=1" in argv[:t] and "--nodes=2" in argv[:t]
     assert argv[t:] == ["torchrun", "--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d",
                         "--rdzv-endpoint=gpu07:29500", "--rdzv-id=4242", "--rdzv-conf=join_timeout=900",
-                        "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=tiny"]
+                        "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=tiny", "--train.resume=auto"]
     assert rec["env"]["MASTER_ADDR"] == "gpu07" and rec["env"]["MASTER_PORT"] == "29500"
 
 
@@ -113,7 +115,7 @@ def test_sbatch_all_options(tmp_path, capsys):
     assert "--nproc-per-node=8" in argv and "--rdzv-endpoint=gpu07:29600" in argv
     # The training arguments arrive exactly as given (spaces, quotes).
     assert argv[argv.index("gptforge") + 1 :] == ["pretrain", "--model.preset=small", "--data.path=data/my corpus",
-                                                  "--train.note=it's"]
+                                                  "--train.note=it's", "--train.resume=auto"]
     assert env["NCCL_SOCKET_IFNAME"] == env["GLOO_SOCKET_IFNAME"] == "enp5s0"
     assert env["NCCL_IB_DISABLE"] == "1" and env["HSA_OVERRIDE_GFX_VERSION"] == "12.0.1" and env["NOTE"] == "two words"
 
@@ -207,7 +209,7 @@ def test_indexed_job(tmp_path, capsys, gpu, resource):
     cmd = c["command"] + c["args"]
     assert cmd == ["torchrun", "--nnodes=3", "--nproc-per-node=8", "--node-rank=$(JOB_COMPLETION_INDEX)",
                    "--master-addr=llm-run-0.llm-run", "--master-port=29500", "--max-restarts=0", "-m", "gptforge",
-                   "pretrain", "--model.preset=small", "--data.path=data/my corpus"]
+                   "pretrain", "--model.preset=small", "--data.path=data/my corpus", "--train.resume=auto"]
     env = {e["name"]: e for e in c["env"]}
     assert "job-completion-index" in env["NODE_RANK"]["valueFrom"]["fieldRef"]["fieldPath"]
     assert env["NCCL_SOCKET_IFNAME"]["value"] == env["GLOO_SOCKET_IFNAME"]["value"] == "eth0"
@@ -263,7 +265,7 @@ def test_pytorchjob(tmp_path, capsys, nnodes):
     assert job["spec"]["nprocPerNode"] == "8"
     c = replicas["Master"]["template"]["spec"]["containers"][0]
     assert c["name"] == "pytorch" and c["command"] + c["args"] == [
-        "torchrun", "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=small"]
+        "torchrun", "--max-restarts=0", "-m", "gptforge", "pretrain", "--model.preset=small", "--train.resume=auto"]
     assert c["resources"]["limits"]["amd.com/gpu"] == "8"
     assert c["ports"][0]["name"] == "pytorchjob-port"
     r = kubernetes_validate(tmp_path, _pod_templates(job))
@@ -320,3 +322,86 @@ def test_k8s_bad_arguments(argv, capsys):
     rc, out, err = gptforge("k8s", *argv, capsys=capsys)
     assert rc == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and err.startswith("gptforge: error: k8s: "), err
+
+
+# ---------------------------------------------------------------------------------------- preemption
+
+
+def test_sbatch_preemption_lines(tmp_path, capsys):
+    lines = sbatch(tmp_path, "--", "pretrain", capsys=capsys).read_text().splitlines()
+    for line in ("#SBATCH --signal=B:USR1@90", "#SBATCH --requeue", "#SBATCH --open-mode=append",
+                 "export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1",
+                 "export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=40", "trap 'stop USR1' USR1", "trap 'stop TERM' TERM"):
+        assert line in lines, line
+    # the grace period comes from the training command; a resume it chooses is kept, not doubled
+    (tmp_path / "g").mkdir()
+    text = sbatch(tmp_path / "g", "--no-requeue", "--", "pretrain", "--train.grace_s=100", "--train.resume=none",
+                  capsys=capsys).read_text()
+    assert "#SBATCH --signal=B:USR1@160" in text and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=110" in text
+    assert "#SBATCH --requeue" not in text and "scontrol requeue" not in text
+    assert "--train.resume=none" in text and "--train.resume=auto" not in text
+
+
+@pytest.mark.parametrize("sig,requeued", [("USR1", True), ("TERM", False)])
+def test_sbatch_trap_passes_signal_and_requeues(tmp_path, capsys, sig, requeued):
+    """The batch script for real (bash), with stand-ins for srun (records the signals it gets, then exits
+    like torchrun after its workers saved) and scontrol (records its arguments): SIGUSR1 reaches srun and
+    the job is requeued after srun ended; SIGTERM reaches srun and nothing is requeued."""
+    script = sbatch(tmp_path, "--", "pretrain", capsys=capsys)
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    log = tmp_path / "calls.log"
+    (bin_dir / "scontrol").write_text(
+        f'#!/bin/sh\n[ "$1 $2" = "show hostnames" ] && {{ printf "gpu07\\ngpu08\\n"; exit 0; }}\n'
+        f'echo "scontrol $*" >> {log}\n')
+    (bin_dir / "srun").write_text(
+        f"#!{sys.executable}\nimport signal, sys, time\n"
+        f"def got(s, f):\n    open({str(log)!r}, 'a').write(f'srun got {{signal.Signals(s).name}}\\n')\n"
+        f"    time.sleep(0.5)\n    sys.exit(1)\n"
+        "signal.signal(signal.SIGUSR1, got); signal.signal(signal.SIGTERM, got)\n"
+        f"open({str(log)!r}, 'a').write('srun started\\n')\ntime.sleep(60)\nsys.exit(0)\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "NCCL_", "GLOO_", "MASTER_"))}
+    env.update(PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_NNODES="2",
+               SLURM_JOB_ID="4242")
+    p = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                         cwd=tmp_path, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 20
+        while not (log.exists() and "srun started" in log.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert log.exists(), "srun never started"
+        p.send_signal(getattr(signal, "SIG" + sig))
+        out, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    calls = log.read_text().splitlines()
+    assert f"srun got SIG{sig}" in calls, (calls, out, err)
+    assert (calls[-1] == "scontrol requeue 4242") == requeued, calls
+    assert ("requeueing it" in out) == requeued, out
+    assert p.returncode == 1, (p.returncode, out, err)  # srun's own status
+
+
+def test_k8s_preemption(tmp_path, capsys):
+    for kind in ("job", "pytorchjob"):
+        rc, out, err = gptforge("k8s", "--kind", kind, "--", "pretrain", "--train.grace_s=45", capsys=capsys)
+        assert rc == 0, err
+        docs = list(yaml.safe_load_all(out))
+        pods = [d["spec"]["template"]["spec"] for d in docs if d["kind"] == "Job"] or \
+            [r["template"]["spec"] for d in docs for r in d["spec"]["pytorchReplicaSpecs"].values()]
+        for pod in pods:
+            assert pod["terminationGracePeriodSeconds"] == 45 + 30
+            (c,) = pod["containers"]
+            env = {e["name"]: e.get("value") for e in c["env"]}
+            assert env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "55"
+            assert env["PET_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
+            assert (c["command"] + c["args"])[-1] == "--train.resume=auto"
+        if kind == "job":
+            (job,) = [d for d in docs if d["kind"] == "Job"]
+            assert job["spec"]["podFailurePolicy"] == {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]}
+    rc, out, err = gptforge("k8s", "--", "pretrain", capsys=capsys)
+    assert "terminationGracePeriodSeconds: 60" in out  # default train.grace_s 30 + 30

@@ -60,6 +60,8 @@ class TrainSection:
     save_every: int = 0
     """0: only at the end"""
     keep_last: int = 2
+    grace_s: float = 30.0
+    """SIGTERM/SIGINT/SIGUSR1: seconds to finish the step, save a checkpoint and exit (exit status 128+signal)"""
     resume: Annotated[str, _alias("--resume")] = "none"
     """none | auto (latest checkpoint in out_dir) | a checkpoint dir"""
     init_from: Annotated[Optional[str], _alias("--init-from")] = None

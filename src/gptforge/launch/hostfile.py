@@ -75,6 +75,8 @@ def node_launch_args(opts: LaunchOptions, hosts: list[Host], i: int) -> list[str
         la.append("--no-ib")
     if opts.collective_timeout is not None:
         la += ["--collective-timeout", str(opts.collective_timeout)]
+    if opts.max_restarts:
+        la += ["--max-restarts", str(opts.max_restarts)]
     return [*la, "--watch-stdin"]
 
 

@@ -10,11 +10,19 @@ Two kinds:
   torchrun rendezvous.
 - `pytorchjob`: a Kubeflow PyTorchJob (training operator); the operator sets the rendezvous
   environment (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ...) that torchrun reads.
+
+Preemption: a pod being stopped (eviction, node drain, preemption, job deletion) gets SIGTERM; torchrun
+passes it to its workers, which finish the step, save a checkpoint and exit within train.grace_s
+(gptforge.train.preempt). The pods' terminationGracePeriodSeconds is train.grace_s + GRACE_MARGIN, so
+the kubelet's SIGKILL comes after that; torchrun waits train.grace_s + 10 s. The training command gets
+``--train.resume=auto`` (unless it sets a resume), so a replacement pod continues from the checkpoint, and
+the Job's podFailurePolicy does not count such disruptions against backoffLimit (a crash still does).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Annotated, ClassVar, Literal
 
@@ -22,7 +30,8 @@ import tyro
 import yaml
 
 from gptforge.errors import UserError
-from gptforge.launch.jobfile import check_train_command, parse_env, write_output
+from gptforge.launch.jobfile import ELASTIC_SIGNALS, check_train_command, parse_env, shutdown_timeout, \
+    train_grace_s, with_resume, write_output
 from gptforge.launch.node import DEFAULT_PORT, MasterPort, NodeSpec, check_iface_name, check_port, gptforge_target
 from gptforge.options import Passthrough
 
@@ -30,6 +39,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 GPU_RESOURCE = {"nvidia": "nvidia.com/gpu", "amd": "amd.com/gpu", "none": None}
 PROG = "k8s"
+GRACE_MARGIN = 30  # seconds of terminationGracePeriodSeconds beyond train.grace_s (torchrun's end, slack)
 
 
 @dataclasses.dataclass
@@ -129,8 +139,19 @@ def node_spec(opts: K8sOptions, nproc: int, rdzv: str) -> NodeSpec:
                     no_ib=opts.no_ib, rdzv=rdzv)
 
 
+def _stop_env(grace: float) -> list[dict]:
+    """torchrun passes SIGTERM/SIGUSR1 to the workers and gives them their grace period before it kills them."""
+    return [{"name": "PET_SIGNALS_TO_HANDLE", "value": ELASTIC_SIGNALS},
+            {"name": "TORCH_ELASTIC_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(grace))}]
+
+
+def termination_grace(grace: float) -> int:
+    return math.ceil(grace) + GRACE_MARGIN
+
+
 def _container(opts: K8sOptions, spec: NodeSpec, command: list[str], extra_env: list[dict]) -> dict:
     env = [*extra_env, *({"name": k, "value": v} for k, v in spec.network_env().items())]
+    env += _stop_env(train_grace_s(opts.command))
     env += [{"name": k, "value": v} for k, v in parse_env(opts.env, PROG)]
     limits: dict[str, str] = {}
     requests: dict[str, str] = {}
@@ -193,7 +214,7 @@ def indexed_job(opts: K8sOptions, nproc: int, train: list[str]) -> list[dict]:
     }
     spec = node_spec(opts, nproc, "static")
     master = spec.master_addr
-    command = spec.torchrun_argv(gptforge_target(train))
+    command = spec.torchrun_argv(gptforge_target(with_resume(train)))
     env = [
         {"name": "NODE_RANK", "valueFrom": {"fieldRef": {
             "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}},
@@ -206,6 +227,8 @@ def indexed_job(opts: K8sOptions, nproc: int, train: list[str]) -> list[dict]:
         "completions": opts.nnodes,
         "parallelism": opts.nnodes,
         "backoffLimit": opts.backoff_limit,
+        # a pod stopped by the cluster (preemption, eviction, drain) saved a checkpoint: replace it, uncounted
+        "podFailurePolicy": {"rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
     }
     if opts.deadline:
         job_spec["activeDeadlineSeconds"] = opts.deadline
@@ -214,6 +237,7 @@ def indexed_job(opts: K8sOptions, nproc: int, train: list[str]) -> list[dict]:
         "spec": {
             "subdomain": opts.name,
             "restartPolicy": "Never",
+            "terminationGracePeriodSeconds": termination_grace(train_grace_s(train)),
             "containers": [_container(opts, spec, command, env)],
             "volumes": _volumes(opts),
         },
@@ -226,7 +250,7 @@ def pytorchjob(opts: K8sOptions, nproc: int, train: list[str]) -> list[dict]:
     # The training operator sets PET_NNODES/PET_NPROC_PER_NODE/PET_NODE_RANK/PET_MASTER_ADDR/
     # PET_MASTER_PORT (from the port named pytorchjob-port); torchrun reads PET_* as its defaults.
     spec = node_spec(opts, nproc, "operator")
-    command = spec.torchrun_argv(gptforge_target(train))
+    command = spec.torchrun_argv(gptforge_target(with_resume(train)))
 
     def replica(n: int) -> dict:
         return {
@@ -234,7 +258,8 @@ def pytorchjob(opts: K8sOptions, nproc: int, train: list[str]) -> list[dict]:
             "restartPolicy": "Never",
             "template": {
                 "metadata": {"labels": {"app.kubernetes.io/name": "gptforge", "app.kubernetes.io/instance": opts.name}},
-                "spec": {"containers": [_container(opts, spec, command, [])], "volumes": _volumes(opts)},
+                "spec": {"terminationGracePeriodSeconds": termination_grace(train_grace_s(train)),
+                         "containers": [_container(opts, spec, command, [])], "volumes": _volumes(opts)},
             },
         }
 

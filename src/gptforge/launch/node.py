@@ -84,6 +84,7 @@ class NodeSpec:
     rdzv_timeout: int = DEFAULT_RDZV_TIMEOUT
     local_addr: str | None = None
     collective_timeout: int | None = None  # only an explicit value: else the training config's timeout
+    max_restarts: int = 0  # torchrun restarts the workers up to this many times (they resume: train.preempt)
 
     def network_env(self) -> dict[str, str]:
         """NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME, NCCL_IB_DISABLE and an explicit collective timeout."""
@@ -117,8 +118,9 @@ class NodeSpec:
         return flags
 
     def torchrun_argv(self, target: list[str], program: tuple[str, ...] | list[str] = TORCHRUN) -> list[str]:
-        """``program`` + torchrun flags + ``--max-restarts=0`` (a rank that dies ends the job) + the target."""
-        return [*program, *self.torchrun_flags(), "--max-restarts=0", *target]
+        """``program`` + torchrun flags + ``--max-restarts=N`` (0: a rank that dies ends the job; N: torchrun
+        restarts every worker up to N times and they resume from the newest complete checkpoint) + the target."""
+        return [*program, *self.torchrun_flags(), f"--max-restarts={self.max_restarts}", *target]
 
 
 def gptforge_target(cmd: list[str]) -> list[str]:

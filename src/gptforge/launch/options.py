@@ -28,6 +28,9 @@ class LaunchOptions(NodeFlags):
     collective_timeout: int | None = None
     """seconds a collective may wait for a dead peer (GPTFORGE_COLLECTIVE_TIMEOUT_S); default: the training
     config's parallel.timeout_s"""
+    max_restarts: int = 0
+    """restart the workers up to N times when one dies (torchrun --max-restarts); they resume from the newest
+    complete checkpoint. 0: a rank that dies ends the job"""
     dry_run: bool = False
     """print the environment and command (one per line) and exit"""
     check: bool = False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,36 +17,64 @@ from typing import IO
 
 from gptforge.launch.failures import explain_failure, unreachable_peers, worker_error
 
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)  # passed on to torchrun
 STUCK_GRACE = 15  # seconds torchrun may take to end after one of its ranks failed
 KILL_GRACE = 5  # seconds between SIGTERM and SIGKILL then
 
 
+class SignalTraceback:
+    """Hold back a traceback until its last line: drop it when it is torchrun's own SignalException (torchrun
+    got the stop signal `launch` forwarded; the workers' "stopped by ..." line says what happened), pass on
+    any other."""
+
+    def __init__(self):
+        self.held: list[str] = []
+
+    def __call__(self, line: str) -> list[str]:
+        if not self.held and not line.startswith("Traceback (most recent call last):"):
+            return [line]
+        self.held.append(line)
+        if len(self.held) == 1 or line[:1] in (" ", "\t") or not line.strip():
+            return []
+        held, self.held = self.held, []
+        return [] if "SignalException" in line else held
+
+    def flush(self) -> list[str]:
+        held, self.held = self.held, []
+        return held
+
+
 def pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "",
-         failed: threading.Event | None = None) -> None:
+         failed: threading.Event | None = None, hide=None) -> None:
     """Copy ``src`` to ``dst`` a line at a time (with ``prefix``), keeping the lines in ``keep``; set ``failed``
-    at the first line of a worker's error (failures.worker_error)."""
-    for raw in iter(src.readline, b""):
-        line = raw.decode(errors="replace")
+    at the first line of a worker's error (failures.worker_error); ``hide``: a SignalTraceback filter."""
+    def write(lines: list[str]) -> None:
         try:
-            dst.write(prefix + line)
+            dst.write("".join(prefix + x for x in lines))
             dst.flush()
         except (BrokenPipeError, ValueError):
             pass
+
+    for raw in iter(src.readline, b""):
+        line = raw.decode(errors="replace")
+        write(hide(line) if hide is not None else [line])
         if keep is not None:
             keep.append(line.rstrip("\n"))
         if failed is not None and not failed.is_set() and worker_error(line) is not None:
             failed.set()
+    if hide is not None:
+        write(hide.flush())
     src.close()
 
 
 def start_pump(src: IO[bytes], dst: IO[str], keep: deque | None = None, prefix: str = "",
-               failed: threading.Event | None = None) -> threading.Thread:
-    t = threading.Thread(target=pump, args=(src, dst, keep, prefix, failed), daemon=True)
+               failed: threading.Event | None = None, hide=None) -> threading.Thread:
+    t = threading.Thread(target=pump, args=(src, dst, keep, prefix, failed, hide), daemon=True)
     t.start()
     return t
 
 
-def _wait(proc: subprocess.Popen, failed: threading.Event) -> tuple[int, bool]:
+def _wait(proc: subprocess.Popen, failed: threading.Event, force: bool = True) -> tuple[int, bool]:
     """Wait for torchrun; (exit code, whether it was stopped here). When a worker has failed and torchrun is
     still running STUCK_GRACE s later (its agent waits for a rendezvous store on a node it cannot reach),
     stop it: SIGTERM, then SIGKILL after KILL_GRACE s."""
@@ -57,7 +86,7 @@ def _wait(proc: subprocess.Popen, failed: threading.Event) -> tuple[int, bool]:
             pass
         except KeyboardInterrupt:  # torchrun got the SIGINT too; wait for it to stop its workers
             continue
-        if failed.is_set():
+        if failed.is_set() and force:  # not under --max-restarts: torchrun is restarting the workers
             since = since or time.monotonic()
             waited = time.monotonic() - since
             if waited > STUCK_GRACE + KILL_GRACE:
@@ -88,7 +117,7 @@ def _watch_stdin(proc: subprocess.Popen, stopped: threading.Event) -> None:
 
 
 def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch_stdin: bool = False,
-                 port: int = 29500) -> int:
+                 port: int = 29500, max_restarts: int = 0) -> int:
     """Run torchrun in the foreground, SIGTERM/SIGHUP forwarded; on failure print which rank died first and
     which other nodes this node cannot reach (probed on ``port``; their addresses come from the ranks,
     GPTFORGE_PEERS_FILE)."""
@@ -99,23 +128,27 @@ def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch
     proc = subprocess.Popen(argv, env=env, stdout=None, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL if watch_stdin else None)
     stopped, failed = threading.Event(), threading.Event()
-    reader = start_pump(proc.stderr, sys.stderr, tail, failed=failed)
+    reader = start_pump(proc.stderr, sys.stderr, tail, failed=failed, hide=SignalTraceback())
     if watch_stdin:
         threading.Thread(target=_watch_stdin, args=(proc, stopped), daemon=True).start()
+    got: list[int] = []  # the stop signals this launcher received and passed on
 
     def forward(signum, _frame):
+        got.append(signum)
         if proc.poll() is None:
             proc.send_signal(signum)
 
-    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
+    old = {s: signal.signal(s, forward) for s in FORWARDED}
     try:
-        rc, forced = _wait(proc, failed)
+        rc, forced = _wait(proc, failed, force=max_restarts == 0)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     reader.join(timeout=5)
     peers = _peers(peers_file)
     os.unlink(peers_file)
+    if got and not stopped.is_set():
+        return _stopped_by(got[0], rc, list(tail), node_rank)
     if rc != 0:
         if stopped.is_set():
             print(f"gptforge launch: node {node_rank}: stopped because the launcher closed the connection "
@@ -129,6 +162,24 @@ def run_torchrun(argv: list[str], env_add: dict[str, str], node_rank: int, watch
         if lost:
             print(lost, file=sys.stderr, flush=True)
     return rc
+
+
+def _stopped_by(signum: int, rc: int, lines: list[str], node_rank: int) -> int:
+    """After a forwarded stop signal: the workers' own summary (rank 0's "stopped by ... saved checkpoint")
+    and 128 + the signal's number; the job's own status when it ended anyway (0: it had finished)."""
+    name = signal.Signals(signum).name
+    said = [ln for ln in lines if re.search(r": stopped by SIG\w+ at step \d+, saved checkpoint ", ln)]
+    if rc == 0:
+        print(f"gptforge launch: node {node_rank}: got {name}; the run had already finished", file=sys.stderr)
+        return 0
+    if said:
+        print(f"gptforge launch: node {node_rank}: {name} passed to the workers; they saved a checkpoint and "
+              f"stopped; resume with --train.resume=auto (exit status {128 + signum})", file=sys.stderr, flush=True)
+    else:
+        print(f"gptforge launch: node {node_rank}: {name} passed to the workers; this node saw no checkpoint "
+              f"saved after it (torchrun exit {rc}, see above); resume with --train.resume=auto continues from the "
+              f"newest complete checkpoint", file=sys.stderr, flush=True)
+    return 128 + signum
 
 
 def first_failure(procs: list[subprocess.Popen]) -> tuple[int, int] | None:

@@ -6,11 +6,21 @@
 The script takes the master (rendezvous host) from the job's node list, so it runs unchanged on any
 allocation: `srun` starts one `torchrun` per node and the c10d rendezvous (keyed by the job id) gives
 each node its rank. The torchrun command and the network variables come from gptforge.launch.node.
+
+Preemption and time limits (unless ``--no-requeue``): ``#SBATCH --signal=B:USR1@T`` makes Slurm send
+SIGUSR1 to the batch script T = train.grace_s + SIGNAL_MARGIN seconds before the time limit (so does
+``scancel --signal=USR1 --batch JOB``). The script's trap passes it to srun -> torchrun -> every worker:
+they finish the step, save a checkpoint and exit (gptforge.train.preempt); then the script runs
+``scontrol requeue`` and the job starts again, continuing from the checkpoint (the training command gets
+``--train.resume=auto`` unless it sets a resume). A SIGTERM (scancel, or preemption with
+PreemptMode=REQUEUE, which requeues by itself: give it GraceTime >= train.grace_s) is passed on the same
+way, without a requeue.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 from typing import Annotated, ClassVar
@@ -18,7 +28,8 @@ from typing import Annotated, ClassVar
 import tyro
 
 from gptforge.errors import UserError
-from gptforge.launch.jobfile import check_train_command, parse_env, write_output
+from gptforge.launch.jobfile import ELASTIC_SIGNALS, check_train_command, parse_env, shutdown_timeout, \
+    train_grace_s, with_resume, write_output
 from gptforge.launch.node import DEFAULT_PORT, MasterPort, NodeSpec, check_iface_name, check_port, gptforge_target, \
     shell_word
 from gptforge.options import Passthrough
@@ -26,6 +37,7 @@ from gptforge.options import Passthrough
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _JOB_NAME = re.compile(r"^[A-Za-z0-9_.+-]{1,128}$")
 PROG = "slurm"
+SIGNAL_MARGIN = 60  # seconds beyond train.grace_s: torchrun and srun end, the requeue, a slow first step
 
 
 @dataclasses.dataclass
@@ -71,6 +83,9 @@ class SlurmOptions:
     """pyxis mounts, e.g. /data:/workspace/data"""
     container_workdir: str | None = None
     """working directory inside the container"""
+    no_requeue: bool = False
+    """do not requeue: before the time limit (or on SIGUSR1) save a checkpoint and end (default: save, requeue
+    the job, resume from the checkpoint)"""
     out: str | None = None
     """write the script to FILE (default: stdout)"""
     command: Passthrough = dataclasses.field(default_factory=list)
@@ -130,6 +145,11 @@ def render(opts: SlurmOptions) -> str:
     if opts.mem:
         sb.append(f"#SBATCH --mem={opts.mem}")
     sb += [f"#SBATCH --time={opts.time}", f"#SBATCH --output={opts.output}"]
+    grace = train_grace_s(opts.command)
+    warn = math.ceil(grace) + SIGNAL_MARGIN
+    sb += [f"#SBATCH --signal=B:USR1@{warn}", "#SBATCH --open-mode=append"]  # a requeued run appends its log
+    if not opts.no_requeue:
+        sb.append("#SBATCH --requeue")
     for key in ("partition", "account", "chdir"):
         if getattr(opts, key):
             sb.append(f"#SBATCH --{key}={getattr(opts, key)}")
@@ -149,7 +169,9 @@ def render(opts: SlurmOptions) -> str:
         f"MASTER_PORT={opts.master_port}",
         "export MASTER_ADDR MASTER_PORT",
     ]
-    body += [f"export {k}={shlex.quote(v)}" for k, v in [*spec.network_env().items(), *env]]
+    stop_env = {"PET_SIGNALS_TO_HANDLE": ELASTIC_SIGNALS,
+                "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(shutdown_timeout(grace))}
+    body += [f"export {k}={shlex.quote(v)}" for k, v in [*spec.network_env().items(), *stop_env.items(), *env]]
     body += ['echo "gptforge: job $SLURM_JOB_ID on $SLURM_NNODES nodes ($SLURM_JOB_NODELIST), '
              'rendezvous $MASTER_ADDR:$MASTER_PORT"', ""]
     srun = ["srun", '--nodes="$SLURM_NNODES"', "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
@@ -157,8 +179,30 @@ def render(opts: SlurmOptions) -> str:
         if getattr(opts, key):
             srun.append(f"--{key.replace('_', '-')}={shlex.quote(getattr(opts, key))}")
     torchrun = [shell_word(a) for a in spec.torchrun_argv(gptforge_target([]))]
-    lines = [" ".join(srun) + " \\", "  " + " ".join(torchrun) + " \\", "  " + shlex.join(opts.command)]
-    return "\n".join(sb + body + lines) + "\n"
+    requeue = (f'  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL; requeueing it (the run resumes from its '
+               f'checkpoint)"\n  scontrol requeue "$SLURM_JOB_ID"' if not opts.no_requeue else
+               '  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL (--no-requeue: not requeued)"')
+    trap = [
+        f"# SIGUSR1 arrives {warn} s before the time limit (--signal; or scancel --signal=USR1 --batch $SLURM_JOB_ID),",
+        "# SIGTERM on scancel or preemption: srun passes it to torchrun, torchrun to every worker; they finish the",
+        f"# step, save a checkpoint and exit within train.grace_s={grace:g} s; USR1 then requeues the job.",
+        'STOP_SIGNAL=""',
+        "# shellcheck disable=SC2329  # stop() is called by the traps",
+        'stop() { [ -n "$STOP_SIGNAL" ] || STOP_SIGNAL=$1; echo "gptforge: got SIG$1, passing it to the workers"; '
+        'kill -s "$1" "${SRUN_PID:-}" 2>/dev/null || true; }',
+        "trap 'stop USR1' USR1",
+        "trap 'stop TERM' TERM",
+        "",
+    ]
+    lines = [" ".join(srun) + " \\", "  " + " ".join(torchrun) + " \\",
+             "  " + shlex.join(with_resume(opts.command)) + " &",
+             "SRUN_PID=$!",
+             "# a trapped signal ends `wait` early: wait again until srun has ended, then take its status",
+             'while kill -0 "$SRUN_PID" 2>/dev/null; do wait "$SRUN_PID" || true; done',
+             'rc=0; wait "$SRUN_PID" || rc=$?',
+             'if [ "$STOP_SIGNAL" = USR1 ]; then', requeue, "fi",
+             'exit "$rc"']
+    return "\n".join(sb + body + trap + lines) + "\n"
 
 
 def main(opts: SlurmOptions) -> int:

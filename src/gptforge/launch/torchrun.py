@@ -15,7 +15,13 @@ the rendezvous, not the ranks' order. ``--max-restarts=0``: a rank that dies end
 on its node stops its other workers at once; the ranks on other nodes see their peer's sockets close
 and fail within the collective timeout (the training config's ``parallel.timeout_s``, or
 ``--collective-timeout`` when given) when a whole machine disappears. The launcher then prints which
-rank on which node failed first (gptforge.launch.failures).
+rank on which node failed first (gptforge.launch.failures). ``--max-restarts=N``: torchrun restarts the
+workers up to N times instead, and they resume from the newest complete checkpoint.
+
+SIGTERM, SIGINT, SIGHUP or SIGUSR1 to `launch` go to torchrun, which passes them to its workers: every
+rank finishes its step, they save a checkpoint and exit (gptforge.train.preempt); torchrun waits the
+training config's ``train.grace_s`` plus SHUTDOWN_MARGIN seconds before it kills them. `launch` then
+prints the workers' "stopped by ..." line and exits with 128 + the signal's number (143 for SIGTERM).
 """
 
 from __future__ import annotations
@@ -26,16 +32,17 @@ import shlex
 import sys
 
 from gptforge import hardware
+from gptforge.config.schema import TrainSection
 from gptforge.errors import UserError
 from gptforge.launch import netutil
 from gptforge.launch.doctor.command import main as doctor_main
 from gptforge.launch.doctor.options import DoctorOptions
 from gptforge.launch.hostfile import run_hostfile
+from gptforge.launch.jobfile import ELASTIC_SIGNALS, shutdown_timeout, train_grace_s
 from gptforge.launch.node import NodeFlags, NodeSpec, gptforge_target
 from gptforge.launch.options import LaunchOptions
 from gptforge.launch.process import run_torchrun
 
-SHUTDOWN_TIMEOUT = 10  # seconds torchrun waits after SIGTERM before SIGKILL-ing workers
 PYTHON_TORCHRUN = (sys.executable, "-m", "torch.distributed.run")
 
 
@@ -43,6 +50,8 @@ def validate(opts: LaunchOptions) -> None:
     if not opts.command:
         raise UserError("no command to launch: put it after --, e.g. `gptforge launch --nnodes 2 ... -- pretrain "
                         "--config configs/small.toml`")
+    if opts.max_restarts < 0:
+        raise UserError(f"--max-restarts must be 0 (a rank that dies ends the job) or more, got {opts.max_restarts}")
     if opts.hostfile:
         return
     opts.check_node()
@@ -102,14 +111,17 @@ def node_spec(opts: LaunchOptions) -> NodeSpec:
         local_addr = netutil.require_iface(opts.iface)
     return NodeSpec(nnodes=opts.nnodes, node_rank=opts.node_rank, nproc_per_node=nproc, master_addr=opts.master(),
                     master_port=opts.master_port, iface=opts.iface, no_ib=opts.no_ib, rdzv_id=opts.rdzv_id,
-                    rdzv_timeout=opts.rdzv_timeout, local_addr=local_addr, collective_timeout=opts.collective_timeout)
+                    rdzv_timeout=opts.rdzv_timeout, local_addr=local_addr, collective_timeout=opts.collective_timeout,
+                    max_restarts=opts.max_restarts)
 
 
-def node_env(spec: NodeSpec) -> dict[str, str]:
+def node_env(spec: NodeSpec, grace_s: float = TrainSection.grace_s) -> dict[str, str]:
     """The variables added to torchrun's environment. The collective timeout only when --collective-timeout
     is given: otherwise the trainer uses the config's parallel.timeout_s (or the user's own variable)."""
     env = spec.network_env()
-    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT))
+    env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
+                                                           str(shutdown_timeout(grace_s)))
+    env["PET_SIGNALS_TO_HANDLE"] = os.environ.get("PET_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
     env["GPTFORGE_NODE_RANK"] = str(spec.node_rank)
     env["GPTFORGE_NNODES"] = str(spec.nnodes)
     if not os.environ.get("OMP_NUM_THREADS") and _gpu_count() == 0:
@@ -141,7 +153,7 @@ def main(opts: LaunchOptions) -> int:
     if opts.hostfile:
         return run_hostfile(opts)
     spec = node_spec(opts)
-    env = node_env(spec)
+    env = node_env(spec, train_grace_s(opts.command))
     argv = spec.torchrun_argv(target_argv(opts.command), PYTHON_TORCHRUN)
     if opts.dry_run:
         print(format_dry_run(env, argv))
@@ -154,4 +166,5 @@ def main(opts: LaunchOptions) -> int:
             return rc
     if spec.local_addr or opts.node_rank == 0:  # the address the other nodes know this one by (record_peers)
         env["GPTFORGE_LOCAL_ADDR"] = spec.local_addr or spec.master_addr
-    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin, port=opts.master_port)
+    return run_torchrun(argv, env, opts.node_rank, watch_stdin=opts.watch_stdin, port=opts.master_port,
+                        max_restarts=opts.max_restarts)

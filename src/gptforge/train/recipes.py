@@ -206,8 +206,9 @@ def _stage(recipe: type[Recipe]):
         if recipe is DPO and not cfg.train.init_from:
             raise UserError("dpo starts from the SFT model, which is also the frozen reference: "
                             "pass --init-from=RUN_OR_CHECKPOINT_DIR")
-        report(run(cfg, recipe), cfg, recipe.name)
-        return 0
+        result = run(cfg, recipe)
+        report(result, cfg, recipe.name)
+        return result.get("status", 0)  # 128 + signal number after a stop signal (gptforge.train.preempt)
 
     command.defaults = recipe.defaults
     command.__name__ = command.__qualname__ = recipe.name

@@ -97,7 +97,11 @@ def describe_model(cfg: Config, model, mcfg) -> str:
 
 
 def report(result: dict, cfg: Config, stage: str) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0 and result.get("stopped"):
+        print(f"{stage}: stopped by {result['stopped']} at step {result['steps']}, saved checkpoint "
+              f"{result['checkpoint']}; resume with --train.resume=auto (exit status {result['status']})",
+              file=sys.stderr, flush=True)
+    elif int(os.environ.get("RANK", "0")) == 0:
         v = result["val_loss"]
         print(f"{stage} done: {result['steps']} steps in {result['wall_s']:.0f} s, {result['tok_s']:,.0f} tok/s, "
               f"train loss {result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")

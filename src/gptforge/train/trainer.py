@@ -24,6 +24,7 @@ from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
 from gptforge.train.metrics import MetricsLogger, fmt_duration
 from gptforge.train.optim import build_optimizer, lr_at
+from gptforge.train.preempt import StopSignals, check_grace, elastic_restart
 
 
 def autocast(device: torch.device, precision: str):
@@ -62,6 +63,7 @@ class Trainer:
         self.seqs_per_step = t.micro_batch * t.grad_accum * env.dp_size
         self.tokens_per_step = self.seqs_per_step * model_cfg.block_size
         self.total_steps = self._total_steps()
+        check_grace(t.grace_s)
         self.step, self.tokens_seen = 0, 0
         self.shared_storage = True  # set by fit(): do all ranks see out_dir?
         p = cfg.parallel
@@ -98,6 +100,9 @@ class Trainer:
 
     def maybe_resume(self) -> None:
         r = self.tcfg.resume
+        if r in ("none", "", None) and elastic_restart() > 0:  # torchrun restarted us (launch --max-restarts)
+            r = "auto"
+            self.print(f"torchrun restart {elastic_restart()}: resuming from the newest complete checkpoint")
         if r in ("none", "", None):
             return
         candidates = ckpt_mod.resume_candidates(r, self.out_dir, self.env)
@@ -216,59 +221,65 @@ class Trainer:
         peak = peak_flops(self.device, self.precision) * env.world_size
         t_start, step_start = time.perf_counter(), self.step
         window_t, window_steps = time.perf_counter(), 0
-        saved_at = -1
+        saved_at, path = -1, None
         end = min(self.total_steps, t.stop_after or self.total_steps)
-        while self.step < end:
-            loss, norm, metrics = self.train_step()
-            self.step += 1
-            self.tokens_seen += self.tokens_per_step
-            self.history.append(loss)
-            window_steps += 1
+        with StopSignals(t.grace_s, env) as stop:  # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit
+            while self.step < end:
+                loss, norm, metrics = self.train_step()
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                self.history.append(loss)
+                window_steps += 1
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}")
+                last = self.step == end
+                stopping = stop.should_stop()  # every rank stops after the same step
+                save_due = bool(t.save_every and self.step % t.save_every == 0) or last or stopping
+                if self.local_sgd is not None and (self.local_sgd.due(self.step) or save_due):
+                    self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
+                if self.step % t.log_every == 0 or last or stopping or self.step == 1:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()
+                    now = time.perf_counter()
+                    dt = (now - window_t) / window_steps
+                    tok_s = self.tokens_per_step / dt
+                    mfu = self.flops_per_token * tok_s / peak if peak else 0.0
+                    eta = (now - t_start) / max(1, self.step - step_start) * (end - self.step)
+                    self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
+                               f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
+                               f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
+                               + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
+                    self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
+                                             "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000}
+                                 | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
+                    window_t, window_steps = time.perf_counter(), 0
+                else:
+                    self.log.log(self.step, {"train/loss": loss})
+                if (t.eval_every and self.step % t.eval_every == 0) or last:
+                    self.last_val = self.evaluate()
+                    if self.last_val is not None:
+                        self.print(f"step {self.step}: val loss {self.last_val:.4f}")
+                        self.log.log(self.step, {"val/loss": self.last_val})
+                    window_t = time.perf_counter()  # keep eval out of the step time
+                if save_due:
+                    path = self.save()
+                    saved_at = self.step
+                    self.print(f"saved checkpoint {path}")
+                    window_t = time.perf_counter()
+                if stopping:
+                    break
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}")
-            last = self.step == end
-            save_due = bool(t.save_every and self.step % t.save_every == 0) or last
-            if self.local_sgd is not None and (self.local_sgd.due(self.step) or save_due):
-                self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
-            if self.step % t.log_every == 0 or last or self.step == 1:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize()
-                now = time.perf_counter()
-                dt = (now - window_t) / window_steps
-                tok_s = self.tokens_per_step / dt
-                mfu = self.flops_per_token * tok_s / peak if peak else 0.0
-                eta = (now - t_start) / max(1, self.step - step_start) * (end - self.step)
-                self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
-                           f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-                           f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
-                           + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
-                self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
-                                         "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000}
-                             | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
-                window_t, window_steps = time.perf_counter(), 0
-            else:
-                self.log.log(self.step, {"train/loss": loss})
-            if (t.eval_every and self.step % t.eval_every == 0) or last:
-                self.last_val = self.evaluate()
-                if self.last_val is not None:
-                    self.print(f"step {self.step}: val loss {self.last_val:.4f}")
-                    self.log.log(self.step, {"val/loss": self.last_val})
-                window_t = time.perf_counter()  # keep eval out of the step time
-            if save_due:
+                bar.close()
+            if saved_at != self.step and self.step > 0 and self.history:
                 path = self.save()
-                saved_at = self.step
-                self.print(f"saved checkpoint {path}")
-                window_t = time.perf_counter()
-        if bar is not None:
-            bar.close()
-        if saved_at != self.step and self.step > 0 and self.history:
-            self.save()
         wall = time.perf_counter() - t_start
         result = {"steps": self.step, "train_loss": self.history[-1] if self.history else None,
                   "val_loss": self.last_val, "wall_s": wall, "losses": self.history,
                   "tok_s": (self.step - step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
-        if self.sample_fn is not None and t.sample_tokens > 0:
+        if stop.agreed:
+            result |= {"stopped": stop.name, "status": stop.status, "checkpoint": str(path)}
+        elif self.sample_fn is not None and t.sample_tokens > 0:
             text = self.sample_fn(unwrap(self.model))
             self.print("---- sample ----\n" + text + "\n----------------")
         self.log.close()
