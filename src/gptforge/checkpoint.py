@@ -182,7 +182,7 @@ def begin_save(out_dir, step, model, optimizer, trainer_state, env, files, keep_
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             pending.future = _write_tensors(pending, model, optimizer, fmt, replicas, extra or {}, async_group)
-    except Exception as e:  # noqa: BLE001 - agreed on by all ranks in finish()
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException; all ranks agree below
         pending.error = e
     if pending.future is None:
         pending.agree()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import all_true, barrier
@@ -52,7 +53,7 @@ class PendingSave:
         if self.future is not None:
             try:
                 self.future.result()
-            except Exception as e:  # noqa: BLE001
+            except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException
                 self.error = e
             self.future = None
         self._settle(self.error)
