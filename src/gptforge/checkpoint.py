@@ -37,6 +37,10 @@ from gptforge.parallel.parallelize import unwrap
 
 
 
+# DCP warns from its background (async_save) thread too, where a catch_warnings block does not reach
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+
+
 # ---- safe metadata ----------------------------------------------------------------------------
 class _SafeUnpickler(pickle.Unpickler):
     """DCP's .metadata is a pickle; allow only the plain data classes it is made of."""

@@ -157,3 +157,20 @@ def test_async_save_resumes_exactly_like_sync_save(tmp_path, char_data, capsys):
     assert_same_weights(asy / "checkpoints/step_0000008", sync / "checkpoints/step_0000008")
     st = json.loads((asy / "checkpoints/step_0000008" / STATE_FILE).read_text())
     assert st["step"] == 8 and st["run_id"]
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_disk_full_two_ranks_agree_and_stop(tmp_path, small_tmpfs, char_data, mode):
+    """torchrun, 2 gloo ranks (DDP): both ranks print the same one line and exit 2; step 2 is kept, no .partial."""
+    from distributed._harness import torchrun
+
+    out = small_tmpfs / "run"
+    extra = ["--train.async_save"] if mode == "async" else []
+    job = torchrun(2, ["pretrain", *tiny_args(out, char_data, "--train.max_steps=4", "--train.save_every=2",
+                                              "--train.keep_last=1", "--parallel.strategy=ddp", *extra)],
+                   timeout=240, check=False)
+    errors = [x for x in job.output.splitlines() if x.startswith("gptforge: error:")]
+    assert len(errors) == 2 and errors[0] == errors[1], job
+    assert "no space left" in errors[0] and "step_0000004" in errors[0]
+    assert "exitcode  : 2" in job.output and job.returncode != 0, job
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]

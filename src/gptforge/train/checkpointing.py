@@ -80,6 +80,7 @@ class Checkpointing:
         else:
             self.pending = pending
         self.save_stalls.append(time.perf_counter() - t0)
+        self.log.log(self.step, {"perf/save_stall_ms": self.save_stalls[-1] * 1000})
         return path
 
     def poll_pending(self) -> None:
