@@ -174,3 +174,40 @@ def test_disk_full_two_ranks_agree_and_stop(tmp_path, small_tmpfs, char_data, mo
     assert "no space left" in errors[0] and "step_0000004" in errors[0]
     assert "exitcode  : 2" in job.output and job.returncode != 0, job
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step_0000002"]
+
+
+def test_kill_during_async_save_keeps_the_previous_checkpoint(tmp_path, char_data):
+    """kill -9 while a background save is being written (its .partial has no trainer_state.json yet): the
+    newest complete checkpoint is intact and the resume gives the losses of an uninterrupted run."""
+    import os
+    import signal
+    import sys
+    import time
+
+    from distributed._harness import job_env, kill_group, start
+
+    args = ["--train.max_steps=400", "--train.save_every=1", "--train.keep_last=2", "--train.log_every=1"]
+    out = tmp_path / "run"
+    p = start([sys.executable, "-m", "gptforge", "pretrain", *tiny_args(out, char_data, *args, "--train.async_save")],
+              env=job_env())
+    try:
+        partial, deadline = None, time.monotonic() + 120
+        while partial is None and time.monotonic() < deadline and p.poll() is None:
+            done = list_checkpoints(out)
+            found = [d for d in (out / "checkpoints").glob("*.partial") if not (d / STATE_FILE).exists()] \
+                if len(done) >= 2 else []
+            partial = found[0] if found else None
+            time.sleep(0.002)
+        assert partial is not None, "never saw a background save in flight"
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+    finally:
+        kill_group(p)
+    newest = list_checkpoints(out)[-1]
+    assert int(newest.name.split("_")[1]) < int(partial.name.split("_")[1].split(".")[0])
+    weights(newest)  # complete and loadable
+    n = int(newest.name.split("_")[1]) + 3
+    assert main(["pretrain", *tiny_args(out, char_data, *args, f"--train.stop_after={n}", "--train.resume=auto")]) == 0
+    ref = tmp_path / "ref"
+    assert main(["pretrain", *tiny_args(ref, char_data, *args, f"--train.stop_after={n}")]) == 0
+    assert read_losses(out)[-3:] == read_losses(ref)[n - 3:n]
