@@ -213,7 +213,8 @@ class Trainer(Checkpointing):
             self.run_id = broadcast_object(uuid.uuid4().hex[:16], env)
         end = min(self.total_steps, t.stop_after or self.total_steps)
         if self.step >= end:  # nothing to do: say so and succeed (a requeue loop must not fail here)
-            self.print(f"the run in {self.out_dir} is already at step {self.step} of {end}: finished, nothing to train "
+            why = "finished" if end == self.total_steps else f"train.stop_after={t.stop_after} reached"
+            self.print(f"the run in {self.out_dir} is already at step {self.step} of {end}: {why}, nothing to train "
                        "(raise train.max_steps to train longer)")
             self.log.close()
             return {"steps": self.step, "train_loss": None, "val_loss": None, "wall_s": 0.0, "losses": [],
