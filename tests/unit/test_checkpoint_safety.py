@@ -55,6 +55,15 @@ def test_new_run_into_another_runs_out_dir_is_refused(tmp_path, char_data, capsy
     assert main(["pretrain", *tiny_args(out, char_data, "--train.max_steps=5", "--train.resume=auto")]) == 0
     ids = {json.loads((p / STATE_FILE).read_text())["run_id"] for p in list_checkpoints(out)}
     assert len(ids) == 1 and [p.name for p in list_checkpoints(out)] == ["step_0000003", "step_0000005"]
+    # resuming one of its own checkpoints by path is fine; a new run resuming another folder's run here is not
+    assert main(["pretrain", *tiny_args(out, char_data, "--train.max_steps=4",
+                                        f"--train.resume={out / 'checkpoints/step_0000003'}")]) == 0
+    other = tmp_path / "other"
+    assert main(["pretrain", *tiny_args(other, char_data, "--train.max_steps=2")]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *tiny_args(out, char_data, "--train.max_steps=4",
+                                        f"--train.resume={other / 'checkpoints/step_0000002'}")]) == 2
+    assert "another run's checkpoints" in one_line_error(capsys.readouterr().err)
 
 
 def _save(out: Path, step: int, run_id: str | None, keep_last: int = 1) -> Path:

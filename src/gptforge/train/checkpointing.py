@@ -28,7 +28,7 @@ class Checkpointing:
             found = ckpt_mod.list_checkpoints(self.out_dir)
             if found and r not in ("none", "", None):  # resuming a given checkpoint: its own run's are fine
                 rid = ckpt_mod.read_json(ckpt_mod.checkpoint_dir_of(r), ckpt_mod.STATE_FILE).get("run_id")
-                found = [p for p in found if rid is None or ckpt_mod.read_json(p, ckpt_mod.STATE_FILE).get("run_id") != rid]
+                found = [p for p in found if ckpt_mod.read_json(p, ckpt_mod.STATE_FILE).get("run_id") != rid]
             return found[-1].name if found else None
 
         name = on_main(other_run, self.env)
@@ -51,7 +51,10 @@ class Checkpointing:
             why = "no checkpoint of this run to roll back to" if ck is None else f"{Path(ck).name} was already reloaded once"
             raise UserError(f"{k} non-finite steps in a row from step {first_bad} and {why}; lower train.lr, raise "
                             "train.warmup_steps or use bf16, and set train.save_every so there is a checkpoint to go back to")
-        state = ckpt_mod.load_checkpoint(Path(ck), self.model, self.optimizer, self.env)
+        extra = self.local_sgd.state_dict() if self.local_sgd else None
+        state = ckpt_mod.load_checkpoint(Path(ck), self.model, self.optimizer, self.env, extra=extra)
+        if self.local_sgd:
+            self.local_sgd.load_state_dict(extra)
         self.optimizer.zero_grad(set_to_none=True)
         self._restore(state)
         self.guard.bad_in_row, self.rolled_back_to = 0, ck
