@@ -41,8 +41,8 @@ class Checkpointing:
         self.finish_pending()
 
         def newest() -> str | None:
-            mine = [p for p in ckpt_mod.list_checkpoints(self.out_dir)
-                    if ckpt_mod.read_json(p, ckpt_mod.STATE_FILE).get("run_id") == self.run_id]
+            mine = [p for p in ckpt_mod.list_checkpoints(self.out_dir) if int(p.name[len("step_"):]) <= self.step
+                    and ckpt_mod.read_json(p, ckpt_mod.STATE_FILE).get("run_id") == self.run_id]
             return str(mine[-1]) if mine else None
 
         ck = on_main(newest, self.env)
