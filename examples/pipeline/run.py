@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -88,6 +89,8 @@ def main() -> int:
             "--out", str(tokdir)])
 
     def done(run: Path) -> bool:
+        if a.force:  # a new run is refused in a folder holding another run's checkpoints: --force starts afresh
+            shutil.rmtree(run, ignore_errors=True)
         return not a.force and (run / "checkpoints").is_dir() and any((run / "checkpoints").glob("step_*"))
 
     runs = {"pretrain": out / "pretrain", "sft": out / "sft", "dpo": out / "dpo"}

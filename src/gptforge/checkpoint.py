@@ -6,9 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import pickle
-import re
 import secrets
 import shutil
 import socket
@@ -31,13 +29,16 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from gptforge.ckpt_commit import STATE_FILE, PendingSave, list_checkpoints, rotate, state_nbytes  # noqa: F401
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
 
-STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
-_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+# DCP warns from its background (async_save) thread too, where a catch_warnings block does not reach
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
 # ---- safe metadata ----------------------------------------------------------------------------
@@ -80,15 +81,6 @@ def set_rng_state(st: dict) -> None:
     torch.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(st["torch"]), dtype=np.uint8).copy()))
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state(torch.from_numpy(np.frombuffer(base64.b64decode(st["cuda"]), dtype=np.uint8).copy()))
-
-
-def list_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete checkpoints under out_dir/checkpoints, oldest first."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p / STATE_FILE).is_file()]
-    return [p for _, p in sorted(found)]
 
 
 def checkpoint_dir_of(path: str | Path) -> Path:
@@ -173,60 +165,62 @@ def save_checkpoint(out_dir: str | Path, step: int, model, optimizer, trainer_st
     machine has its own disk): the full state is gathered to rank 0, which alone writes it, so node 0 holds
     a complete checkpoint and resumes broadcast it to the others. replicas: every rank has an optimizer
     state of its own (local SGD), saved per rank; extra: tensors that are the same on every rank."""
+    return begin_save(out_dir, step, model, optimizer, trainer_state, env, files, keep_last, shared, replicas,
+                      extra).finish()
+
+
+def begin_save(out_dir, step, model, optimizer, trainer_state, env, files, keep_last=2, shared=True,
+               replicas=False, extra=None, async_group=None) -> PendingSave:
+    """Write the tensors into step_N.partial; with `async_group` (a CPU process group, or True on one process)
+    DCP writes them in the background from a copy. PendingSave.finish() completes the checkpoint."""
     root = Path(out_dir) / "checkpoints"
-    final = root / f"step_{step:07d}"
-    partial = root / f"step_{step:07d}.partial"
     fmt = "sharded" if shared or not env.distributed else "full"
+    pending = PendingSave(root, step, env, trainer_state | {"world_size": env.world_size, "format": fmt,
+                                                            "replicas": replicas}, files, keep_last)
     if env.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if partial.exists():
-            shutil.rmtree(partial)
+        for stale in root.glob("step_*.partial"):  # this save's, or one a crash left behind: never useful
+            shutil.rmtree(stale, ignore_errors=True)
     barrier(env)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        if replicas:
-            _save_replicas(partial, model, optimizer, env, fmt, extra or {})
-        elif fmt == "sharded":
-            msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
-            dcp.save({"model": msd} | ({"optim": osd} if osd is not None else {}), checkpoint_id=str(partial))
-        elif not replicas:
-            msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if env.is_main:
-                dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial), no_dist=True)
-            del msd, osd
-        if fmt == "sharded":  # every rank writes its own RNG state: exact resume at the same world size
-            (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
-        else:
-            rngs = [None] * env.world_size
-            dist.all_gather_object(rngs, rng_state())
-            for r, st in enumerate(rngs if env.is_main else []):
-                (partial / f"rng_{r}.json").write_text(json.dumps(st))
-    barrier(env)
-    if env.is_main:
-        for name, content in files.items():
-            (partial / name).write_bytes(content if isinstance(content, bytes) else content.encode())
-        meta = {"world_size": env.world_size, "format": fmt, "replicas": replicas}
-        (partial / STATE_FILE).write_text(json.dumps(trainer_state | meta, indent=2))
-        _fsync_dir(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_dir(root)
-        for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier(env)
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
     try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            pending.future = _write_tensors(pending, model, optimizer, fmt, replicas, extra or {}, async_group)
+    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException; all ranks agree below
+        pending.error = e
+    if pending.future is None:
+        pending.agree()
+    return pending
+
+
+def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: bool, extra: dict, async_group):
+    partial, env = pending.partial, pending.env
+    if replicas:
+        _save_replicas(partial, model, optimizer, env, fmt, extra)
+    elif fmt == "sharded":
+        msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
+        state = {"model": msd} | ({"optim": osd} if osd is not None else {})
+        pending.nbytes = state_nbytes(state)
+        if async_group is not None:
+            partial.mkdir(parents=True, exist_ok=True)
+            (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
+            pg = async_group if env.distributed else None
+            return dcp.async_save(state, checkpoint_id=str(partial), process_group=pg)
+        dcp.save(state, checkpoint_id=str(partial))
+    else:
+        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        pending.nbytes = state_nbytes({"model": msd, "optim": osd})
+        if env.is_main:
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial), no_dist=True)
+        del msd, osd
+    if fmt == "sharded":  # every rank writes its own RNG state: exact resume at the same world size
+        (partial / f"rng_{env.rank}.json").write_text(json.dumps(rng_state()))
+    else:
+        rngs = [None] * env.world_size
+        dist.all_gather_object(rngs, rng_state())
+        for r, st in enumerate(rngs if env.is_main else []):
+            (partial / f"rng_{r}.json").write_text(json.dumps(st))
+    return None
 
 
 # ---- load -------------------------------------------------------------------------------------

@@ -64,6 +64,14 @@ class TrainSection:
     """SIGTERM/SIGINT/SIGUSR1: seconds to finish the step, save a checkpoint and exit (exit status 128+signal)"""
     resume: Annotated[str, _alias("--resume")] = "none"
     """none | auto (latest checkpoint in out_dir) | a checkpoint dir"""
+    async_save: bool = False
+    """write checkpoints in the background (DCP async_save): the loop waits only for a copy of the state"""
+    max_bad_steps: int = 5
+    """non-finite loss/gradient steps are skipped (no update); after this many in a row, train.on_bad_steps"""
+    on_bad_steps: Literal["rollback", "stop"] = "rollback"
+    """rollback: reload the last checkpoint (model, optimizer, data position) and go on; stop: exit 2"""
+    spike_factor: float = 3.0
+    """warn about (and count) a loss above this times the running median of recent losses; 0: off"""
     init_from: Annotated[Optional[str], _alias("--init-from")] = None
     """weights to start from: a gptforge checkpoint or a Hugging Face model folder"""
     sample_tokens: int = 300

@@ -135,11 +135,23 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
     return out
 
 
+def check_out_dir(out: Path, force: bool) -> None:
+    """--out must be a folder; a non-empty one (another model's files) only with --force."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out '{out}' is a file; give a folder path for the Hugging Face model")
+    if out.is_dir() and not force:
+        names = sorted(p.name for p in out.iterdir())
+        if names:
+            raise UserError(f"--out '{out}' is not empty ({len(names)} entries, e.g. {names[0]}); choose a new "
+                            "folder, or pass --force to overwrite its model files")
+
+
 def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
-              max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+              max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False) -> Path:
     """A gptforge checkpoint (or run dir -> its latest checkpoint) -> a Hugging Face folder."""
-    ck = checkpoint_dir_of(ckpt_dir)
     out = Path(out_dir)
+    check_out_dir(out, force)
+    ck = checkpoint_dir_of(ckpt_dir)
     if out.resolve() == ck.resolve() or ck.resolve() in out.resolve().parents:
         raise UserError(f"--out '{out}' is inside the checkpoint '{ck}'; choose a separate directory")
     cfg = model_config(ck)
@@ -172,10 +184,13 @@ class ExportOptions:
     """weight dtype (default: fp32)"""
     max_shard_gb: float = DEFAULT_SHARD_BYTES / 1024**3
     """split model.safetensors into shards of at most this size in GB"""
+    force: bool = False
+    """write into a non-empty --out folder (its model files are replaced)"""
 
 
 def main(opts: ExportOptions) -> int:
-    out = export_hf(opts.checkpoint, opts.out, opts.dtype, max_shard_bytes=int(opts.max_shard_gb * 1024**3))
+    out = export_hf(opts.checkpoint, opts.out, opts.dtype, max_shard_bytes=int(opts.max_shard_gb * 1024**3),
+                    force=opts.force)
     conf = json.loads((out / "config.json").read_text())
     print(f"wrote {conf['architectures'][0]} ({conf['dtype']}, vocab {conf['vocab_size']}) to {out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")

@@ -103,6 +103,10 @@ def report(result: dict, cfg: Config, stage: str) -> None:
               file=sys.stderr, flush=True)
     elif int(os.environ.get("RANK", "0")) == 0:
         v = result["val_loss"]
+        if result.get("finished"):
+            print(f"{stage}: already finished at step {result['steps']}; checkpoint in {cfg.train.out_dir}/checkpoints",
+                  file=sys.stderr)
+            return
         print(f"{stage} done: {result['steps']} steps in {result['wall_s']:.0f} s, {result['tok_s']:,.0f} tok/s, "
               f"train loss {result['train_loss']:.4f}" + (f", val loss {v:.4f}" if v is not None else "")
               + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)

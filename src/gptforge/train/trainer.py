@@ -10,6 +10,7 @@ import json
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,9 +20,11 @@ from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops
 from gptforge.model.cost import flops_per_token
 from gptforge.parallel.grad import clip_grad_norm_
-from gptforge.parallel.mesh import all_reduce_mean, barrier
+from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object
 from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
+from gptforge.train.checkpointing import Checkpointing
+from gptforge.train.faults import StepGuard
 from gptforge.train.metrics import MetricsLogger, fmt_duration
 from gptforge.train.optim import build_optimizer, lr_at
 from gptforge.train.preempt import StopSignals, check_grace, elastic_restart
@@ -47,7 +50,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
-class Trainer:
+class Trainer(Checkpointing):
     def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
                  model_cfg, sample_fn=None):
         self.cfg, self.env, self.tcfg = cfg, env, cfg.train
@@ -72,6 +75,12 @@ class Trainer:
         self.history: list[float] = []
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
+        self.guard = StepGuard(t, lambda msg: self.print(msg, file=sys.stderr))
+        self.run_id: str | None = None  # kept across resumes: rotation deletes only this run's checkpoints
+        self.pending = None  # a checkpoint being written in the background (train.async_save)
+        self.async_group = None
+        self.save_stalls: list[float] = []  # seconds the loop was blocked by each save
+        self.step_start, self.rolled_back_to = 0, None
         self.flops_per_token = flops_per_token(model_cfg)
 
     # ---- set-up ---------------------------------------------------------------------------------
@@ -121,15 +130,20 @@ class Trainer:
                     self.print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
                     continue
                 raise
-            self.step, self.tokens_seen = state["step"], state["tokens_seen"]
-            self.train_loader.load_state_dict(state["loader"])
-            if self.scaler is not None and state.get("scaler"):
-                self.scaler.load_state_dict(state["scaler"])
+            self._restore(state)
+            self.run_id = state.get("run_id")
+            self.guard.load_state_dict(state)
             if state.get("seqs_per_step") != self.seqs_per_step:
                 self.print(f"note: global batch changed from {state.get('seqs_per_step')} to "
                            f"{self.seqs_per_step} sequences per step since {ck.name}")
             self.print(f"resumed from {ck} at step {self.step}")
             return
+
+    def _restore(self, state: dict) -> None:
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.train_loader.load_state_dict(state["loader"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
 
     def _check_compatible(self, ck: Path) -> None:
         saved = ckpt_mod.read_json_rank0(ck, "model_config.json", self.env)
@@ -152,6 +166,8 @@ class Trainer:
             batch = to_device(self.train_loader.next_batch(), self.device)
             with grad_sync(model, micro == t.grad_accum - 1), autocast(self.device, self.precision):
                 loss, metrics = self.objective(model, batch)
+                if micro == 0 and self.guard.inject(self.step + 1):
+                    loss = loss * float("nan")  # GPTFORGE_INJECT_NAN_AT_STEP (gptforge.train.faults)
                 scaled = loss / t.grad_accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
@@ -160,18 +176,19 @@ class Trainer:
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        loss = all_reduce_mean(loss_sum / t.grad_accum, self.env).item()
-        if not math.isfinite(loss) and self.scaler is None:
-            raise UserError(f"loss became {loss} at step {self.step} (lr {lr:.2e}); lower train.lr, raise "
-                            f"train.warmup_steps or use bf16; the last saved checkpoint is untouched")
-        if self.scaler:
+        loss = all_reduce_mean(loss_sum / t.grad_accum, self.env)
+        # the finiteness flag stays on the device and is read with the loss (one read per step, as before)
+        finite = torch.isfinite(loss) & torch.isfinite(norm)
+        loss, norm, finite = torch.stack([loss.float(), norm.float(), finite.float()]).tolist()
+        if self.scaler:  # fp16: the scaler skips steps with inf/nan gradients and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+            finite = True
+        elif finite:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         metrics = {k: all_reduce_mean(v, self.env).item() for k, v in extra.items()}
-        return loss, float(norm), metrics | {"lr": lr}
+        return loss, norm, metrics | {"lr": lr, "finite": bool(finite)}
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -189,17 +206,17 @@ class Trainer:
             return None
         return all_reduce_mean(total / n, self.env).item()
 
-    def save(self) -> Path:
-        t = self.tcfg
-        state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
-                 "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
-                 "scaler": self.scaler.state_dict() if self.scaler else None,
-                 "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
-        files = dict(self.files) | {"model_config.json": _json(self.model_cfg.to_dict())}
-        return ckpt_mod.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
-                                        files, keep_last=t.keep_last, shared=self.shared_storage,
-                                        replicas=self.local_sgd is not None,
-                                        extra=self.local_sgd.state_dict() if self.local_sgd else None)
+    def _log_step(self, loss: float, norm: float, metrics: dict, dt: float, peak: float, eta: float) -> None:
+        tok_s = self.tokens_per_step / dt
+        mfu = self.flops_per_token * tok_s / peak if peak else 0.0
+        self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
+                   f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
+                   f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
+                   + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
+        self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
+                                 "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
+                                 "train/bad_steps": self.guard.bad_total, "train/loss_spikes": self.guard.spikes}
+                     | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
 
     def fit(self) -> dict:
         t, env = self.tcfg, self.env
@@ -207,7 +224,18 @@ class Trainer:
         if not self.shared_storage:
             self.print(f"checkpoints: the ranks do not share {self.out_dir} (machines with disks of their own): "
                        "node 0 keeps each full checkpoint, and a resume sends it to the other nodes")
+        self._setup_saving()
         self.maybe_resume()
+        if self.run_id is None:
+            self.run_id = broadcast_object(uuid.uuid4().hex[:16], env)
+        end = min(self.total_steps, t.stop_after or self.total_steps)
+        if self.step >= end:  # nothing to do: say so and succeed (a requeue loop must not fail here)
+            why = "finished" if end == self.total_steps else f"train.stop_after={t.stop_after} reached"
+            self.print(f"the run in {self.out_dir} is already at step {self.step} of {end}: {why}, nothing to train "
+                       "(raise train.max_steps to train longer)")
+            self.log.close()
+            return {"steps": self.step, "train_loss": None, "val_loss": None, "wall_s": 0.0, "losses": [],
+                    "tok_s": 0.0, "finished": True}
         self.model.train()
         self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
                    f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks) = "
@@ -220,22 +248,36 @@ class Trainer:
                        file=sys.stderr)
         peak = peak_flops(self.device, self.precision) * env.world_size
         t_start, step_start = time.perf_counter(), self.step
+        self.step_start = step_start
         window_t, window_steps = time.perf_counter(), 0
         saved_at, path = -1, None
-        end = min(self.total_steps, t.stop_after or self.total_steps)
         with StopSignals(t.grace_s, env) as stop:  # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit
             while self.step < end:
                 loss, norm, metrics = self.train_step()
+                finite = metrics.pop("finite")
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
                 self.history.append(loss)
+                self.poll_pending()
+                action = self.guard.observe(self.step, loss, norm, finite)
+                if action == "stop":
+                    self.finish_pending()
+                    raise UserError(f"{t.max_bad_steps} non-finite steps in a row (to step {self.step}); stopping "
+                                    "(train.on_bad_steps=stop); the last checkpoint is untouched; lower train.lr, "
+                                    "raise train.warmup_steps or use bf16, or set train.on_bad_steps=rollback")
+                if action == "rollback":
+                    self.rollback(self.step - t.max_bad_steps + 1)
+                    if bar is not None:
+                        bar.n = self.step
+                    continue
                 window_steps += 1
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{loss:.4f}")
                 last = self.step == end
                 stopping = stop.should_stop()  # every rank stops after the same step
-                save_due = bool(t.save_every and self.step % t.save_every == 0) or last or stopping
+                save_due = (bool(t.save_every and self.step % t.save_every == 0 and not self.guard.bad_in_row)
+                            or last or stopping)
                 if self.local_sgd is not None and (self.local_sgd.due(self.step) or save_due):
                     self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
                 if self.step % t.log_every == 0 or last or stopping or self.step == 1:
@@ -243,16 +285,8 @@ class Trainer:
                         torch.cuda.synchronize()
                     now = time.perf_counter()
                     dt = (now - window_t) / window_steps
-                    tok_s = self.tokens_per_step / dt
-                    mfu = self.flops_per_token * tok_s / peak if peak else 0.0
-                    eta = (now - t_start) / max(1, self.step - step_start) * (end - self.step)
-                    self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
-                               f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-                               f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
-                               + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
-                    self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
-                                             "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000}
-                                 | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
+                    self._log_step(loss, norm, metrics, dt, peak, (now - t_start) / max(1, self.step - step_start)
+                                   * (end - self.step))
                     window_t, window_steps = time.perf_counter(), 0
                 else:
                     self.log.log(self.step, {"train/loss": loss})
@@ -263,19 +297,22 @@ class Trainer:
                         self.log.log(self.step, {"val/loss": self.last_val})
                     window_t = time.perf_counter()  # keep eval out of the step time
                 if save_due:
-                    path = self.save()
+                    path = self.save(wait=stopping)  # a preemption save completes before the exit
                     saved_at = self.step
-                    self.print(f"saved checkpoint {path}")
+                    if path is not None:
+                        self.print(f"saved checkpoint {path}")
                     window_t = time.perf_counter()
                 if stopping:
                     break
             if bar is not None:
                 bar.close()
             if saved_at != self.step and self.step > 0 and self.history:
-                path = self.save()
+                path = self.save(wait=True)
+            self.finish_pending()
         wall = time.perf_counter() - t_start
         result = {"steps": self.step, "train_loss": self.history[-1] if self.history else None,
-                  "val_loss": self.last_val, "wall_s": wall, "losses": self.history,
+                  "val_loss": self.last_val, "wall_s": wall, "losses": self.history, "save_stalls": self.save_stalls,
+                  "bad_steps": self.guard.bad_total, "loss_spikes": self.guard.spikes,
                   "tok_s": (self.step - step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
         if stop.agreed:
             result |= {"stopped": stop.name, "status": stop.status, "checkpoint": str(path)}
@@ -286,6 +323,3 @@ class Trainer:
         barrier(env)
         return result
 
-
-def _json(d: dict) -> str:
-    return json.dumps(d, indent=2) + "\n"
