@@ -1,13 +1,12 @@
 """Checkpoints: one format for one device and many (torch.distributed.checkpoint, DCP), so a run
 saved on N ranks resumes on M. Written atomically (a `.partial` dir renamed when complete), last K
-kept. Metadata is unpickled with an allow-list; tensors load with weights_only."""
+kept. Loading never runs code from the checkpoint (gptforge.safe_load)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import os
-import pickle
 import re
 import secrets
 import shutil
@@ -19,7 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -35,37 +33,10 @@ from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
+from gptforge.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe, failure_of
 
 STATE_FILE = "trainer_state.json"  # written last: its presence marks a complete checkpoint
 _STEP_RE = re.compile(r"^step_(\d+)$")
-
-
-# ---- safe metadata ----------------------------------------------------------------------------
-class _SafeUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle; allow only the plain data classes it is made of."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set")}
-
-    def find_class(self, module, name):
-        ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in self.ALLOWED
-              or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))))
-        if not ok:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _SafeUnpickler(f).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -231,13 +202,19 @@ def _fsync_dir(path: Path) -> None:
 
 # ---- load -------------------------------------------------------------------------------------
 def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
+    """Every load of tensors goes through here: gptforge.safe_load's reader and planner (no code runs)."""
     try:
+        reader = SafeFileSystemReader(str(ckpt))
+        reader.check()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(),
+                     no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated ({msg}); "
+        if isinstance(failure := failure_of(e), UnsafeCheckpoint):
+            raise UserError(f"checkpoint '{ckpt}' is refused: {failure}; gptforge never writes that, so it was "
+                            "crafted or altered: nothing from it was loaded or run") from None
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated: {describe(e)}; "
                         "resume from an earlier one or delete it") from None
 
 
