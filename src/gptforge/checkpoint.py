@@ -5,6 +5,7 @@ kept. Loading never runs code from the checkpoint (gptforge.safe_load)."""
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import re
@@ -317,11 +318,45 @@ def load_model_weights(ckpt: Path, model) -> None:
 
 
 def model_config(ckpt: Path):
-    """The GPTConfig saved with a checkpoint (model_config.json), validated."""
+    """The GPTConfig saved with a checkpoint (model_config.json), validated (GPTConfig.validate_ranges)."""
+    data = read_json(ckpt, "model_config.json")
     try:
-        return GPTConfig(**read_json(ckpt, "model_config.json")).complete()
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        return GPTConfig(**data).complete()
     except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json ({e})") from None
+        raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json: {str(e).splitlines()[0]}; "
+                        "the file was altered or is not from gptforge") from None
+
+
+def saved_model_config(ckpt: Path, env) -> dict:
+    """model_config.json as rank 0 reads it, validated, on every rank (resume compares it to the model)."""
+    return on_main(lambda: model_config(ckpt) and read_json(ckpt, "model_config.json"), env)
+
+
+def tokenizer_id(tokenizer_json: bytes) -> str:
+    """sha256 of a tokenizer.json as canonical JSON: the same tokenizer has the same id however it was written."""
+    try:
+        tokenizer_json = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        pass
+    return hashlib.sha256(tokenizer_json).hexdigest()
+
+
+def check_same_tokenizer(ckpt: Path, tokenizer_json: bytes | None, env) -> None:
+    """Resume only with the tokenizer the checkpoint was trained with (its id in trainer_state.json, or the
+    id of its tokenizer.json for checkpoints saved before ids were recorded)."""
+    def saved() -> str | None:
+        sid = read_json(ckpt, STATE_FILE).get("tokenizer_sha256")
+        f = ckpt / "tokenizer.json"
+        return sid or (tokenizer_id(f.read_bytes()) if f.is_file() else None)
+
+    have = on_main(saved, env)
+    now = tokenizer_id(tokenizer_json) if tokenizer_json is not None else None
+    if have and now and have != now:
+        raise UserError(f"cannot resume from '{ckpt}': it was trained with another tokenizer (tokenizer.json "
+                        f"sha256 {have[:12]} there, {now[:12]} now); use the data.tokenizer / data.path the run "
+                        "started with, or a new train.out_dir")
 
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu", mcfg=None):

@@ -47,8 +47,28 @@ class GPTConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_head
 
+    def validate_ranges(self) -> None:
+        """Each number in its range (types too: a config file may hold anything); ValueError names the key."""
+        for key, low in (("block_size", 1), ("n_layer", 1), ("n_head", 1), ("d_model", 1), ("d_ff", 1)):
+            v = getattr(self, key)
+            if type(v) is not int or v < low:
+                raise ValueError(f"model.{key} must be a whole number >= {low}, got {v!r}")
+        if self.n_kv_head is not None and (type(self.n_kv_head) is not int or self.n_kv_head < 1):
+            raise ValueError(f"model.n_kv_head must be a whole number >= 1 or unset, got {self.n_kv_head!r}")
+        if self.vocab_size is not None and (type(self.vocab_size) is not int or self.vocab_size < 1):
+            raise ValueError(f"model.vocab_size must be a whole number >= 1, got {self.vocab_size!r}")
+        for key, ok, want in (("dropout", lambda v: 0 <= v < 1, "in [0, 1)"), ("norm_eps", lambda v: v > 0, "> 0"),
+                              ("rope_theta", lambda v: v > 0, "> 0"), ("init_std", lambda v: v > 0, "> 0")):
+            v = getattr(self, key)
+            if type(v) not in (int, float) or not math.isfinite(v) or not ok(v):
+                raise ValueError(f"model.{key} must be a number {want}, got {v!r}")
+        for key in ("bias", "tie_embeddings"):
+            if type(getattr(self, key)) is not bool:
+                raise ValueError(f"model.{key} must be true or false, got {getattr(self, key)!r}")
+
     def complete(self) -> "GPTConfig":
         """A checked copy with n_kv_head filled in; ValueError names the key to fix."""
+        self.validate_ranges()
         if self.vocab_size is None or self.vocab_size < 1:
             raise ValueError(f"model.vocab_size must be a positive number, got {self.vocab_size}")
         if self.arch not in ("gpt2", "llama"):

@@ -127,7 +127,8 @@ class Trainer:
             return
 
     def _check_compatible(self, ck: Path) -> None:
-        saved = ckpt_mod.read_json_rank0(ck, "model_config.json", self.env)
+        saved = ckpt_mod.saved_model_config(ck, self.env)
+        ckpt_mod.check_same_tokenizer(ck, self.files.get("tokenizer.json"), self.env)
         now = self.model_cfg.to_dict()
         diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
                 if k not in ("dropout", "preset") and saved.get(k) != now[k]]
@@ -190,6 +191,8 @@ class Trainer:
                  "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
                  "scaler": self.scaler.state_dict() if self.scaler else None,
                  "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
+        if "tokenizer.json" in self.files:
+            state["tokenizer_sha256"] = ckpt_mod.tokenizer_id(self.files["tokenizer.json"])
         files = dict(self.files) | {"model_config.json": _json(self.model_cfg.to_dict())}
         return ckpt_mod.save_checkpoint(self.out_dir, self.step, self.model, self.optimizer, state, self.env,
                                         files, keep_last=t.keep_last, shared=self.shared_storage,
