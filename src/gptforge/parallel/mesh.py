@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from gptforge.errors import UserError
+from gptforge.parallel import hang
 from gptforge.parallel.exit import mark_distributed
 
 
@@ -126,6 +127,7 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                                 device_id=device if device.type == "cuda" else None)
     record_peers(world, local_rank)
+    hang.install(rank, world, int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s)))
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // tp,
                   dp_size=world // tp, tp_size=tp, nnodes=nnodes, ranks_per_node=per_node)
     if not layout_pending(parallel_cfg, nnodes):

@@ -18,6 +18,7 @@ from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops
 from gptforge.model.cost import flops_per_token
+from gptforge.parallel import hang
 from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier
 from gptforge.parallel.localsgd import LocalSGD
@@ -222,6 +223,7 @@ class Trainer:
         saved_at = -1
         end = min(self.total_steps, t.stop_after or self.total_steps)
         while self.step < end:
+            hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
             loss, norm, metrics = self.train_step()
             self.step += 1
             self.tokens_seen += self.tokens_per_step
