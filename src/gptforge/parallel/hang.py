@@ -19,6 +19,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 
 DUMP_SIGNAL = signal.SIGUSR2
 MARK = "gptforge hang:"  # launch.failures finds the diagnosis by this
@@ -150,7 +151,9 @@ def explain(exc: BaseException, rank: int, wait_s: float = 3.0) -> str | None:
     line = (f"{MARK} rank {rank} waited in a collective at step {step} for parallel.timeout_s={timeout_s:g} s; "
             f"stuck: {who}; stack dumps of the ranks follow; raise parallel.timeout_s if the ranks are only slow")
     print(line, file=sys.stderr, flush=True)  # first: the stuck rank may fail (and end the job) once woken
-    print(f"{MARK} rank {rank}: its own stacks:", file=sys.stderr, flush=True)
+    print(f"{MARK} rank {rank} was here when its collective timed out (most recent call last):\n"
+          + "".join(traceback.format_tb(exc.__traceback__)).rstrip(), file=sys.stderr, flush=True)
+    print(f"{MARK} rank {rank}: its threads now:", file=sys.stderr, flush=True)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     if store is not None:
         t = threading.Thread(target=_dump_stacks, args=(store, world, rank), daemon=True)
