@@ -2,13 +2,13 @@
 
 DCP's `.metadata` is a pickle. It is read by an unpickler that resolves only the exact (module, name)
 pairs real gptforge checkpoints contain (single process, DDP, FSDP2/DTensor, tensor parallel, local-SGD
-replicas; sharded and full formats: tests/unit/test_checkpoint_security.py enumerates them from real
-saves), never a dotted name (pickle protocol 4 would walk `a.b` attribute by attribute). The result is
-then checked field by field: every item is a tensor except the optimizer's `param_groups` entries (floats,
-tuples, lists of names), which DCP stores as pickled bytes; those bytes are read with
-`torch.load(weights_only=True)` (plain values only), never DCP's own `weights_only=False`. Data files
-must be `__R_I.distcp` inside the checkpoint, their byte ranges inside the file (a truncated file is
-named before anything is read)."""
+replicas; sharded and full formats, each enumerated from a real save; the unit test checks a
+single-process one against this list), never a dotted name (pickle protocol 4 would walk `a.b` attribute
+by attribute). The result is then checked field by field: every item is a tensor except the optimizer's
+`param_groups` entries (floats, tuples, lists of names), which DCP stores as pickled bytes; those bytes
+are read with `torch.load(weights_only=True)` (plain values only), never DCP's own `weights_only=False`.
+Data files must be `__R_I.distcp` inside the checkpoint, their byte ranges inside the file (a truncated
+file is named before anything is read)."""
 
 from __future__ import annotations
 

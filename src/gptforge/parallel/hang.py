@@ -40,8 +40,8 @@ def _connect(timeout_s: float):
         return None
     store = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=timeout_s),
                           wait_for_workers=False)
-    prefix = f"gptforge/hang/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/"
-    return dist.PrefixStore(prefix, store)
+    run, restart = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"gptforge/hang/{run}/{restart}/", store)
 
 
 def install(rank: int, world: int, timeout_s: float) -> None:
