@@ -1,12 +1,12 @@
 """Checkpoints: one format for one device and many (torch.distributed.checkpoint, DCP), so a run
 saved on N ranks resumes on M. Written atomically (a `.partial` dir renamed when complete), last K
-kept. Metadata is unpickled with an allow-list; tensors load with weights_only."""
+kept. Loading never runs code from the checkpoint (gptforge.safe_load)."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
-import pickle
 import secrets
 import shutil
 import socket
@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -34,39 +33,12 @@ from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
+from gptforge.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe, failure_of
 
 
 
 # DCP warns from its background (async_save) thread too, where a catch_warnings block does not reach
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-
-
-# ---- safe metadata ----------------------------------------------------------------------------
-class _SafeUnpickler(pickle.Unpickler):
-    """DCP's .metadata is a pickle; allow only the plain data classes it is made of."""
-
-    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-               ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("builtins", "set")}
-
-    def find_class(self, module, name):
-        ok = (module.startswith("torch.distributed.checkpoint.") or (module, name) in self.ALLOWED
-              or (module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout))))
-        if not ok:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from checkpoint metadata")
-        return super().find_class(module, name)
-
-
-class SafeFileSystemReader(FileSystemReader):
-    def read_metadata(self, *args, **kwargs):
-        path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            metadata = _SafeUnpickler(f).load()
-        from torch.distributed.checkpoint.metadata import StorageMeta
-
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
-        return metadata
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -225,13 +197,19 @@ def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: b
 
 # ---- load -------------------------------------------------------------------------------------
 def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
+    """Every load of tensors goes through here: gptforge.safe_load's reader and planner (no code runs)."""
     try:
+        reader = SafeFileSystemReader(str(ckpt))
+        reader.check()
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=no_dist)
+            dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(),
+                     no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
-        msg = " ".join(str(e).split())[:200] or type(e).__name__
-        raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated ({msg}); "
+        if isinstance(failure := failure_of(e), UnsafeCheckpoint):
+            raise UserError(f"checkpoint '{ckpt}' is refused: {failure}; gptforge never writes that, so it was "
+                            "crafted or altered: nothing from it was loaded or run") from None
+        raise UserError(f"checkpoint '{ckpt}' is corrupt or truncated: {describe(e)}; "
                         "resume from an earlier one or delete it") from None
 
 
@@ -334,11 +312,45 @@ def load_model_weights(ckpt: Path, model) -> None:
 
 
 def model_config(ckpt: Path):
-    """The GPTConfig saved with a checkpoint (model_config.json), validated."""
+    """The GPTConfig saved with a checkpoint (model_config.json), validated (GPTConfig.validate)."""
+    data = read_json(ckpt, "model_config.json")
     try:
-        return GPTConfig(**read_json(ckpt, "model_config.json")).complete()
+        if not isinstance(data, dict):
+            raise ValueError(f"it holds a JSON {type(data).__name__}, not an object")
+        return GPTConfig(**data).complete()
     except (TypeError, ValueError) as e:
-        raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json ({e})") from None
+        raise UserError(f"checkpoint '{ckpt}' has an invalid model_config.json: {str(e).splitlines()[0]}; "
+                        "the file was altered or is not from gptforge") from None
+
+
+def saved_model_config(ckpt: Path, env) -> dict:
+    """model_config.json as rank 0 reads it, validated, on every rank (resume compares it to the model)."""
+    return on_main(lambda: model_config(ckpt) and read_json(ckpt, "model_config.json"), env)
+
+
+def tokenizer_id(tokenizer_json: bytes) -> str:
+    """sha256 of a tokenizer.json as canonical JSON: the same tokenizer has the same id however it was written."""
+    try:
+        tokenizer_json = json.dumps(json.loads(tokenizer_json), sort_keys=True, separators=(",", ":")).encode()
+    except ValueError:
+        pass
+    return hashlib.sha256(tokenizer_json).hexdigest()
+
+
+def check_same_tokenizer(ckpt: Path, tokenizer_json: bytes | None, env) -> None:
+    """Resume only with the tokenizer the checkpoint was trained with (its id in trainer_state.json, or the
+    id of its tokenizer.json for checkpoints saved before ids were recorded)."""
+    def saved() -> str | None:
+        sid = read_json(ckpt, STATE_FILE).get("tokenizer_sha256")
+        f = ckpt / "tokenizer.json"
+        return sid or (tokenizer_id(f.read_bytes()) if f.is_file() else None)
+
+    have = on_main(saved, env)
+    now = tokenizer_id(tokenizer_json) if tokenizer_json is not None else None
+    if have and now and have != now:
+        raise UserError(f"cannot resume from '{ckpt}': it was trained with another tokenizer (tokenizer.json "
+                        f"sha256 {have[:12]} there, {now[:12]} now); use the data.tokenizer / data.path the run "
+                        "started with, or a new train.out_dir")
 
 
 def load_model(ckpt: Path, device: str | torch.device = "cpu", mcfg=None):

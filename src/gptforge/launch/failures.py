@@ -97,7 +97,20 @@ def worker_error(line: str) -> str | None:
     return m.group(1) if m else None
 
 
+def hang_diagnosis(lines: Sequence[str]) -> str | None:
+    """The line a rank printed when its collective timed out, naming the stuck rank (gptforge.parallel.hang)."""
+    for line in lines:
+        i = line.find("gptforge hang:")
+        if i >= 0 and "stuck:" in line:
+            return line[i:].strip()
+    return None
+
+
 def explain_failure(lines: Sequence[str], node_rank: int, rc: int) -> str:
+    hang = hang_diagnosis(lines)
+    if hang:
+        return (f"gptforge launch: node {node_rank} ({socket.gethostname()}): a rank hung: "
+                f"{hang.removeprefix('gptforge hang: ')}\ngptforge launch: the job was stopped (exit code {rc})")
     f = parse_failure(lines)
     text = "\n".join(lines[-200:])
     where = f"node {node_rank} ({socket.gethostname()})"

@@ -52,32 +52,36 @@ class GPTConfig:
         Run on the command line's config and, through complete(), on every config a model is built from."""
         for key in ("n_layer", "n_head", "d_model", "d_ff", "block_size"):
             v = getattr(self, key)
-            if not isinstance(v, int) or v < 1:
+            if type(v) is not int or v < 1:
                 raise ValueError(f"model.{key} must be a positive integer, got {v!r}")
-        if self.vocab_size is not None and self.vocab_size < 1:
+        if self.vocab_size is not None and (type(self.vocab_size) is not int or self.vocab_size < 1):
             raise ValueError(f"model.vocab_size must be a positive number (or unset: the tokenizer's), "
                              f"got {self.vocab_size}")
         if self.arch not in ("gpt2", "llama"):
             raise ValueError(f"model.arch must be 'gpt2' or 'llama', got {self.arch!r}")
         if self.d_model % self.n_head:
             raise ValueError(f"model.d_model={self.d_model} must be divisible by model.n_head={self.n_head}")
-        if self.n_kv_head is not None and (self.n_kv_head < 1 or self.n_head % self.n_kv_head):
+        if self.n_kv_head is not None and (type(self.n_kv_head) is not int or self.n_kv_head < 1
+                                           or self.n_head % self.n_kv_head):
             raise ValueError(f"model.n_head={self.n_head} must be divisible by model.n_kv_head={self.n_kv_head}")
         if self.arch == "llama" and self.head_dim % 2:
             raise ValueError(f"model.d_model / model.n_head = {self.head_dim} must be even for RoPE (arch llama)")
-        if not 0 <= self.dropout < 1:
+        if type(self.dropout) not in (int, float) or not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
         for key in ("norm_eps", "rope_theta", "init_std"):
             v = getattr(self, key)
-            if not (v > 0 and math.isfinite(v)):
-                raise ValueError(f"model.{key} must be a positive number, got {v}")
+            if type(v) not in (int, float) or not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"model.{key} must be a positive number, got {v!r}")
+        for key in ("bias", "tie_embeddings"):  # a checkpoint's model_config.json may hold anything
+            if type(getattr(self, key)) is not bool:
+                raise ValueError(f"model.{key} must be true or false, got {getattr(self, key)!r}")
         return self
 
     def complete(self) -> "GPTConfig":
         """A checked copy with n_kv_head filled in; ValueError names the key to fix."""
-        if self.vocab_size is None or self.vocab_size < 1:
-            raise ValueError(f"model.vocab_size must be a positive number, got {self.vocab_size}")
         self.validate()
+        if self.vocab_size is None:
+            raise ValueError("model.vocab_size must be a positive number, got None")
         return replace(self, n_kv_head=self.kv_heads)
 
     def to_dict(self) -> dict:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
+from gptforge.parallel import hang
 from gptforge.parallel.exit import mark_distributed
 
 
@@ -128,6 +129,7 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
                                 device_id=device if device.type == "cuda" else None)
     record_peers(world, local_rank)
+    hang.install(rank, world, int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s)))
     env = DistEnv(rank=rank, world_size=world, local_rank=local_rank, device=device, dp_rank=rank // tp,
                   dp_size=world // tp, tp_size=tp, nnodes=nnodes, ranks_per_node=per_node)
     if not layout_pending(parallel_cfg, nnodes):

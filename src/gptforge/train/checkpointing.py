@@ -72,6 +72,8 @@ class Checkpointing:
                  "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "run_id": self.run_id,
                  "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
+        if "tokenizer.json" in self.files:  # a resume checks it is the same tokenizer (not only the same size)
+            state["tokenizer_sha256"] = ckpt_mod.tokenizer_id(self.files["tokenizer.json"])
         files = dict(self.files) | {"model_config.json": json.dumps(self.model_cfg.to_dict(), indent=2) + "\n"}
         pending = ckpt_mod.begin_save(self.out_dir, self.step, self.model, self.optimizer, state | self.guard.state_dict(),
                                       self.env, files, keep_last=t.keep_last, shared=self.shared_storage,

@@ -16,6 +16,7 @@ from gptforge.errors import UserError
 from gptforge.hardware import device_precision
 from gptforge.hf.init_from import init_model_config, load_init_weights
 from gptforge.model.gpt import build_model
+from gptforge.parallel import hang
 from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
@@ -133,7 +134,12 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         if env.is_main:
             Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.out_dir) / "config.json")
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception as e:  # a collective timed out: name the stuck rank, stacks of each (parallel.hang)
+            if env.distributed and (why := hang.explain(e, env.rank)):
+                raise UserError(why) from None
+            raise
         del trainer, model, objective
         return result
     finally:

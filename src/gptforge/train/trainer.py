@@ -6,7 +6,6 @@ LR schedule, eval averaged over ranks, NaN/inf guard, exact-resume checkpoints, 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import sys
 import time
@@ -19,6 +18,7 @@ from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops
 from gptforge.model.cost import flops_per_token
+from gptforge.parallel import hang
 from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object
 from gptforge.parallel.localsgd import LocalSGD
@@ -146,7 +146,8 @@ class Trainer(Checkpointing):
             self.scaler.load_state_dict(state["scaler"])
 
     def _check_compatible(self, ck: Path) -> None:
-        saved = ckpt_mod.read_json_rank0(ck, "model_config.json", self.env)
+        saved = ckpt_mod.saved_model_config(ck, self.env)
+        ckpt_mod.check_same_tokenizer(ck, self.files.get("tokenizer.json"), self.env)
         now = self.model_cfg.to_dict()
         diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
                 if k not in ("dropout", "preset") and saved.get(k) != now[k]]
@@ -253,6 +254,7 @@ class Trainer(Checkpointing):
         saved_at, path = -1, None
         with StopSignals(t.grace_s, env) as stop:  # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit
             while self.step < end:
+                hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
                 loss, norm, metrics = self.train_step()
                 finite = metrics.pop("finite")
                 self.step += 1
