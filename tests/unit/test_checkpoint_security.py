@@ -1,4 +1,4 @@
-"""Loading a checkpoint never executes code (gptforge.safe_load), checkpoint configs and tokenizers are
+"""Loading a checkpoint never executes code (gptforge.checkpoint.safe_load), checkpoint configs and tokenizers are
 checked, and a damaged checkpoint is named in one line.
 
 Each crafted checkpoint is a copy of a real one with a hostile `.metadata` (or data file) whose payload
@@ -184,7 +184,7 @@ def test_resume_refuses_crafted_checkpoint(base_run, tmp_path, char_data, kind):
 def test_other_routes_refuse_crafted_checkpoint(base_run, tmp_path, char_data, route):
     ck, marker = craft(base_run, tmp_path, "dotted_os_system")
     if route == "chat":
-        r = gptforge("chat", "--checkpoint", str(ck), cwd=tmp_path, stdin="hello\n")
+        r = gptforge("chat", "--checkpoint", str(ck), "--allow-base", cwd=tmp_path, stdin="hello\n")
     elif route == "export-hf":
         r = gptforge("export-hf", "--checkpoint", str(ck), "--out", str(tmp_path / "hf"), cwd=tmp_path)
     else:
@@ -195,8 +195,8 @@ def test_other_routes_refuse_crafted_checkpoint(base_run, tmp_path, char_data, r
 
 def test_allow_list_is_exactly_what_real_checkpoints_hold(base_run):
     """Every global in a real checkpoint's .metadata is allowed, and the list holds nothing else but the
-    classes the other formats (FSDP/DTensor, TP, replicas, full) add: see gptforge.safe_load."""
-    from gptforge.safe_load import ALLOWED, SafeUnpickler
+    classes the other formats (FSDP/DTensor, TP, replicas, full) add: see gptforge.checkpoint.safe_load."""
+    from gptforge.checkpoint.safe_load import ALLOWED, SafeUnpickler
 
     seen = set()
 

@@ -1,6 +1,6 @@
 """Checkpoints: one format for one device and many (torch.distributed.checkpoint, DCP), so a run
 saved on N ranks resumes on M. Written atomically (a `.partial` dir renamed when complete), last K
-kept. Loading never runs code from the checkpoint (gptforge.safe_load)."""
+kept. Loading never runs code from the checkpoint (gptforge.checkpoint.safe_load)."""
 
 from __future__ import annotations
 
@@ -28,12 +28,12 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gptforge.ckpt_commit import STATE_FILE, PendingSave, list_checkpoints, rotate, state_nbytes  # noqa: F401
+from gptforge.checkpoint.commit import STATE_FILE, PendingSave, list_checkpoints, rotate, state_nbytes  # noqa: F401
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
-from gptforge.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe, failure_of
+from gptforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe, failure_of
 
 
 
@@ -197,7 +197,7 @@ def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: b
 
 # ---- load -------------------------------------------------------------------------------------
 def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
-    """Every load of tensors goes through here: gptforge.safe_load's reader and planner (no code runs)."""
+    """Every load of tensors goes through here: gptforge.checkpoint.safe_load's reader and planner (no code runs)."""
     try:
         reader = SafeFileSystemReader(str(ckpt))
         reader.check()
