@@ -59,8 +59,10 @@ def test_compressed_all_reduce_overlaps_backward_and_skips_no_sync_micro_steps()
     assert all(":bfloat16:" in o for m in comms["bf16"] for o in m if "allreduce" in o), comms["bf16"]
     exact, compressed = (sum(int(o.rsplit(":", 1)[1]) for o in comms["powersgd"][i] if "allreduce" in o)
                          for i in (3, 5))
-    # step 1 is exact (powersgd_start=2): the whole gradient (3.3M numbers); then vectors and P (m x 4) per matrix
-    assert exact > 3_000_000 and compressed < exact / 50, comms["powersgd"]
+    # step 1 is exact (powersgd_start=2): the whole gradient (3.3M numbers); then vectors and P (m x 4) per matrix,
+    # and Q (n x 4) too when its all-reduce (started from P's callback) is issued before the step's log closes:
+    # ~63K or ~85K numbers depending on timing, both > 35x fewer
+    assert exact > 3_000_000 and compressed < exact / 30, comms["powersgd"]
 
 
 def test_compression_without_ddp_is_one_line(tmp_path, char_data, capsys):
