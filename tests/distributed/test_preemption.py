@@ -256,6 +256,8 @@ def test_kill9_worker_restarts_and_matches(tmp_path, char_data, baseline):
         survivor_s = time.monotonic() - t0
         rc = p.wait(150)
         out = p.out
+    print(f"rank 0 left {survivor_s:.1f} s after rank 1's kill; the survivor said: "
+          + "; ".join(ln.strip()[:160] for ln in out.splitlines() if "did not agree to stop" in ln or "Error:" in ln))
     assert survivor_s < 30, f"rank 0 still ran {survivor_s:.0f} s after its peer died:\n{out[-4000:]}"
     assert rc == 0, out[-4000:]
     assert "connectFullMesh" not in out, out[-4000:]
