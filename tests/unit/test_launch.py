@@ -69,6 +69,19 @@ def test_single_node_is_standalone(capsys, monkeypatch):
     assert int(env["OMP_NUM_THREADS"]) >= 1
 
 
+def test_max_restarts_gives_each_attempt_a_fresh_store(capsys, monkeypatch):
+    """torchrun's shared agent store keeps the previous attempt's addresses (pytorch/pytorch#135712):
+    under --max-restarts launch turns the sharing off; without restarts it leaves torchrun's default."""
+    monkeypatch.delenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", raising=False)
+    env, argv = dry(capsys, "--max-restarts", "2", "--", "pretrain")
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1" and "--max-restarts=2" in argv
+    env, argv = dry(capsys, "--", "pretrain")
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in env and "--max-restarts=0" in argv
+    monkeypatch.setenv("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "0")  # the user's own choice wins
+    env, _ = dry(capsys, "--max-restarts", "1", "--", "pretrain")
+    assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "0"
+
+
 def test_script_and_module_targets_and_timeout(capsys, tmp_path, monkeypatch):
     script = tmp_path / "ex.py"
     script.write_text("print(1)\n")

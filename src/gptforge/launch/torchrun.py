@@ -122,6 +122,11 @@ def node_env(spec: NodeSpec, grace_s: float = TrainSection.grace_s) -> dict[str,
     env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = os.environ.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT",
                                                            str(shutdown_timeout(grace_s)))
     env["PET_SIGNALS_TO_HANDLE"] = os.environ.get("PET_SIGNALS_TO_HANDLE", ELASTIC_SIGNALS)
+    if spec.max_restarts > 0:
+        # torchrun's agent keeps one TCP store for all restarts by default, and the restarted workers read
+        # the previous attempt's addresses from it (gloo "connectFullMesh ... Connection refused", NCCL the
+        # same; pytorch/pytorch#135712): a fresh store for every attempt, hosted by rank 0
+        env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = os.environ.get("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     env["GPTFORGE_NODE_RANK"] = str(spec.node_rank)
     env["GPTFORGE_NNODES"] = str(spec.nnodes)
     if not os.environ.get("OMP_NUM_THREADS") and _gpu_count() == 0:

@@ -126,7 +126,9 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
     if not dist.is_initialized():
         timeout = int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout),
+        store = restart_store(world, rank, datetime.timedelta(seconds=timeout))
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout), store=store,
+                                rank=rank if store else -1, world_size=world if store else -1,
                                 device_id=device if device.type == "cuda" else None)
     record_peers(world, local_rank)
     hang.install(rank, world, int(os.environ.get("GPTFORGE_COLLECTIVE_TIMEOUT_S", parallel_cfg.timeout_s)))
@@ -135,6 +137,23 @@ def init_distributed(parallel_cfg, device_name: str = "auto") -> DistEnv:
     if not layout_pending(parallel_cfg, nnodes):
         build_mesh(env, rep, shard, tp)
     return env
+
+
+def restart_store(world: int, rank: int, timeout: datetime.timedelta):
+    """The process group's store after torchrun restarted the workers of a single node, else None (the
+    usual env:// set-up). torchrun's agent keeps one TCP store for every attempt
+    (TORCHELASTIC_USE_AGENT_STORE=True) and torch does not separate the attempts' keys: restarted gloo/NCCL
+    ranks can read a dead peer's address from the previous attempt ("connectFullMesh ... Connection
+    refused"; pytorch/pytorch#135712). A prefix per attempt separates them; TORCHELASTIC_RESTART_COUNT
+    is the same for every worker only when one agent started them all (one node). `gptforge launch
+    --max-restarts` avoids the shared store altogether (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if (os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or attempt == "0"
+            or os.environ.get("LOCAL_WORLD_SIZE") != str(world)):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"gptforge/attempt_{attempt}/", store)
 
 
 def record_peers(world: int, local_rank: int) -> None:

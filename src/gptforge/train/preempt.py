@@ -12,6 +12,14 @@ run at a step boundary with a checkpoint instead of losing it.
   that never reaches the collective, a save that does not finish), with the same status. A save is
   written to ``.partial`` and renamed when complete, so the previous checkpoint stays intact.
 
+A stop signal that follows a peer's death is not a preemption: when a worker dies, torchrun's agent
+SIGTERMs the others (to restart them under ``--max-restarts``, or to end the job), and no checkpoint can
+be agreed on without the dead rank. A signalled rank therefore bounds the stop agreement (``agree_s``:
+``min(AGREE_S, grace_s / 2)``; the ranks run in lockstep, so live peers answer within a step's skew) and
+leaves at once with ``128 + signal`` and one line, without a checkpoint, when it fails or does not
+complete in time; so does any error raised by a collective after the signal (a dead peer's closed
+socket). The previous complete checkpoint is untouched and a restart resumes from it.
+
 The trainer resumes by itself when torchrun restarts its workers (``TORCHELASTIC_RESTART_COUNT > 0``,
 ``gptforge launch --max-restarts N``): see ``elastic_restart``.
 """
@@ -30,6 +38,7 @@ import torch.distributed as dist
 from gptforge.errors import UserError
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+AGREE_S = 10.0  # at most this long for the ranks' stop agreement after a signal (see the module doc)
 
 
 def exit_status(signum: int) -> int:
@@ -52,6 +61,11 @@ def elastic_restart() -> int:
         return 0
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 class StopSignals:
     """Catch the stop signals for the length of a training loop (``with StopSignals(grace_s, env) as stop``)."""
 
@@ -62,6 +76,7 @@ class StopSignals:
         self.agreed: int | None = None  # the signal the ranks agreed to stop on (the largest number)
         self._old: dict = {}
         self._timer: threading.Timer | None = None
+        self.agree_s = min(AGREE_S, self.grace_s / 2)
 
     @property
     def name(self) -> str:
@@ -73,10 +88,13 @@ class StopSignals:
                 self._old[s] = signal.signal(s, self._handle)
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, _tb) -> None:
         """Without a signal: the old handlers back. After one: keep ignoring repeats and keep the watchdog,
-        so the rest of the exit (barrier, process-group shutdown) also ends within the grace period."""
+        so the rest of the exit (barrier, process-group shutdown) also ends within the grace period; an
+        error after the signal (a collective with a dead peer) ends the process at once."""
         if self.signum is not None:
+            if exc_type is not None and issubclass(exc_type, RuntimeError) and self.env.distributed:
+                self._peer_gone(_first_line(exc))  # gloo/NCCL errors are RuntimeErrors (DistBackendError)
             return
         for s, h in self._old.items():
             signal.signal(s, h)
@@ -99,13 +117,39 @@ class StopSignals:
               "intact); raise train.grace_s, or resume with --train.resume=auto", file=sys.stderr, flush=True)
         hard_exit(exit_status(self.signum or signal.SIGTERM))
 
+    def _peer_gone(self, why: str) -> None:
+        """After a stop signal the other ranks cannot agree on a checkpoint (a peer died and torchrun stops
+        the rest): leave now, without one, instead of waiting out the grace period."""
+        from gptforge.parallel.exit import hard_exit
+
+        print(f"gptforge: rank {self.env.rank}: {signal.Signals(self.signum or signal.SIGTERM).name} and the other "
+              f"ranks did not agree to stop ({why}): a peer is gone (torchrun stops the other workers when "
+              "one dies), so no stop checkpoint; exiting, the previous checkpoint is intact and --train.resume=auto "
+              "(or torchrun's restart) continues from it", file=sys.stderr, flush=True)
+        hard_exit(exit_status(self.signum or signal.SIGTERM))
+
     def should_stop(self) -> bool:
-        """Collective on every rank after each step: has any rank been signalled? Sets ``agreed``."""
+        """Collective on every rank after each step: has any rank been signalled? Sets ``agreed``. A rank
+        that was signalled waits at most ``agree_s`` for the others (see the module doc)."""
         flag = self.signum or 0
         if self.env.distributed:
             t = torch.tensor([flag], dtype=torch.int32, device=self.env.device)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX)
-            flag = int(t.item())
+            bound = None
+            if flag:
+                bound = threading.Timer(self.agree_s, self._peer_gone,
+                                        (f"no answer within {self.agree_s:g} s",))
+                bound.daemon = True
+                bound.start()
+            try:
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                flag = int(t.item())
+            except Exception as e:  # noqa: BLE001 - a dead peer's closed socket, whatever the backend says
+                if not flag:
+                    raise
+                self._peer_gone(_first_line(e))
+            finally:
+                if bound is not None:
+                    bound.cancel()
         if flag:
             self.agreed = flag
         return bool(flag)
