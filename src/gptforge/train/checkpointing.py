@@ -13,14 +13,22 @@ import torch
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import all_true, on_main
+from gptforge.train.preempt import elastic_restart
 
 
 class Checkpointing:
     """Mixed into Trainer (which provides model, optimizer, env, tcfg, out_dir, guard, print, ...)."""
 
+    def resume_setting(self) -> str | None:
+        """train.resume, or "auto" when torchrun restarted the workers (launch --max-restarts): they continue."""
+        r = self.tcfg.resume
+        if r in ("none", "", None) and elastic_restart() > 0:
+            return "auto"
+        return r
+
     def _check_out_dir(self) -> None:
         """A new run (no train.resume) must not mix its checkpoints with another run's: refuse, nothing deleted."""
-        r = self.tcfg.resume
+        r = self.resume_setting()
         if r == "auto":
             return
 

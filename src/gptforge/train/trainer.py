@@ -108,9 +108,8 @@ class Trainer(Checkpointing):
             tqdm.write(" ".join(str(x) for x in a), file=kw.get("file", sys.stdout))
 
     def maybe_resume(self) -> None:
-        r = self.tcfg.resume
-        if r in ("none", "", None) and elastic_restart() > 0:  # torchrun restarted us (launch --max-restarts)
-            r = "auto"
+        r = self.resume_setting()
+        if r != self.tcfg.resume:  # torchrun restarted us (launch --max-restarts)
             self.print(f"torchrun restart {elastic_restart()}: resuming from the newest complete checkpoint")
         if r in ("none", "", None):
             return
