@@ -60,8 +60,9 @@ def pump(src: IO[bytes], dst: IO[str], keep: deque | None, prefix: str = "",
         write(hide(line) if hide is not None else [line])
         if keep is not None:
             keep.append(line.rstrip("\n"))
-        if failed is not None and not failed.is_set() and worker_error(line) is not None:
-            failed.set()
+        if failed is not None and not failed.is_set() and (worker_error(line) is not None
+                                                           or "gptforge hang:" in line):
+            failed.set()  # a rank failed (or timed out in a collective): look for unreachable peers at the end
     if hide is not None:
         write(hide.flush())
     src.close()
