@@ -10,8 +10,10 @@ import contextlib
 import json
 import os
 import signal
+import re
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +109,87 @@ def assert_losses_close(got: list[float], want: list[float], tol: float = 1e-5) 
     assert len(got) == len(want), f"{len(got)} losses, expected {len(want)}: {got} vs {want}"
     diffs = [abs(a - b) for a, b in zip(got, want)]
     assert max(diffs) <= tol, f"losses differ by up to {max(diffs):.2e} (> {tol}):\n got  {got}\n want {want}"
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def worker_pid(root: int, rank: int) -> int | None:
+    """The pid of torchrun's worker of this rank below process `root` (not torchrun itself)."""
+    for pid in descendants(root):
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            if b"torch.distributed.run" not in cmd:
+                return pid
+    return None
+
+
+class Proc:
+    """A process in its own session; its output collected by a thread; waits for lines; killed on exit."""
+
+    def __init__(self, argv: list[str], env: dict | None = None):
+        self.p = start(argv, env)
+        self.lines: list[str] = []
+        self.t = threading.Thread(target=self._read, daemon=True)
+        self.t.start()
+
+    def _read(self) -> None:
+        for line in self.p.stdout:
+            self.lines.append(line)
+        self.p.stdout.close()
+
+    @property
+    def out(self) -> str:
+        return "".join(self.lines)
+
+    def wait_step(self, at_least: int, timeout: float = 120) -> int:
+        """Wait until the training log shows step `at_least` (or later); fails if the process ends first."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            steps = [int(m.group(1)) for m in map(re.compile(r"^step +(\d+)/").match, list(self.lines)) if m]
+            if steps and max(steps) >= at_least:
+                return max(steps)
+            assert self.p.poll() is None, f"ended early ({self.p.returncode}):\n{self.out[-3000:]}"
+            time.sleep(0.05)
+        raise AssertionError(f"no step {at_least} in {timeout} s:\n{self.out[-3000:]}")
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            rc = self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running after {timeout} s:\n{self.out[-3000:]}") from None
+        self.t.join(timeout=10)
+        return rc
+
+    def close(self) -> None:
+        if self.p.poll() is None:
+            kill_group(self.p)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.p.pid, signal.SIGKILL)  # torchrun's workers are in the same group
+
+
+@contextlib.contextmanager
+def started(argv: list[str], env: dict | None = None):
+    proc = Proc(argv, env)
+    try:
+        yield proc
+    finally:
+        proc.close()

@@ -7,45 +7,14 @@ import os
 import re
 import signal
 import sys
-import threading
 import time
 
 import pytest
 
 from conftest import tiny_args
-from distributed._harness import start, torchrun
+from distributed._harness import started, torchrun, worker_pid
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
-def _worker_pid(root: int, rank: int) -> int | None:
-    for pid in _descendants(root):
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"RANK={rank}".encode() in env and any(e.startswith(b"TORCHELASTIC_RUN_ID=") for e in env):
-            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-            if b"torch.distributed.run" not in cmd:
-                return pid
-    return None
 
 
 def test_killed_rank_ends_job_and_is_named(tmp_path, char_data):
@@ -53,35 +22,15 @@ def test_killed_rank_ends_job_and_is_named(tmp_path, char_data):
     argv = [sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "2", "--", "pretrain",
             *tiny_args(tmp_path, char_data, "--train.max_steps=100000", "--train.log_every=1",
                        "--parallel.strategy=ddp")]
-    t0 = time.monotonic()
-    p = start(argv)
-    lines: list[str] = []
-    seen_step = threading.Event()
-
-    def pump():
-        for line in p.stdout:
-            lines.append(line)
-            if line.startswith("step ") and "/100000" in line and not line.startswith("step 1/"):
-                seen_step.set()
-        p.stdout.close()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        assert seen_step.wait(120), "training never reached step 2:\n" + "".join(lines[-40:])
-        victim = _worker_pid(p.pid, rank=1)
+    with started(argv) as job:
+        job.wait_step(2, timeout=120)
+        victim = worker_pid(job.p.pid, rank=1)
         assert victim, "rank 1's worker process not found"
         os.kill(victim, signal.SIGKILL)
         killed_at = time.monotonic()
-        rc = p.wait(timeout=90)
+        rc = job.wait(timeout=90)
         took = time.monotonic() - killed_at
-    finally:
-        if p.poll() is None:
-            from distributed._harness import kill_group
-
-            kill_group(p)
-        reader.join(timeout=10)
-    out = "".join(lines)
+        out = job.out
     assert rc != 0, out[-3000:]
     assert took < 60, f"the job took {took:.0f} s to end after rank 1 was killed"
     assert "on node 0" in out, out[-3000:]  # gptforge launch's summary names the node
@@ -91,8 +40,7 @@ def test_killed_rank_ends_job_and_is_named(tmp_path, char_data):
         r"rank\s*:\s*1 \(local_rank: 1\)\s*\n\s*exitcode\s*:\s*-9 .*SIGKILL", out)
     assert named, out[-3000:]
     # nothing left behind
-    assert _worker_pid(p.pid, 0) is None and _worker_pid(p.pid, 1) is None
-    del t0
+    assert worker_pid(job.p.pid, 0) is None and worker_pid(job.p.pid, 1) is None
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

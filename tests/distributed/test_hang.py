@@ -7,14 +7,12 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 import time
 
 import pytest
 
 from conftest import tiny_args
-from distributed._harness import job_env, kill_group, start
-from distributed.test_failures import _worker_pid
+from distributed._harness import job_env, started, worker_pid
 
 pytestmark = pytest.mark.timeout(300)
 TIMEOUT_S = 20
@@ -27,36 +25,19 @@ def test_stopped_rank_ends_job_named_with_stacks(tmp_path, char_data):
                        "--parallel.strategy=ddp", f"--parallel.timeout_s={TIMEOUT_S}")]
     env = job_env()
     env.pop("GPTFORGE_COLLECTIVE_TIMEOUT_S")  # the config's parallel.timeout_s is the one under test
-    p = start(argv, env)
-    lines: list[str] = []
-    seen_step = threading.Event()
-
-    def pump():
-        for line in p.stdout:
-            lines.append(line)
-            if line.startswith("step ") and "/100000" in line and not line.startswith(("step 1/", "step 2/")):
-                seen_step.set()
-        p.stdout.close()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    victim = None
-    try:
-        assert seen_step.wait(150), "training never reached step 3:\n" + "".join(lines[-40:])
-        victim = _worker_pid(p.pid, rank=1)
+    with started(argv, env) as job:
+        job.wait_step(3, timeout=150)
+        victim = worker_pid(job.p.pid, rank=1)
         assert victim, "rank 1's worker process not found"
         os.kill(victim, signal.SIGSTOP)
         stopped_at = time.monotonic()
-        rc = p.wait(timeout=TIMEOUT_S + MARGIN_S + 60)
-        took = time.monotonic() - stopped_at
-    finally:
-        if victim:
+        try:
+            rc = job.wait(timeout=TIMEOUT_S + MARGIN_S + 60)
+            took = time.monotonic() - stopped_at
+        finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(victim, signal.SIGCONT)
-        if p.poll() is None:
-            kill_group(p)
-        reader.join(timeout=10)
-    out = "".join(lines)
+        out = job.out
     assert rc != 0, out[-3000:]
     assert took < TIMEOUT_S + MARGIN_S, f"the job took {took:.0f} s to end after rank 1 stopped\n{out[-3000:]}"
     # the rank that waited names the stuck one; launch's summary repeats it
@@ -69,4 +50,4 @@ def test_stopped_rank_ends_job_named_with_stacks(tmp_path, char_data):
     dump1 = out[asked:asked + 6000]
     assert "(most recent call first)" in dump1 and "in train_step" in dump1 and "in fit" in dump1, dump1
     # nothing left behind
-    assert _worker_pid(p.pid, 0) is None and _worker_pid(p.pid, 1) is None
+    assert worker_pid(job.p.pid, 0) is None and worker_pid(job.p.pid, 1) is None

@@ -15,22 +15,20 @@ baseline serves all of them. Losses are read from metrics.jsonl (per step; a res
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_args
-from distributed._harness import ROOT, job_env, kill_group
-from distributed.test_failures import _worker_pid
+from distributed import _harness as harness
+from distributed._harness import job_env, worker_pid
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,57 +50,8 @@ def losses_by_step(run_dir: Path) -> dict[int, float]:
     return out
 
 
-class Proc:
-    """A process in its own session; its output collected by a thread; waits for lines; killed on exit."""
-
-    def __init__(self, argv: list[str], env: dict | None = None):
-        self.p = subprocess.Popen(argv, env=env or job_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="40"), cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        self.lines: list[str] = []
-        self.t = threading.Thread(target=self._read, daemon=True)
-        self.t.start()
-
-    def _read(self) -> None:
-        for line in self.p.stdout:
-            self.lines.append(line)
-        self.p.stdout.close()
-
-    @property
-    def out(self) -> str:
-        return "".join(self.lines)
-
-    def wait_step(self, at_least: int, timeout: float = 120) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            steps = [int(m.group(1)) for m in map(re.compile(r"^step +(\d+)/").match, list(self.lines)) if m]
-            if steps and max(steps) >= at_least:
-                return max(steps)
-            assert self.p.poll() is None, f"ended early ({self.p.returncode}):\n{self.out[-3000:]}"
-            time.sleep(0.05)
-        raise AssertionError(f"no step {at_least} in {timeout} s:\n{self.out[-3000:]}")
-
-    def wait(self, timeout: float = 120) -> int:
-        try:
-            rc = self.p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running after {timeout} s:\n{self.out[-3000:]}") from None
-        self.t.join(timeout=10)
-        return rc
-
-    def close(self) -> None:
-        if self.p.poll() is None:
-            kill_group(self.p)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.p.pid, signal.SIGKILL)  # torchrun's workers are in the same group
-
-
-@contextlib.contextmanager
 def started(argv, env=None):
-    proc = Proc(argv, env)
-    try:
-        yield proc
-    finally:
-        proc.close()
+    return harness.started(argv, env or job_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="40"))
 
 
 def pretrain(*a) -> list[str]:
@@ -200,7 +149,7 @@ def test_one_rank_signalled_both_stop_at_the_same_step(tmp_path, char_data, base
     run = tmp_path / "run"
     with started(launch(*args(run, char_data, micro=4))) as p:
         p.wait_step(3)
-        victim = _worker_pid(p.p.pid, rank=1)
+        victim = worker_pid(p.p.pid, rank=1)
         assert victim, "rank 1's worker not found"
         os.kill(victim, signal.SIGTERM)
         rc = p.wait(90)
@@ -247,7 +196,7 @@ def test_kill9_worker_restarts_and_matches(tmp_path, char_data, baseline):
     env = job_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT=str(grace + 10), GPTFORGE_COLLECTIVE_TIMEOUT_S="90")
     with started(argv, env) as p:
         p.wait_step(6)
-        victim, survivor = _worker_pid(p.p.pid, rank=1), _worker_pid(p.p.pid, rank=0)
+        victim, survivor = worker_pid(p.p.pid, rank=1), worker_pid(p.p.pid, rank=0)
         assert victim and survivor, "the workers were not found"
         os.kill(victim, signal.SIGKILL)
         t0 = time.monotonic()
