@@ -46,8 +46,10 @@ def test_stopped_rank_ends_job_named_with_stacks(tmp_path, char_data):
     # stack dumps: rank 0's own, and rank 1's (asked for, then woken) showing where it was in training
     own = out.index("gptforge hang: rank 0 was here when its collective timed out")
     asked = out.index("gptforge hang: rank 0 asks rank 1 (pid")
-    assert "in train_step" in out[own:asked] and "Thread 0x" in out[own:asked], out[own:asked]
+    # where in the loop each rank was depends on when SIGSTOP landed (the step's loss reduction, the stop
+    # agreement, ...); what must hold is that both stacks are inside the training loop
+    assert "in fit" in out[own:asked] and "Thread 0x" in out[own:asked], out[own:asked]
     dump1 = out[asked:asked + 6000]
-    assert "(most recent call first)" in dump1 and "in train_step" in dump1 and "in fit" in dump1, dump1
+    assert "(most recent call first)" in dump1 and "in fit" in dump1, dump1
     # nothing left behind
     assert worker_pid(job.p.pid, 0) is None and worker_pid(job.p.pid, 1) is None
