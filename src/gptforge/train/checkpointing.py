@@ -12,7 +12,7 @@ import torch
 
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
-from gptforge.parallel.mesh import all_true, on_main
+from gptforge.parallel.mesh import on_main
 from gptforge.train.preempt import elastic_restart
 
 
@@ -96,11 +96,6 @@ class Checkpointing:
         self.save_stalls.append(time.perf_counter() - t0)
         self.log.log(self.step, {"perf/save_stall_ms": self.save_stalls[-1] * 1000})
         return path
-
-    def poll_pending(self) -> None:
-        """A background save that every rank has finished writing is completed (renamed, rotated) now."""
-        if self.pending is not None and all_true(self.pending.done(), self.env):
-            self.finish_pending()
 
     def finish_pending(self) -> None:
         if self.pending is not None:

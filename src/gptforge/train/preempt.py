@@ -3,8 +3,9 @@ run at a step boundary with a checkpoint instead of losing it.
 
 - The handler only records the first signal and when it came; a repeat (torchrun forwards the signal a
   process may already have had, e.g. Ctrl-C reaches every process of the terminal) is ignored.
-- After every optimizer step the ranks all-reduce (MAX) a one-element stop flag, so every rank stops
-  after the same step, even when the signal reached them at different steps.
+- Every optimizer step's all-reduce carries the stop flag (train.stepsync), so every rank stops after the
+  same step, even when the signal reached them at different steps. The host reads it on the next step (or at
+  once on a log/save step), so a run stops at most one step later than the first step that saw a signal.
 - The trainer then saves a checkpoint and the process exits with ``128 + signal number`` (143 SIGTERM,
   130 SIGINT, 138 SIGUSR1): the shell's "ended by signal N" status, a failure to Slurm and Kubernetes, so
   a requeue or a Job's retry runs again (with ``--train.resume=auto``); 0 would mark the job complete.
@@ -26,6 +27,7 @@ The trainer resumes by itself when torchrun restarts its workers (``TORCHELASTIC
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -128,31 +130,44 @@ class StopSignals:
               "(or torchrun's restart) continues from it", file=sys.stderr, flush=True)
         hard_exit(exit_status(self.signum or signal.SIGTERM))
 
+    @contextlib.contextmanager
+    def bounded(self):
+        """Around a collective that carries the stop flag (the trainer's per-step all-reduce): a rank that was
+        signalled waits at most ``agree_s`` for the others, and an error of the collective after a signal is
+        a gone peer (see the module doc)."""
+        signalled = self.signum is not None and self.env.distributed
+        bound = None
+        if signalled:
+            bound = threading.Timer(self.agree_s, self._peer_gone, (f"no answer within {self.agree_s:g} s",))
+            bound.daemon = True
+            bound.start()
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - a dead peer's closed socket, whatever the backend says
+            if not signalled:
+                raise
+            self._peer_gone(_first_line(e))
+        finally:
+            if bound is not None:
+                bound.cancel()
+
+    def agree(self, signum: int | None) -> bool:
+        """The ranks' reduced stop signal (the largest any rank had): sets ``agreed``; True to stop."""
+        if signum:
+            self.agreed = int(signum)
+        return bool(signum)
+
     def should_stop(self) -> bool:
-        """Collective on every rank after each step: has any rank been signalled? Sets ``agreed``. A rank
-        that was signalled waits at most ``agree_s`` for the others (see the module doc)."""
+        """Collective on every rank: has any rank been signalled? Sets ``agreed``. A rank that was signalled
+        waits at most ``agree_s`` for the others (see the module doc). (The trainer carries the flag in its
+        per-step all-reduce instead: train.stepsync.)"""
         flag = self.signum or 0
         if self.env.distributed:
             t = torch.tensor([flag], dtype=torch.int32, device=self.env.device)
-            bound = None
-            if flag:
-                bound = threading.Timer(self.agree_s, self._peer_gone,
-                                        (f"no answer within {self.agree_s:g} s",))
-                bound.daemon = True
-                bound.start()
-            try:
+            with self.bounded():
                 dist.all_reduce(t, op=dist.ReduceOp.MAX)
                 flag = int(t.item())
-            except Exception as e:  # noqa: BLE001 - a dead peer's closed socket, whatever the backend says
-                if not flag:
-                    raise
-                self._peer_gone(_first_line(e))
-            finally:
-                if bound is not None:
-                    bound.cancel()
-        if flag:
-            self.agreed = flag
-        return bool(flag)
+        return self.agree(flag)
 
     @property
     def status(self) -> int:

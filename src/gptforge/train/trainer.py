@@ -26,8 +26,9 @@ from gptforge.parallel.parallelize import unwrap
 from gptforge.train.checkpointing import Checkpointing
 from gptforge.train.faults import StepGuard
 from gptforge.train.metrics import MetricsLogger, fmt_duration
-from gptforge.train.optim import build_optimizer, lr_at
+from gptforge.train.optim import build_optimizer, lr_at, skip_on_device
 from gptforge.train.preempt import StopSignals, check_grace, elastic_restart
+from gptforge.train.stepsync import Queued, StepSync, StepValues
 
 
 def autocast(device: torch.device, precision: str):
@@ -44,6 +45,12 @@ def grad_sync(model, sync: bool):
     if not sync and hasattr(model, "no_sync"):
         return model.no_sync()
     return contextlib.nullcontext()
+
+
+def bar_at(bar, step: int) -> None:
+    if bar is not None:
+        bar.n = step
+        bar.refresh()
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -82,6 +89,7 @@ class Trainer(Checkpointing):
         self.save_stalls: list[float] = []  # seconds the loop was blocked by each save
         self.step_start, self.rolled_back_to = 0, None
         self.flops_per_token = flops_per_token(model_cfg)
+        self.stepsync = StepSync(env)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -155,7 +163,8 @@ class Trainer(Checkpointing):
                             "use the same model config or a new train.out_dir")
 
     # ---- the loop -------------------------------------------------------------------------------
-    def train_step(self) -> tuple[float, float, dict]:
+    def train_step(self, stop=None) -> Queued:
+        """Queue one optimizer step's work; nothing is read from the device here (train.stepsync)."""
         model, t = self.model, self.tcfg
         lr = lr_at(self.step, self.total_steps, t)
         for g in self.optimizer.param_groups:
@@ -176,19 +185,18 @@ class Trainer(Checkpointing):
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         norm = clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        loss = all_reduce_mean(loss_sum / t.grad_accum, self.env)
-        # the finiteness flag stays on the device and is read with the loss (one read per step, as before)
-        finite = torch.isfinite(loss) & torch.isfinite(norm)
-        loss, norm, finite = torch.stack([loss.float(), norm.float(), finite.float()]).tolist()
+        with stop.bounded() if stop is not None else contextlib.nullcontext():  # the step's one all-reduce
+            vec = self.stepsync.reduce(loss_sum / t.grad_accum, extra, stop.signum if stop else None,
+                                       self.pending is not None and not self.pending.done())
+        finite = torch.isfinite(vec[0]) & torch.isfinite(norm.to(vec.device))
         if self.scaler:  # fp16: the scaler skips steps with inf/nan gradients and lowers its scale
             self.scaler.step(self.optimizer)
             self.scaler.update()
-            finite = True
-        elif finite:
-            self.optimizer.step()
+            finite = torch.ones((), dtype=torch.bool, device=vec.device)
+        else:
+            skip_on_device(self.optimizer, finite)
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = {k: all_reduce_mean(v, self.env).item() for k, v in extra.items()}
-        return loss, norm, metrics | {"lr": lr, "finite": bool(finite)}
+        return self.stepsync.pack(self.step + 1, vec, 1 + len(extra), norm, finite, list(extra), lr)
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
@@ -217,6 +225,24 @@ class Trainer(Checkpointing):
                                  "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
                                  "train/bad_steps": self.guard.bad_total, "train/loss_spikes": self.guard.spikes}
                      | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
+
+    def _observe(self, v: StepValues, stop) -> bool:
+        """The host's side of step v.step, once its values are read: history, a finished background save, the
+        agreed stop signal, the NaN guard. True when it rolled back (the caller drops the step in flight)."""
+        self.history.append(v.loss)
+        if self.pending is not None and v.saved:
+            self.finish_pending()  # every rank has written it: complete (rename, rotate) now
+        stop.agree(v.signal)
+        action = self.guard.observe(v.step, v.loss, v.norm, v.finite)
+        if action == "stop":
+            self.finish_pending()
+            raise UserError(f"{self.tcfg.max_bad_steps} non-finite steps in a row (to step {v.step}); stopping "
+                            "(train.on_bad_steps=stop); the last checkpoint is untouched; lower train.lr, "
+                            "raise train.warmup_steps or use bf16, or set train.on_bad_steps=rollback")
+        if action == "rollback":
+            self.rollback(v.step - self.tcfg.max_bad_steps + 1)
+            return True
+        return False
 
     def fit(self) -> dict:
         t, env = self.tcfg, self.env
@@ -252,36 +278,42 @@ class Trainer(Checkpointing):
         window_t, window_steps = time.perf_counter(), 0
         saved_at, path = -1, None
         with StopSignals(t.grace_s, env) as stop:  # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit
+            queued = None  # the previous step, read at the end of this one (train.stepsync)
             while self.step < end:
                 hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
-                loss, norm, metrics = self.train_step()
-                finite = metrics.pop("finite")
+                cur = self.train_step(stop)
                 self.step += 1
                 self.tokens_seen += self.tokens_per_step
-                self.history.append(loss)
-                self.poll_pending()
-                action = self.guard.observe(self.step, loss, norm, finite)
-                if action == "stop":
-                    self.finish_pending()
-                    raise UserError(f"{t.max_bad_steps} non-finite steps in a row (to step {self.step}); stopping "
-                                    "(train.on_bad_steps=stop); the last checkpoint is untouched; lower train.lr, "
-                                    "raise train.warmup_steps or use bf16, or set train.on_bad_steps=rollback")
-                if action == "rollback":
-                    self.rollback(self.step - t.max_bad_steps + 1)
-                    if bar is not None:
-                        bar.n = self.step
-                    continue
+                if queued is not None:  # step - 1: the device has finished it (or nearly), this step is queued
+                    v, queued = queued.read(), None
+                    if self._observe(v, stop):  # rolled back: this step's work is discarded
+                        bar_at(bar, self.step)
+                        continue
+                    self.log.log(v.step, {"train/loss": v.loss})
+                last = self.step == end
+                save_at = bool(t.save_every and self.step % t.save_every == 0)
+                eval_at = bool(t.eval_every and self.step % t.eval_every == 0)
+                log_at = self.step % t.log_every == 0 or self.step == 1
+                sgd_at = self.local_sgd is not None and self.local_sgd.due(self.step)
                 window_steps += 1
                 if bar is not None:
                     bar.update(1)
+                if not (last or save_at or eval_at or log_at or sgd_at or stop.agreed):
+                    cur.stage()  # read at the end of the next step: the host does not wait now
+                    queued = cur
+                    continue
+                v = cur.read()  # this step waits for the device anyway (log, save, eval, last, stop)
+                if self._observe(v, stop):
+                    bar_at(bar, self.step)
+                    continue
+                loss, norm, metrics = v.loss, v.norm, v.metrics
+                if bar is not None:
                     bar.set_postfix(loss=f"{loss:.4f}")
-                last = self.step == end
-                stopping = stop.should_stop()  # every rank stops after the same step
-                save_due = (bool(t.save_every and self.step % t.save_every == 0 and not self.guard.bad_in_row)
-                            or last or stopping)
-                if self.local_sgd is not None and (self.local_sgd.due(self.step) or save_due):
+                stopping = stop.agreed is not None  # every rank stops after the same step
+                save_due = (save_at and not self.guard.bad_in_row) or last or stopping
+                if self.local_sgd is not None and (sgd_at or save_due):
                     self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
-                if self.step % t.log_every == 0 or last or stopping or self.step == 1:
+                if log_at or last or stopping:
                     if self.device.type == "cuda":
                         torch.cuda.synchronize()
                     now = time.perf_counter()
@@ -291,7 +323,7 @@ class Trainer(Checkpointing):
                     window_t, window_steps = time.perf_counter(), 0
                 else:
                     self.log.log(self.step, {"train/loss": loss})
-                if (t.eval_every and self.step % t.eval_every == 0) or last:
+                if eval_at or last:
                     self.last_val = self.evaluate()
                     if self.last_val is not None:
                         self.print(f"step {self.step}: val loss {self.last_val:.4f}")
