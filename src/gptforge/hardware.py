@@ -213,3 +213,25 @@ def device_precision(requested: str, device) -> str:
     if device.type == "cuda":
         return resolve_precision(requested, "cuda", bool(torch.cuda.is_bf16_supported()))
     return resolve_precision(requested, device.type, cpu_bf16_supported())
+
+
+# ---- GPU fast-path settings ---------------------------------------------------------------------------------
+GPU_VOCAB_MULTIPLE = 128  # embedding / lm_head rows on a GPU: tensor-core friendly tiles
+
+
+def vocab_multiple(device, default: int) -> int:
+    """The multiple a tokenizer's vocab is rounded up to on `device`: 128 on a GPU, `default` (64) elsewhere,
+    so a CPU run keeps its shape and its checkpoints."""
+    return GPU_VOCAB_MULTIPLE if getattr(device, "type", device) == "cuda" else default
+
+
+def set_tf32(device, enabled: bool) -> str:
+    """train.tf32: fp32 matmuls and convolutions on TF32 tensor cores (CUDA/ROCm; no effect on a CPU).
+    -> the setting as logged ("tf32 on" | "tf32 off" | "" on a CPU)."""
+    import torch
+
+    if getattr(device, "type", device) != "cuda":
+        return ""
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    return "tf32 on" if enabled else "tf32 off"

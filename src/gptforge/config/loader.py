@@ -27,9 +27,9 @@ else:  # Python 3.10: the same parser as the `tomli` package (a dependency there
 VOCAB_MULTIPLE = 64
 
 
-def round_vocab(n: int) -> int:
-    """A tokenizer's vocab rounded up to the embedding size the model gets (a multiple of 64)."""
-    return -(-n // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+def round_vocab(n: int, multiple: int = VOCAB_MULTIPLE) -> int:
+    """A tokenizer's vocab rounded up to the embedding size the model gets (a multiple of 64; 128 on a GPU)."""
+    return -(-n // multiple) * multiple
 
 
 def load_file(path: str | Path) -> dict:
@@ -145,11 +145,12 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
     return check_config(parse_options(Config, argv, prog, default=base, config_keys=True))
 
 
-def resolve_model(model: GPTConfig, tokenizer_vocab: int | None = None) -> GPTConfig:
-    """The config's model section (+ the tokenizer's vocab) -> a complete GPTConfig, or one-line UserError."""
+def resolve_model(model: GPTConfig, tokenizer_vocab: int | None = None, multiple: int = VOCAB_MULTIPLE) -> GPTConfig:
+    """The config's model section (+ the tokenizer's vocab, rounded up to `multiple`) -> a complete GPTConfig,
+    or one-line UserError."""
     if tokenizer_vocab is not None:
         if model.vocab_size is None:
-            model = dataclasses.replace(model, vocab_size=round_vocab(tokenizer_vocab))
+            model = dataclasses.replace(model, vocab_size=round_vocab(tokenizer_vocab, multiple))
         elif model.vocab_size < tokenizer_vocab:
             raise UserError(f"the tokenizer has {tokenizer_vocab} tokens but model.vocab_size is "
                             f"{model.vocab_size}; raise model.vocab_size or leave it unset")

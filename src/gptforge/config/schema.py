@@ -51,6 +51,8 @@ class TrainSection:
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Annotated[bool, _alias("--compile")] = False
+    tf32: bool = True
+    """GPU: fp32 matmuls on TF32 tensor cores (no effect on a CPU)"""
     activation_checkpointing: bool = False
     device: str = "auto"
     seed: int = 1337

@@ -3,6 +3,7 @@ parallelize -> Trainer. A stage (gptforge.train.recipes) supplies only its data,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
@@ -10,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from gptforge.config.loader import config_json, resolve_model, save_config
+from gptforge import checkpoint as ckpt_mod
+from gptforge.config.loader import VOCAB_MULTIPLE, config_json, resolve_model, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
-from gptforge.hardware import device_precision
+from gptforge.hardware import device_precision, vocab_multiple
 from gptforge.hf.init_from import init_model_config, load_init_weights
 from gptforge.model.gpt import build_model
 from gptforge.parallel import hang
@@ -21,6 +23,7 @@ from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
+from gptforge.train.preempt import elastic_restart
 from gptforge.train.trainer import Trainer
 
 
@@ -76,11 +79,30 @@ def tokenizer_files(tok) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
 
 
+def resumed_vocab(cfg: Config, env: DistEnv, vocab_size: int) -> int | None:
+    """A resume keeps the checkpoint's vocab (the tokenizer's vocab rounded to 64 on a CPU, to 128 on a GPU):
+    a run started on one resumes on the other. None when not resuming or no checkpoint is there."""
+    r = cfg.train.resume
+    if r in ("none", "", None):
+        if elastic_restart() == 0:
+            return None
+        r = "auto"
+    found = ckpt_mod.resume_candidates(r, Path(cfg.train.out_dir), env)
+    if not found:
+        return None
+    saved = ckpt_mod.saved_model_config(found[0], env).get("vocab_size")
+    return saved if isinstance(saved, int) and saved >= vocab_size else None
+
+
 def init_model(cfg: Config, env: DistEnv, vocab_size: int):
     """Build on meta and materialise on the device, from the config or from --init-from's config and weights.
     -> (model, complete GPTConfig)."""
     init_from = cfg.train.init_from
-    mcfg = init_model_config(init_from) if init_from else resolve_model(cfg.model, vocab_size)
+    model_section = cfg.model
+    if not init_from and model_section.vocab_size is None and (saved := resumed_vocab(cfg, env, vocab_size)):
+        model_section = dataclasses.replace(model_section, vocab_size=saved)
+    mcfg = init_model_config(init_from) if init_from else resolve_model(
+        model_section, vocab_size, vocab_multiple(env.device, VOCAB_MULTIPLE))
     if mcfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {mcfg.vocab_size}; "
                         "use the tokenizer the model was trained with or raise model.vocab_size")

@@ -16,7 +16,7 @@ import torch
 
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
-from gptforge.hardware import device_precision, peak_flops
+from gptforge.hardware import device_precision, peak_flops, set_tf32
 from gptforge.model.cost import flops_per_token
 from gptforge.parallel import hang
 from gptforge.parallel.grad import clip_grad_norm_
@@ -66,6 +66,7 @@ class Trainer(Checkpointing):
         self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
         self.device = env.device
         self.precision = device_precision(self.tcfg.precision, self.device)
+        self.tf32 = set_tf32(self.device, getattr(self.tcfg, "tf32", True))
         self.optimizer = build_optimizer(model, self.tcfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.out_dir = Path(self.tcfg.out_dir)
@@ -265,7 +266,8 @@ class Trainer(Checkpointing):
         self.model.train()
         self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
                    f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks) = "
-                   f"{self.tokens_per_step:,} tokens/step | precision {self.precision} | device {self.device}")
+                   f"{self.tokens_per_step:,} tokens/step | precision {self.precision}"
+                   + (f" ({self.tf32})" if self.tf32 else "") + f" | device {self.device}")
         bar = None
         if env.is_main and t.progress:
             from tqdm import tqdm
