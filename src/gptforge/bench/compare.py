@@ -17,6 +17,11 @@ from gptforge.bench.options import BenchOptions
 from gptforge.errors import UserError
 
 
+def schedule(rounds: int) -> list[tuple[str, int]]:
+    """(setting, round) in the order they run: A B, then B A, ... (a linear drift weighs on both alike)."""
+    return [(n, i + 1) for i in range(rounds) for n in ("AB" if i % 2 == 0 else "BA")]
+
+
 def pooled(name: str, text: str, runs: list[dict]) -> dict:
     ms = [t for r in runs for t in r["step_times_ms"]]
     med = statistics.median(ms)
@@ -50,13 +55,12 @@ def main(a: BenchOptions) -> int:
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     order: list[str] = []
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-compare-") as tmp:
-        for i in range(a.rounds):
-            for n in ("AB" if i % 2 == 0 else "BA"):
-                r = run_once(a, Path(tmp), f"{n}{i + 1}", knobs(a), extra[n])
-                if r.get("oom"):
-                    raise UserError(f"setting {n} ({texts[n]}) does not fit in GPU memory; lower --micro-batch")
-                runs[n].append(r)
-                order.append(r["name"])
+        for n, i in schedule(a.rounds):
+            r = run_once(a, Path(tmp), f"{n}{i}", knobs(a), extra[n])
+            if r.get("oom"):
+                raise UserError(f"setting {n} ({texts[n]}) does not fit in GPU memory; lower --micro-batch")
+            runs[n].append(r)
+            order.append(r["name"])
     rows = {n: pooled(n, texts[n], runs[n]) for n in "AB"}
     ratio = {"step_ms": rows["B"]["step_ms"] / rows["A"]["step_ms"],
              "tokens_per_s": rows["B"]["tokens_per_s"] / rows["A"]["tokens_per_s"],
