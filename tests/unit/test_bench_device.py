@@ -30,6 +30,8 @@ def test_compare_prints_the_ratio_of_its_own_medians(tmp_path, capsys, char_data
     a, b = d["A"], d["B"]
     assert d["order"] == ["A1", "B1"] and (a["runs"], b["runs"]) == (1, 1)
     assert (a["tokens_per_step"], b["tokens_per_step"]) == (4 * 64, 2 * 64)  # micro-batch x context
+    # each run reports what it resolved (its config.json), not the bench defaults B's options replaced
+    assert {r["name"]: (r["micro_batch"], r["block_size"]) for r in d["runs"]} == {"A1": (4, 64), "B1": (2, 64)}
     for r in (a, b):
         assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / (r["step_ms"] / 1000))
         assert r["peak_memory_bytes"] > 100 * 2**20 and r["peak_memory_kind"] == "peak RSS"

@@ -111,6 +111,17 @@ def read_run(run_dir: Path, warmup: int) -> dict:
             "final_loss": losses[-1] if losses else None}
 
 
+def ran_with(out: Path) -> dict:
+    """The settings the run resolved (its config.json: what --compare's options and precision=auto became)."""
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    t = cfg.get("train", {})
+    keys = ("micro_batch", "precision", "compile", "activation_checkpointing", "grad_accum")
+    return {k: t[k] for k in keys if k in t} | {"block_size": cfg.get("model", {}).get("block_size")}
+
+
 def run_once(a: BenchOptions, root: Path, name: str, k: dict, extra: list[str] = (), steps: int | None = None) -> dict:
     """One run in a fresh process; {'oom': True, ...} when it ran out of GPU memory, UserError on other failures."""
     out = root / name
@@ -128,14 +139,15 @@ def run_once(a: BenchOptions, root: Path, name: str, k: dict, extra: list[str] =
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     print(f"bench: {name}: micro-batch {k['micro_batch']}, {k['precision']}, compile {k['compile']}, "
-          f"checkpointing {k['activation_checkpointing']} {' '.join(extra)}...", file=sys.stderr, flush=True)
+          f"checkpointing {k['activation_checkpointing']}{', then ' + ' '.join(extra) if extra else ''} ...",
+          file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
         r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=a.run_timeout)
     except subprocess.TimeoutExpired:
         raise UserError(f"the run {name} took longer than --run-timeout {a.run_timeout:g} s") from None
     peaks = json.loads(peaks_file.read_text()) if peaks_file.exists() else {}
-    row = {"name": name, **k, "extra": list(extra), "command": bench_command(b, k, list(extra)),
+    row = {"name": name, **k, **ran_with(out), "extra": list(extra), "command": bench_command(b, k, list(extra)),
            "wall_s": time.perf_counter() - t0, "device": peaks.get("device")}
     if r.returncode != 0:
         if peaks.get("oom") or "OutOfMemoryError" in r.stderr:
