@@ -11,9 +11,12 @@
 #   --dry-run: the same steps end to end on the CPU with tiny settings (micro preset, 2 layers, a few steps),
 #              to show the check is wired where there is no GPU.
 # env: GPTFORGE_CHECK_OUT (default runs/gpu_check), GPTFORGE_CHECK_DATA (a prepared dataset or text; default:
-#      the built-in Shakespeare), PYTHON (default python)
+#      the built-in Shakespeare), PYTHON (default python), GPTFORGE_CACHE (default: the repository's
+#      .cache/gptforge, as the tests use: a machine without internet needs the Shakespeare corpus there, e.g.
+#      copied with the working tree after one run of the tests elsewhere)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+export GPTFORGE_CACHE="${GPTFORGE_CACHE:-$PWD/.cache/gptforge}"
 
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; elif [[ $# -gt 0 ]]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
