@@ -28,9 +28,9 @@ if [[ -n "${GPTFORGE_CHECK_DATA:-}" ]]; then DATA=(--data "$GPTFORGE_CHECK_DATA"
 
 if (( DRY )); then
     TINY=(--model.n_layer=2 --model.d_model=64 --model.n_head=4 --model.d_ff=256 --model.block_size=64)
-    SMALL=(--preset micro --device cpu --precision fp32 --micro-batch 8 --steps 4 --warmup 1)
+    SMALL=(--preset micro --device cpu --precision fp32 --micro-batch 8 --steps 3 --warmup 1)
     SMALL_EXTRA=("${TINY[@]}")
-    LLAMA=(--preset micro --device cpu --precision fp32 --micro-batch 4 --steps 4 --warmup 1)
+    LLAMA=(--preset micro --device cpu --precision fp32 --micro-batch 4 --steps 3 --warmup 1)
     LLAMA_EXTRA=("${TINY[@]}" --model.arch=llama --parallel.strategy=fsdp)
 else
     SMALL=(--preset small --block-size 1024 --precision bf16 --compile --micro-batch 64 --steps 30 --warmup 10)
