@@ -37,14 +37,29 @@ HSA_OVERRIDES: dict[str, str] = {
     "gfx1200": "12.0.0", "gfx1201": "12.0.1",
 }
 
-# Peak dense bf16/fp16 tensor TFLOPS by name fragment (first match wins), for MFU and doctor's estimates.
+# Peak dense (no sparsity) bf16 tensor TFLOP/s of ONE device as torch sees it, by a fragment of
+# torch.cuda.get_device_name() (lower case; first match wins, so the longer names come first), for MFU and
+# doctor's estimates. The vendors' numbers:
+# - NVIDIA H100/H200 datasheets: H100 SXM and H200 (SXM) 989.4, H100 PCIe 756, H100/H200 NVL 835 ("1,979 /
+#   1,513 / 1,671 teraFLOPS" there are with sparsity: halved here); A100 whitepaper 312 (SXM and PCIe).
+# - NVIDIA L40S datasheet: BF16 tensor 362.05 (733 with sparsity); L40: 181.05.
+# - NVIDIA Ada whitepaper (RTX 4090): BF16 tensor with FP32 accumulate 165.2 (330.3 with sparsity).
+# - AMD Instinct MI300X data sheet: 1307.4 BF16 dense (MI325X the same).
+# - AMD Instinct MI250X / MI250: 383.0 / 362.1 per OAM module, which ROCm shows as two devices (two GCDs):
+#   191.5 / 181.05 per device; MI210 (one GCD) 181.0. ROCm may name both "AMD Instinct MI250X/MI250": taken
+#   as the MI250X (Frontier, LUMI).
+# - AMD Radeon AI PRO R9700 (gfx1201, 64 CUs at 2.92 GHz): 191 FP16/BF16 matrix dense (383 with sparsity;
+#   1531 INT4 sparse TOPS); RX 9070 XT (gfx1201, 2.97 GHz): 195. RX 7900 XTX (gfx1100): 123.
 TFLOPS_TABLE: list[tuple[str, float]] = [
-    ("h200", 989.0), ("h100 pcie", 756.0), ("h100", 989.0), ("gh200", 989.0), ("b200", 2250.0),
-    ("a100", 312.0), ("a6000", 155.0), ("l40s", 362.0), ("l4", 121.0), ("a10", 125.0),
-    ("4090", 165.0), ("4080", 97.0), ("3090", 71.0), ("v100", 125.0), ("t4", 65.0),
-    ("mi300x", 1307.0), ("mi325x", 1307.0), ("mi250", 362.0), ("mi210", 181.0),
-    ("r9700", 191.0), ("9700", 191.0), ("9070", 195.0), ("7900 xtx", 123.0), ("7900", 123.0),
+    ("gh200", 989.4), ("h200 nvl", 835.0), ("h200", 989.4), ("h100 nvl", 835.0), ("h100 pcie", 756.0),
+    ("h100", 989.4), ("b200", 2250.0),
+    ("a100", 312.0), ("a6000", 155.0), ("l40s", 362.05), ("l40", 181.05), ("l4", 121.0), ("a10", 125.0),
+    ("4090", 165.2), ("4080", 97.0), ("3090", 71.0), ("v100", 125.0), ("t4", 65.0),
+    ("mi300x", 1307.4), ("mi325x", 1307.4), ("mi250x", 191.5), ("mi250", 181.05), ("mi210", 181.0),
+    ("r9700", 191.0), ("9700", 191.0), ("9070 xt", 195.0), ("9070", 195.0), ("7900 xtx", 123.0), ("7900", 123.0),
 ]
+# ROCm may name a card generically ("AMD Radeon Graphics"): then its gfx arch decides (the smallest part of it).
+ARCH_TFLOPS: dict[str, float] = {"gfx942": 1307.4, "gfx90a": 181.0, "gfx1201": 191.0, "gfx1100": 123.0}
 CPU_GHZ = 2.5  # nominal clock for the CPU peak (MFU on a CPU is a rough figure)
 
 
@@ -85,15 +100,17 @@ def cpu_flops_per_cycle(precision: str = "fp32", flags: set[str] | None = None) 
     return base * 2 if precision == "bf16" and "avx512_bf16" in flags else base
 
 
-def peak_tflops(name: str, vendor: str = "cuda", cpu_cores: int | None = None, precision: str = "bf16") -> float | None:
-    """Peak dense TFLOP/s of one device: GPUs from the table (None when unknown), a CPU from its cores."""
+def peak_tflops(name: str, vendor: str = "cuda", cpu_cores: int | None = None, precision: str = "bf16",
+                arch: str = "") -> float | None:
+    """Peak dense TFLOP/s of one device: GPUs from the table by name, else by gfx arch (None when unknown), a
+    CPU from its cores."""
     if vendor == "cpu":
         return (cpu_cores or os.cpu_count() or 1) * CPU_GHZ * cpu_flops_per_cycle(precision) / 1e3
-    low = name.lower()
+    low = " ".join(name.lower().replace("-", " ").split())
     for frag, tf in TFLOPS_TABLE:
         if frag in low:
             return tf
-    return None
+    return ARCH_TFLOPS.get(arch.split(":")[0].strip().lower()) if arch else None
 
 
 def peak_flops(device, precision: str = "bf16") -> float:
@@ -101,7 +118,8 @@ def peak_flops(device, precision: str = "bf16") -> float:
     import torch
 
     if device.type == "cuda":
-        return (peak_tflops(torch.cuda.get_device_name(device)) or 0.0) * 1e12
+        arch = (getattr(torch.cuda.get_device_properties(device), "gcnArchName", "") or "") if torch.version.hip else ""
+        return (peak_tflops(torch.cuda.get_device_name(device), arch=arch) or 0.0) * 1e12
     return (peak_tflops("", "cpu", torch.get_num_threads(), precision) or 0.0) * 1e12
 
 
@@ -182,7 +200,7 @@ def detect() -> DeviceInfo:
         except Exception:
             bf16 = False
         return DeviceInfo("rocm" if rocm else "cuda", props.name, int(props.total_memory), arch, bf16,
-                          torch.cuda.device_count(), peak_tflops(props.name))
+                          torch.cuda.device_count(), peak_tflops(props.name, arch=arch if rocm else ""))
     name, bf16 = _cpu_name(), cpu_bf16_supported()
     return DeviceInfo("cpu", name, _cpu_memory(), "", bf16, 1, peak_tflops(name, "cpu", None, "bf16" if bf16 else "fp32"))
 

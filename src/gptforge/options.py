@@ -118,13 +118,39 @@ class _Style:
         return key if self.config_keys else "--" + key.replace("_", "-")
 
 
+def _tuple_len(tp) -> int:
+    """n for a field of type tuple[str, ...n] (or that | None), else 0."""
+    for t in (tp, *typing.get_args(tp)):
+        if typing.get_origin(t) is tuple and Ellipsis not in typing.get_args(t):
+            return len(typing.get_args(t))
+    return 0
+
+
+def _protect_tuple_values(cls: type, argv: list[str]) -> list[str]:
+    """The parser takes '--x=1' after a flag for another option, but ' --x=1' for a value: the values of a tuple
+    field that start with '-' get a leading space (shlex.split and str.split drop it again)."""
+    fields, out, n = _fields(cls), [], 0
+    for a in argv:
+        if n:
+            out.append(" " + a if a.startswith("-") else a)
+            n -= 1
+            continue
+        out.append(a)
+        if a.startswith("--") and "=" not in a:
+            n = _tuple_len(fields.get(_key(a), (None,))[0])
+    return out
+
+
 def check_flags(cls: type, argv: list[str], where: str = "on the command line", config_keys: bool = False) -> None:
     """Unknown flags and stray words get one line naming the nearest valid flag (before tyro sees them)."""
     fields = _fields(cls)
     aliases = {a: k for k, (_, al) in fields.items() for a in al}
     style = _Style(config_keys)
-    takes_value = False
+    takes_value, verbatim = False, 0
     for a in argv:
+        if verbatim:  # the values of a tuple field (e.g. bench --compare A B) may look like options
+            verbatim -= 1
+            continue
         if not a.startswith("-") or _is_number(a):
             if not takes_value:
                 near = difflib.get_close_matches(_key(a.split("=", 1)[0]), list(fields), n=1, cutoff=0.5)
@@ -136,6 +162,8 @@ def check_flags(cls: type, argv: list[str], where: str = "on the command line", 
         if flag in ("-h", "--help") or flag in aliases or _key(flag) in fields:
             tp = fields.get(aliases.get(flag, _key(flag)), (None,))[0]
             takes_value = "=" not in a and getattr(tp, "__origin__", tp) is not bool and flag not in ("-h", "--help")
+            verbatim = _tuple_len(tp) if takes_value else 0
+            takes_value = takes_value and not verbatim
             continue
         near = difflib.get_close_matches(_key(flag), list(fields), n=1, cutoff=0.5)
         hint = f"; did you mean '{style.spell(near[0])}'?" if near else "; see --help for the options"
@@ -198,6 +226,7 @@ def parse_options(cls: type, argv: list[str], prog: str, default: Any = None, wh
         aliases = {a: k for k, (_, al) in _fields(cls).items() for a in al}
         argv = ["--" + aliases[a.split("=", 1)[0]] + a[len(a.split("=", 1)[0]):] if a.split("=", 1)[0] in aliases
                 else a for a in argv]
+        argv = _protect_tuple_values(cls, argv)
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):

@@ -196,13 +196,36 @@ def test_detect_on_this_machine():
 
 
 def test_peak_flops_table_and_cpu_model():
-    assert hw.peak_tflops("NVIDIA H100 PCIe") == 756.0 and hw.peak_tflops("AMD Instinct MI300X") == 1307.0
+    assert hw.peak_tflops("NVIDIA H100 PCIe") == 756.0 and hw.peak_tflops("AMD Instinct MI300X") == 1307.4
     assert hw.peak_tflops("Some Unknown GPU") is None
     # the CPU peak: cores x 2.5 GHz x FLOP/cycle of the vector unit (one model for MFU and doctor)
     assert hw.cpu_flops_per_cycle("fp32", {"avx512f"}) == 64 and hw.cpu_flops_per_cycle("fp32", {"avx2"}) == 32
     assert hw.cpu_flops_per_cycle("bf16", {"avx512f", "avx512_bf16"}) == 128
     assert hw.cpu_flops_per_cycle("bf16", {"amx_bf16"}) == 1024
     assert hw.peak_tflops("", "cpu", 4, "fp32") == pytest.approx(4 * 2.5 * hw.cpu_flops_per_cycle("fp32") / 1e3)
+
+
+# torch.cuda.get_device_name() (and gcnArchName on ROCm) as the drivers report them -> dense bf16 TFLOP/s
+REAL_NAMES = [
+    ("NVIDIA H100 80GB HBM3", "", 989.4), ("NVIDIA H100 PCIe", "", 756.0), ("NVIDIA H100 NVL", "", 835.0),
+    ("NVIDIA H200", "", 989.4), ("NVIDIA H200 NVL", "", 835.0), ("NVIDIA GH200 480GB", "", 989.4),
+    ("NVIDIA A100-SXM4-80GB", "", 312.0), ("NVIDIA A100-PCIE-40GB", "", 312.0), ("NVIDIA A100 80GB PCIe", "", 312.0),
+    ("NVIDIA GeForce RTX 4090", "", 165.2), ("NVIDIA L40S", "", 362.05), ("NVIDIA L40", "", 181.05),
+    ("NVIDIA L4", "", 121.0), ("NVIDIA A10", "", 125.0),
+    ("AMD Instinct MI300X", "gfx942:sramecc+:xnack-", 1307.4), ("AMD Instinct MI300X VF", "gfx942", 1307.4),
+    ("AMD Instinct MI250X", "gfx90a:sramecc+:xnack-", 191.5), ("AMD Instinct MI250X/MI250", "gfx90a", 191.5),
+    ("AMD Instinct MI250", "gfx90a", 181.05), ("AMD Instinct MI210", "gfx90a", 181.0),
+    ("AMD Radeon AI PRO R9700", "gfx1201", 191.0), ("AMD Radeon RX 9070 XT", "gfx1201", 195.0),
+    ("AMD Radeon RX 7900 XTX", "gfx1100", 123.0),
+    # a generic ROCm name: the gfx arch decides
+    ("AMD Radeon Graphics", "gfx1201", 191.0), ("AMD Radeon Graphics", "gfx942:sramecc+:xnack-", 1307.4),
+    ("AMD Radeon Graphics", "", None), ("NVIDIA Graphics Device", "", None),
+]
+
+
+@pytest.mark.parametrize("name,arch,tflops", REAL_NAMES)
+def test_peak_tflops_of_real_device_names(name, arch, tflops):
+    assert hw.peak_tflops(name, arch=arch) == tflops
 
 
 def test_flops_per_token_formula():

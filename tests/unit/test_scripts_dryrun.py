@@ -6,6 +6,7 @@ command (shell-quoted, one line) instead of running it.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import shutil
@@ -374,3 +375,34 @@ def test_bad_arguments(script, args, env):
     assert r.stdout == ""
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "error" in lines[0], r.stderr
+
+
+# ---------------------------------------------------------------------------------------- gpu_check.sh
+
+
+def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path, char_data):
+    """scripts/gpu_check.sh --dry-run: tests/gpu (skipped here), the sweep, the FSDP2 run under torchrun and the
+    one table, end to end with tiny settings; the JSON of each run is consistent with itself."""
+    env = clean_env(GPTFORGE_CHECK_OUT=str(tmp_path), GPTFORGE_CHECK_DATA=str(char_data), PYTHON=sys.executable,
+                    GPTFORGE_CACHE=os.environ["GPTFORGE_CACHE"])
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh"), "--dry-run"], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "skipped" in r.stdout  # tests/gpu ran (and skipped: no GPU)
+    table = r.stdout[r.stdout.index("device: "):].splitlines()
+    assert table[1].split()[:8] == ["run", "mb", "prec", "cmp", "ckpt", "ms/step", "spread", "tokens/s"]
+    assert [ln.split()[0] for ln in table[2:4]] == ["small", "llama-1b-fsdp"]
+    sweep = json.loads((tmp_path / "small.json").read_text())
+    single = json.loads((tmp_path / "llama-1b.json").read_text())["result"]
+    assert sweep["micro_batch"] == 8 and sweep["best"]["micro_batch"] == 8
+    for row, mb in ((sweep["best"], 8), (single, 4)):
+        assert row["tokens_per_step"] == mb * 64  # micro-batch x context
+        assert row["tokens_per_s"] == pytest.approx(row["tokens_per_step"] / (row["step_ms"] / 1000))
+        assert len(row["step_times_ms"]) == 2 and min(row["step_times_ms"]) <= row["step_ms"] <= max(row["step_times_ms"])
+        assert row["spread_ms"] >= 0 and 0 < row["mfu"] < 1
+        assert row["peak_memory_kind"] == "peak RSS" and row["peak_memory_bytes"] > 100 * 2**20
+        assert row["data_wait_ms"] is None or row["data_wait_ms"] >= 0
+        assert "(cpu," in row["device"]
+    assert "--parallel.strategy=fsdp" in single["command"]
+    wait_col = [ln.split()[-1] for ln in table[2:4]]
+    assert wait_col == [("-" if r_["data_wait_ms"] is None else "ms") for r_ in (sweep["best"], single)]

@@ -3,6 +3,13 @@
     gptforge bench                                  # micro model, 2 ranks, micro-batch 8 per rank, CPU
     gptforge bench --nproc 4 --modes single,fsdp -- --model.preset=nano --train.precision=bf16
     gptforge bench --nodes 2 --rate 100mbit --settings ddp,bf16,powersgd,sync8 -- --train.grad_accum=4
+    gptforge bench --single --preset nano --micro-batch 16 --precision bf16 --compile --json nano.json
+    gptforge bench --sweep --preset small --precision bf16 --compile --micro-batch 64 --sweep-grid none
+    gptforge bench --compare "train.precision=fp32" "train.precision=bf16 train.compile=true" --preset nano
+
+One device (``--single``, ``--sweep``, ``--compare``: ``gptforge.bench.device``, ``sweep``, ``compare``): ms/step,
+tokens/s, MFU, peak memory and loader wait of one run, the largest micro-batch that fits and the fastest
+settings, or two settings run interleaved in one invocation with their ratio.
 
 On one machine (``local``) every mode trains the same model with the same *per-rank* micro-batch, so
 DDP/FSDP with N ranks do N times the work of one process per step. With ``--nodes 2`` (``nodes``) two
@@ -14,12 +21,18 @@ warm-up steps, read from each run's metrics.jsonl.
 
 from __future__ import annotations
 
-from gptforge.bench import local, nodes
+from gptforge.bench import compare, device, local, nodes, sweep
 from gptforge.bench.options import BenchOptions
 from gptforge.errors import UserError
 
 
 def main(a: BenchOptions) -> int:
+    if a.compare:
+        return compare.main(a)
+    if a.sweep:
+        return sweep.main(a)
+    if a.single:
+        return device.main(a)
     if a.nodes == 1:
         return local.main(a)
     if a.nodes == 2:

@@ -14,7 +14,32 @@ from gptforge.options import Passthrough
 @dataclass
 class BenchOptions:
     """Step time of one training run single-process, under DDP and under FSDP2, or across two network-namespace
-    nodes with a rate-limited link (pretrain options after --)."""
+    nodes with a rate-limited link; or (--single, --sweep, --compare A B) one device measured: ms/step,
+    tokens/s, MFU, peak memory, loader wait (pretrain options after --)."""
+
+    single: bool = False
+    """one device: N steps after the warm-up with the given micro-batch, context, precision, compile,
+    checkpointing; prints a table (--json: the numbers); --parallel.strategy=fsdp after -- runs it under torchrun"""
+    sweep: bool = False
+    """one device: the largest micro-batch that fits (halving from --micro-batch), then the fastest of
+    --sweep-grid at it; prints the winner's command line"""
+    compare: tuple[str, str] | None = None
+    """one device: two settings of pretrain options, run interleaved for --rounds and compared, e.g.
+    --compare "train.precision=fp32" "train.precision=bf16 train.compile=true" (leading -- optional)"""
+    rounds: int = 2
+    """--compare: rounds of A and B (A B, then B A, ... so a drift of the machine cancels)"""
+    compile: bool = False
+    """one device: torch.compile the model"""
+    activation_checkpointing: bool = False
+    """one device: recompute activations in the backward pass"""
+    device: str = "auto"
+    """one device: auto | cpu | cuda | cuda:N"""
+    max_memory: str | None = None
+    """--sweep: a run fits when its peak memory is at most this (e.g. 1.5GiB, 800MB; CPU: peak RSS);
+    on a GPU an out-of-memory error alone also marks it as not fitting"""
+    sweep_grid: str = "compile,checkpointing,precision"
+    """--sweep: settings tried at the chosen micro-batch (comma list of compile, checkpointing, precision;
+    none: only the micro-batch)"""
 
     modes: str = "single,ddp,fsdp"
     """comma-separated subset of single,ddp,fsdp (one machine)"""
@@ -37,9 +62,9 @@ class BenchOptions:
     block_size: int | None = None
     """context length (default: the preset's)"""
     precision: str = "fp32"
-    """fp32 | bf16 | auto"""
+    """fp32 | bf16 | fp16 (GPU) | auto"""
     threads: int | None = None
-    """threads per process (default: cores // processes)"""
+    """threads per process (default: cores // processes; one device: all cores)"""
     data: str | None = None
     """prepared dataset dir or text (default: built-in Shakespeare)"""
     run_timeout: float = 3600

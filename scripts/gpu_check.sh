@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The one GPU check (issue 12), under 8 minutes on one H100/H200:
+#   1. python -m pytest -q tests/gpu   (bf16 vs the CPU fp32 loss curve, fp16 + GradScaler, compile vs eager,
+#      1-GPU NCCL DDP and FSDP2)
+#   2. gptforge bench --sweep on `small` (124M, GPT-2 BPE), context 1024, bf16, compile on: the largest
+#      micro-batch that fits (halving from 64), measured
+#   3. gptforge bench --single on `llama-1b` under FSDP2 (torchrun, one process), bf16
+#   4. ONE table of both: ms/step, tokens/s, MFU, peak memory (JSON files in $GPTFORGE_CHECK_OUT)
+#
+# usage: scripts/gpu_check.sh [--dry-run]
+#   --dry-run: the same steps end to end on the CPU with tiny settings (micro preset, 2 layers, a few steps),
+#              to show the check is wired where there is no GPU.
+# env: GPTFORGE_CHECK_OUT (default runs/gpu_check), GPTFORGE_CHECK_DATA (a prepared dataset or text; default:
+#      the built-in Shakespeare), PYTHON (default python), GPTFORGE_CACHE (default: the repository's
+#      .cache/gptforge, as the tests use: a machine without internet needs the Shakespeare corpus there, e.g.
+#      copied with the working tree after one run of the tests elsewhere)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export GPTFORGE_CACHE="${GPTFORGE_CACHE:-$PWD/.cache/gptforge}"
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; elif [[ $# -gt 0 ]]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
+PY="${PYTHON:-python}"
+OUT="${GPTFORGE_CHECK_OUT:-runs/gpu_check}"
+mkdir -p "$OUT"
+DATA=()
+if [[ -n "${GPTFORGE_CHECK_DATA:-}" ]]; then DATA=(--data "$GPTFORGE_CHECK_DATA"); fi
+
+if (( DRY )); then
+    TINY=(--model.n_layer=2 --model.d_model=64 --model.n_head=4 --model.d_ff=256 --model.block_size=64)
+    SMALL=(--preset micro --device cpu --precision fp32 --micro-batch 8 --steps 3 --warmup 1)
+    SMALL_EXTRA=("${TINY[@]}")
+    LLAMA=(--preset micro --device cpu --precision fp32 --micro-batch 4 --steps 3 --warmup 1)
+    LLAMA_EXTRA=("${TINY[@]}" --model.arch=llama --parallel.strategy=fsdp)
+else
+    SMALL=(--preset small --block-size 1024 --precision bf16 --compile --micro-batch 64 --steps 30 --warmup 10)
+    SMALL_EXTRA=(--data.tokenizer=gpt2)
+    LLAMA=(--preset llama-1b --precision bf16 --micro-batch 8 --steps 20 --warmup 8)
+    LLAMA_EXTRA=(--data.tokenizer=gpt2 --parallel.strategy=fsdp)
+fi
+
+echo "== 1/3 tests/gpu" >&2
+"$PY" -m pytest -q tests/gpu
+echo "== 2/3 small: sweep for the largest micro-batch that fits" >&2
+"$PY" -m gptforge bench --sweep --sweep-grid none "${SMALL[@]}" "${DATA[@]}" --json "$OUT/small.json" \
+    -- "${SMALL_EXTRA[@]}"
+echo "== 3/3 llama-1b under FSDP2 (torchrun, one process)" >&2
+"$PY" -m gptforge bench --single "${LLAMA[@]}" "${DATA[@]}" --json "$OUT/llama-1b.json" -- "${LLAMA_EXTRA[@]}"
+echo "== gpu_check: one table" >&2
+"$PY" -m gptforge.bench.report "small=$OUT/small.json" "llama-1b-fsdp=$OUT/llama-1b.json"
