@@ -24,12 +24,16 @@ def test_loss_falls_and_checkpoint_written(trained_run):
 
 def test_exact_resume_bitwise(tmp_path, char_data):
     full, split = tmp_path / "full", tmp_path / "split"
-    assert main(["pretrain", *tiny_args(full, char_data, "--train.max_steps=20")]) == 0
+    # the uninterrupted run loads its batches without the prefetch thread; the split one with 3 ahead
+    assert main(["pretrain", *tiny_args(full, char_data, "--train.max_steps=20", "--train.prefetch=0")]) == 0
     # 10 steps, then stop (a separate run of the same 20-step schedule, ended early by max_steps of the
     # schedule is not allowed to change the LR curve: use save_every and kill-free early stop instead)
     assert main(["pretrain", *tiny_args(split, char_data, "--train.max_steps=20", "--train.save_every=10",
-                                        "--train.stop_after=10")]) == 0
+                                        "--train.stop_after=10", "--train.prefetch=3")]) == 0
     assert list_checkpoints(split)[-1].name == "step_0000010"
+    # the saved position counts the 10 x 4 windows trained on, not those the thread had prepared ahead
+    state = json.loads((list_checkpoints(split)[-1] / "trainer_state.json").read_text())
+    assert state["loader"] == {"epoch": 0, "pos": 40, "seed": state["loader"]["seed"]}
     assert main(["pretrain", *tiny_args(split, char_data, "--train.max_steps=20", "--train.resume=auto")]) == 0
     a, b = read_losses(full), read_losses(split)
     assert len(a) == 20 and len(b) == 20

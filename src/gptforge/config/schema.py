@@ -53,6 +53,8 @@ class TrainSection:
     compile: Annotated[bool, _alias("--compile")] = False
     activation_checkpointing: bool = False
     device: str = "auto"
+    prefetch: int = 2
+    """training batches prepared ahead in a background thread (pinned, copied non-blocking on CUDA); 0: none"""
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 100
