@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -20,6 +21,9 @@ def test_loss_falls_and_checkpoint_written(trained_run):
         assert (ck[-1] / f).is_file(), f
     cfg = json.loads((ck[-1] / "config.json").read_text())
     assert cfg["train"]["max_steps"] == 40 and cfg["model"]["d_model"] == 64
+    # each log step reports how long a step waited for its batches (the prefetch thread): a part of the step
+    perf = [r for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines()) if "perf/step_ms" in r]
+    assert len(perf) >= 8 and all(0 <= r["perf/data_wait_ms"] < r["perf/step_ms"] for r in perf)
 
 
 def test_exact_resume_bitwise(tmp_path, char_data):
@@ -95,6 +99,7 @@ def test_nan_guard(tmp_path, char_data, capsys):
                                         "--train.max_bad_steps=3")]) == 2
     err = capsys.readouterr().err
     assert "3 non-finite steps in a row" in err and "no checkpoint of this run" in err and "lower train.lr" in err
+    assert not [t for t in threading.enumerate() if t.name == "gptforge-prefetch"]  # the error stopped it too
 
 
 @pytest.mark.parametrize("length", ["--train.max_tokens=2560", "--train.epochs=0.01"])

@@ -11,7 +11,8 @@ Output directory:
                        means the directory is complete.
 
 Streaming: the input is read in pieces and tokens are appended to the .bin files as they come, so a
-corpus larger than memory works. The validation split is taken deterministically from the token stream:
+corpus larger than memory works; the pieces are encoded on all cores a few batches ahead (data/encode.py),
+with the same bytes as the serial path. The validation split is taken deterministically from the token stream:
 it is cut into blocks of VAL_BLOCK tokens and about one block in 1/val_fraction goes to val (spread over
 the whole corpus); a corpus too small for one such block gives val its last tokens instead.
 """
@@ -26,6 +27,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,8 +136,9 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
 
     try:
         t0 = time.perf_counter()
-        with _bar("tokenizing", total, progress) as bar:
-            for ids, docs in encode_stream(tok, iter_texts(sources, read), parallel):
+        with _bar("tokenizing", total, progress) as bar, closing(encode_stream(tok, iter_texts(sources, read),
+                                                                              parallel)) as stream:
+            for ids, docs in stream:  # closing: an error here stops the encoding thread at once
                 splitter.write(ids)
                 n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
                 bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
