@@ -9,7 +9,8 @@ process with RAYON_NUM_THREADS=cores (the tokenizer's thread pool), the settings
   library  `tokenizers.Tokenizer.encode_batch` over the text's paragraphs (split at blank lines), in batches
            of ~1 MB, with the same tokenizer.json: encoding time only, the file already in memory
   prepare  gptforge's tokenizing pass (read, encode, write train.bin/val.bin), as `prepare` reports it
-and prints MB/s, tokens/s and the ratio prepare / library for each core count (best of --repeats).
+and prints MB/s, tokens/s and the ratio prepare / library for each core count (best of --repeats), and
+the CPU time per MB of each (the work done, which other load on the cores does not change much).
 On a shared machine only the ratios of runs made side by side mean much."""
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -52,19 +54,26 @@ def child_library(text_file: str, tokenizer: str) -> dict:
             batches.append(cur)
             cur, size = [], 0
     batches.append(cur)
-    tokens, t0 = 0, time.perf_counter()
+    tokens, t0, c0 = 0, time.perf_counter(), _cpu()
     for b in batches:
         tokens += sum(len(e.ids) for e in hf.encode_batch(b, add_special_tokens=False))
-    return {"bytes": len(raw), "tokens": tokens, "seconds": time.perf_counter() - t0}
+    return {"bytes": len(raw), "tokens": tokens, "seconds": time.perf_counter() - t0, "cpu_s": _cpu() - c0}
+
+
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (the work done, whatever else shares the cores)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def child_prepare(text_file: str, tokenizer: str) -> dict:
     from gptforge.data.prepare import prepare
 
     stats: dict = {}
+    c0 = _cpu()
     with tempfile.TemporaryDirectory() as out:
         prepare([text_file], out, tokenizer, progress=False, stats=stats)
-    return stats
+    return stats | {"cpu_s": _cpu() - c0}  # (includes loading the tokenizer: a fraction of a second)
 
 
 def measure(mode: str, cores: int, text_file: str, tokenizer: str) -> dict:
@@ -100,7 +109,7 @@ def main() -> None:
                     r = measure(mode, cores, text_file, a.tokenizer)
                     rate = r["bytes"] / 1e6 / r["seconds"]
                     print(f"  run {rep + 1} cores {cores} {mode:8s} {rate:6.2f} MB/s {r['tokens'] / r['seconds']:>10,.0f} "
-                          f"tokens/s ({r['seconds']:.1f} s)", flush=True)
+                          f"tokens/s ({r['seconds']:.1f} s, {r['cpu_s'] / mb:.2f} CPU-s/MB)", flush=True)
                     key = (cores, mode)
                     if key not in best or r["seconds"] < best[key]["seconds"]:
                         best[key] = r
@@ -108,7 +117,8 @@ def main() -> None:
         for cores in a.cores:
             lib, ours = best[(cores, "library")], best[(cores, "prepare")]
             lr, orate = lib["bytes"] / 1e6 / lib["seconds"], ours["bytes"] / 1e6 / ours["seconds"]
-            print(f"{cores:>5} | {lr:>12.2f} | {orate:>12.2f} | {ours['tokens'] / ours['seconds']:>16,.0f} | {orate / lr:.2f}x")
+            print(f"{cores:>5} | {lr:>12.2f} | {orate:>12.2f} | {ours['tokens'] / ours['seconds']:>16,.0f} | {orate / lr:.2f}x"
+                  f" (CPU time per MB: library/prepare {lib['cpu_s'] / ours['cpu_s']:.2f}x)")
         if len(a.cores) > 1:
             lo, hi = min(a.cores), max(a.cores)
             for mode in ("library", "prepare"):

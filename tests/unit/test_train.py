@@ -120,6 +120,12 @@ def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
     assert "training 1 steps x 8 sequences" in out
 
 
+def test_negative_prefetch_is_one_line(tmp_path, char_data, capsys):
+    assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=1", "--train.prefetch=-1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.prefetch=-1 must be >= 0" in err, err
+
+
 def test_missing_and_empty_data(tmp_path, capsys):
     assert main(["pretrain", f"--data.path={tmp_path / 'nope.txt'}", f"--train.out_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err.strip()
