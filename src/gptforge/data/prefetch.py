@@ -22,8 +22,6 @@ import time
 
 import torch
 
-_STOP_POLL_S = 0.1
-
 
 def _pin(batch: dict) -> dict:
     return {k: (v.pin_memory() if torch.is_tensor(v) else v) for k, v in batch.items()}
@@ -53,23 +51,14 @@ class Prefetcher:
 
     # ---- the thread ----------------------------------------------------------------------------
     def _work(self, q: queue.Queue, stop: threading.Event) -> None:
+        # put() blocks while the queue is full (no polling: nothing wakes up between steps); close() sets
+        # `stop` and then empties the queue, so a blocked put() returns and the loop sees the flag
         try:
             while not stop.is_set():
                 batch = self.loader.next_batch()
-                item = (_pin(batch) if self.pin else batch, self.loader.state_dict(), None)
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=_STOP_POLL_S)
-                        break
-                    except queue.Full:
-                        continue
+                q.put((_pin(batch) if self.pin else batch, self.loader.state_dict(), None))
         except BaseException as e:  # handed to the consumer, raised there as it is
-            while not stop.is_set():
-                try:
-                    q.put((None, None, e), timeout=_STOP_POLL_S)
-                    return
-                except queue.Full:
-                    continue
+            q.put((None, None, e))
 
     def _start(self) -> None:
         self._queue, self._stop = queue.Queue(maxsize=self.depth), threading.Event()
@@ -83,11 +72,11 @@ class Prefetcher:
         if self._thread is None:
             return
         self._stop.set()
-        while True:  # unblock a put() so the thread sees the stop flag
+        while self._thread.is_alive():  # unblock its put() so that it sees the flag
             try:
-                self._queue.get_nowait()
+                self._queue.get(timeout=0.01)
             except queue.Empty:
-                break
+                pass
         self._thread.join()
         self._thread = self._queue = self._stop = None
         self.loader.load_state_dict(self._state)
