@@ -19,7 +19,7 @@ def test_default_pretrain_learns_shakespeare(tmp_path):
     out = p.stdout
     # llm.c-style step lines
     assert re.search(r"step +25/150 \| loss \d+\.\d{4} \| lr [\d.e+-]+ \| norm [\d.]+ \| [\d.]+ ms \| [\d,]+ tok/s "
-                     r"\| MFU [\d.]+% \| eta \d+m\d\ds", out), out[:2000]
+                     r"\| MFU [\d.]+% \| data [\d.]+ ms \| eta \d+m\d\ds", out), out[:2000]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["model"]["preset"] == "micro" and cfg["data"]["path"] is None
     # unigram entropy of the prepared corpus (nats/char)

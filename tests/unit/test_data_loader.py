@@ -1,12 +1,14 @@
 """TokenLoader: windows, rank split, accumulation equivalence, resume, eval pass, dtypes, errors."""
 
 import json
+import threading
 
 import numpy as np
 import pytest
 import torch
 
 from gptforge.data.loader import TokenLoader
+from gptforge.data.prefetch import Prefetcher
 from gptforge.errors import UserError
 
 T = 8
@@ -128,3 +130,53 @@ def test_on_prepared_data(tmp_path):
     ld = TokenLoader(tmp_path / "out", "train", micro_batch=4, block_size=16)
     b = ld.next_batch()
     assert torch.equal(b["input_ids"][:, 1:], b["labels"][:, :-1]) and b["input_ids"].max() < 13
+
+
+# ---- Prefetcher: the background thread -------------------------------------------------------------------
+def _filled(pf, depth):
+    """Wait (bounded) until the thread has `depth` batches ready, i.e. the wrapped loader is ahead."""
+    for _ in range(2000):
+        if pf._queue is not None and pf._queue.qsize() == depth:
+            return True
+        threading.Event().wait(0.005)
+    return False
+
+
+def test_prefetch_same_batches_and_state_counts_consumed_only(tmp_path):
+    d = make_dir(tmp_path)
+    plain = TokenLoader(d, "train", micro_batch=4, block_size=T, seed=5)
+    pf = Prefetcher(TokenLoader(d, "train", micro_batch=4, block_size=T, seed=5), torch.device("cpu"), depth=3)
+    with pf:
+        for _ in range(30):  # 120 windows: across the epoch boundary (100 per epoch)
+            assert torch.equal(pf.next_batch()["input_ids"], plain.next_batch()["input_ids"])
+        assert _filled(pf, 3)  # three more batches queued (a fourth may wait to be): the loader is ahead ...
+        ahead = pf.loader.state_dict()
+        assert ahead["epoch"] == 1 and ahead["pos"] in (32, 36)
+        saved = json.loads(json.dumps(pf.state_dict()))  # ... the state saved in a checkpoint is not
+        assert saved == plain.state_dict() == {"epoch": 1, "pos": 20, "seed": 5}
+        assert pf.batches == 30 and pf.wait_s > 0 and pf.take_wait_s() > 0 and pf.wait_s == 0
+    assert pf._thread is None and not any(t.name == "gptforge-prefetch" for t in threading.enumerate())
+    # after close() the loader is rewound: the next batch is the one after the last handed out
+    expected = plain.next_batch()["input_ids"]
+    assert torch.equal(pf.next_batch()["input_ids"], expected)
+    pf.close()
+    # a resume from the saved state in a fresh prefetcher continues exactly
+    resumed = Prefetcher(TokenLoader(d, "train", micro_batch=4, block_size=T, seed=5), torch.device("cpu"), depth=2)
+    resumed.next_batch()  # the thread is running and ahead: load_state_dict must drop what it prepared
+    resumed.load_state_dict(saved)
+    assert torch.equal(resumed.next_batch()["input_ids"], expected)
+    assert torch.equal(resumed.next_batch()["input_ids"], plain.next_batch()["input_ids"])
+    resumed.close()
+
+
+def test_prefetch_depth0_and_errors_reach_the_caller(tmp_path):
+    d = make_dir(tmp_path, n_train=T * 3 + 1)
+    sync = Prefetcher(TokenLoader(d, "train", micro_batch=1, block_size=T, seed=2), torch.device("cpu"), depth=0)
+    ref = TokenLoader(d, "train", micro_batch=1, block_size=T, seed=2)
+    assert [windows(sync.next_batch()) for _ in range(4)] == [windows(ref.next_batch()) for _ in range(4)]
+    assert sync.state_dict() == ref.state_dict() and sync._thread is None and sync.windows_per_epoch == 3
+    # a loader error raised in the thread comes out of next_batch() as it is, and the thread is gone
+    bad = Prefetcher(TokenLoader(d, "train", micro_batch=2, block_size=T, dp_size=2), torch.device("cpu"))
+    with pytest.raises(UserError, match="fewer than one global step needs"):
+        bad.next_batch()
+    assert bad._thread is None

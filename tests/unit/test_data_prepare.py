@@ -183,3 +183,86 @@ def test_builtin_shakespeare_prepared_once(tmp_path):
     assert meta["splits"]["train"] + meta["splits"]["val"] == len(text) + 1
     assert meta["splits"]["val"] % 8192 == 0 and 0.005 < meta["splits"]["val"] / len(text) < 0.015
     assert ensure_prepared(None, cache=cache) == d
+
+
+# ---- parallel tokenizing (data/encode.py): the same bytes as the serial path ------------------------------
+TRICKY = ["Hello world.", "\n", "\n", "\n\n", "  \n", "\r\n", "\t\n", " \n\n", "it's", "don't ", "42", "x\u00a0",
+          "\u3000", "中文。", "emoji 🙂", "<|endoftext|>", "<|im_start|>user", "a", "b ", "\u200b", "\x1c", "!!",
+          "  leading", "'ll", " 's", "\u2028", "ü"]
+
+
+def tricky_text(rng, n: int) -> str:
+    return "".join(rng.choice(TRICKY) for _ in range(n))
+
+
+@pytest.fixture(scope="module")
+def byte_level_tokenizers(tmp_path_factory):
+    """gpt2 and a small trained byte-level BPE (both cut before newlines), and a BPE with add_prefix_space,
+    loaded from its tokenizer.json (which must not be cut: each part would get a leading space)."""
+    import random
+
+    from tokenizers import pre_tokenizers
+
+    from gptforge.data.tokenizer import build_tokenizer, train_bpe
+
+    rng = random.Random(1)
+    bpe = train_bpe([tricky_text(rng, 200) for _ in range(50)], 400)
+    d = tmp_path_factory.mktemp("prefix_tok")
+    bpe.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    bpe.save(d)
+    prefixed = load_tokenizer(d)
+    bpe.hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return {"gpt2": build_tokenizer("gpt2"), "bpe": bpe, "prefixed": prefixed, "prefixed_dir": d}
+
+
+def test_cut_before_safe_newlines_keeps_the_ids(byte_level_tokenizers):
+    import random
+
+    from gptforge.data.encode import cut
+
+    rng = random.Random(0)
+    for name in ("gpt2", "bpe"):
+        tok = byte_level_tokenizers[name]
+        assert tok.cuts_before_newlines()
+        n_parts = 0
+        for size in (1, 5, 40):
+            for _ in range(30):
+                text = tricky_text(rng, 80)
+                parts = cut(text, size)
+                assert "".join(parts) == text
+                assert [i for p in parts for i in tok.encode(p)] == tok.encode(text), (name, size, parts)
+                n_parts += len(parts)
+        assert n_parts > 300  # it did cut
+    prefixed = byte_level_tokenizers["prefixed"]
+    assert not prefixed.cuts_before_newlines()
+    text = "one\ntwo\nthree"  # cut there, each part would start with a space: different ids
+    assert [i for p in cut(text, 1) for i in prefixed.encode(p)] != prefixed.encode(text)
+
+
+@pytest.mark.parametrize("tokenizer", ["gpt2", "bpe", "prefixed"])
+def test_parallel_prepare_is_byte_identical_to_serial(tmp_path, monkeypatch, byte_level_tokenizers, tokenizer):
+    import random
+
+    from gptforge.data import encode
+
+    rng = random.Random(2)
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.txt").write_text(tricky_text(rng, 3000))
+    (src / "d.jsonl").write_text("".join(json.dumps({"text": tricky_text(rng, 20)}) + "\n" for _ in range(200)))
+    monkeypatch.setattr(sources, "CHUNK_BYTES", 5000)  # many pieces per file ...
+    monkeypatch.setattr(encode, "CHUNK_CHARS", 64)     # ... cut into many chunks ...
+    monkeypatch.setattr(encode, "BATCH_CHARS", 3000)   # ... in many batches in flight
+    spec = {"gpt2": "gpt2", "bpe": None, "prefixed": str(byte_level_tokenizers["prefixed_dir"])}[tokenizer]
+    if spec is None:
+        spec = str(tmp_path / "bpe_tok")
+        byte_level_tokenizers["bpe"].save(spec)
+    stats = {}
+    metas = [prepare([str(src)], tmp_path / f"out_{p}", spec, val_fraction=0.05, progress=False, parallel=p,
+                     stats=stats) for p in (False, True)]
+    assert metas[0] == metas[1] and metas[1]["documents"] == 203
+    assert stats["tokens"] == sum(metas[1]["splits"].values()) and stats["bytes"] == sum(
+        f.stat().st_size for f in src.iterdir())
+    for f in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
+        assert (tmp_path / "out_False" / f).read_bytes() == (tmp_path / "out_True" / f).read_bytes(), f

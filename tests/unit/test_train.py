@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import threading
 
 import pytest
 
@@ -20,16 +21,23 @@ def test_loss_falls_and_checkpoint_written(trained_run):
         assert (ck[-1] / f).is_file(), f
     cfg = json.loads((ck[-1] / "config.json").read_text())
     assert cfg["train"]["max_steps"] == 40 and cfg["model"]["d_model"] == 64
+    # each log step reports how long a step waited for its batches (the prefetch thread): a part of the step
+    perf = [r for r in map(json.loads, (trained_run / "metrics.jsonl").read_text().splitlines()) if "perf/step_ms" in r]
+    assert len(perf) >= 8 and all(0 <= r["perf/data_wait_ms"] < r["perf/step_ms"] for r in perf)
 
 
 def test_exact_resume_bitwise(tmp_path, char_data):
     full, split = tmp_path / "full", tmp_path / "split"
-    assert main(["pretrain", *tiny_args(full, char_data, "--train.max_steps=20")]) == 0
+    # the uninterrupted run loads its batches without the prefetch thread; the split one with 3 ahead
+    assert main(["pretrain", *tiny_args(full, char_data, "--train.max_steps=20", "--train.prefetch=0")]) == 0
     # 10 steps, then stop (a separate run of the same 20-step schedule, ended early by max_steps of the
     # schedule is not allowed to change the LR curve: use save_every and kill-free early stop instead)
     assert main(["pretrain", *tiny_args(split, char_data, "--train.max_steps=20", "--train.save_every=10",
-                                        "--train.stop_after=10")]) == 0
+                                        "--train.stop_after=10", "--train.prefetch=3")]) == 0
     assert list_checkpoints(split)[-1].name == "step_0000010"
+    # the saved position counts the 10 x 4 windows trained on, not those the thread had prepared ahead
+    state = json.loads((list_checkpoints(split)[-1] / "trainer_state.json").read_text())
+    assert state["loader"] == {"epoch": 0, "pos": 40, "seed": state["loader"]["seed"]}
     assert main(["pretrain", *tiny_args(split, char_data, "--train.max_steps=20", "--train.resume=auto")]) == 0
     a, b = read_losses(full), read_losses(split)
     assert len(a) == 20 and len(b) == 20
@@ -91,6 +99,7 @@ def test_nan_guard(tmp_path, char_data, capsys):
                                         "--train.max_bad_steps=3")]) == 2
     err = capsys.readouterr().err
     assert "3 non-finite steps in a row" in err and "no checkpoint of this run" in err and "lower train.lr" in err
+    assert not [t for t in threading.enumerate() if t.name == "gptforge-prefetch"]  # the error stopped it too
 
 
 @pytest.mark.parametrize("length", ["--train.max_tokens=2560", "--train.epochs=0.01"])
@@ -109,6 +118,12 @@ def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
     out = capsys.readouterr().out
     assert "auto-config for " in out and "micro-batch 8 x accumulation 1" in out  # 4 x 2 fits in one micro-batch on CPU
     assert "training 1 steps x 8 sequences" in out
+
+
+def test_negative_prefetch_is_one_line(tmp_path, char_data, capsys):
+    assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=1", "--train.prefetch=-1")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "train.prefetch=-1 must be >= 0" in err, err
 
 
 def test_missing_and_empty_data(tmp_path, capsys):

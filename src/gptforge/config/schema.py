@@ -55,6 +55,8 @@ class TrainSection:
     """GPU: fp32 matmuls on TF32 tensor cores (no effect on a CPU)"""
     activation_checkpointing: bool = False
     device: str = "auto"
+    prefetch: int = 2
+    """training batches prepared ahead in a background thread (pinned, copied non-blocking on CUDA); 0: none"""
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 100

@@ -11,7 +11,8 @@ Output directory:
                        means the directory is complete.
 
 Streaming: the input is read in pieces and tokens are appended to the .bin files as they come, so a
-corpus larger than memory works. The validation split is taken deterministically from the token stream:
+corpus larger than memory works; the pieces are encoded on all cores a few batches ahead (data/encode.py),
+with the same bytes as the serial path. The validation split is taken deterministically from the token stream:
 it is cut into blocks of VAL_BLOCK tokens and about one block in 1/val_fraction goes to val (spread over
 the whole corpus); a corpus too small for one such block gives val its last tokens instead.
 """
@@ -25,7 +26,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,12 +35,12 @@ import numpy as np
 from tqdm import tqdm
 
 from gptforge.data.corpus import checked_cache_dir, shakespeare_path
+from gptforge.data.encode import encode_stream
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
-from gptforge.data.tokenizer import Tokenizer, build_tokenizer
+from gptforge.data.tokenizer import build_tokenizer
 from gptforge.errors import UserError
 
 VAL_BLOCK = 8192          # tokens per train/val routing block
-BATCH_CHARS = 4 << 20     # characters handed to the tokenizer at once (it encodes a batch in parallel)
 FORMAT_VERSION = 1
 
 
@@ -101,39 +103,14 @@ class _Splitter:
         return dict(self.counts)
 
 
-def _encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]]) -> Iterable[tuple[np.ndarray, int]]:
-    """Yield (token array with eos after each document, number of documents) per batch of pieces."""
-    batch: list[tuple[str, bool]] = []
-    chars = 0
-
-    def flush():
-        if tok.kind == "char":
-            encoded = [tok.encode_array(t) for t, _ in batch]
-        else:  # HF encodes a batch on all cores
-            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([t for t, _ in batch])]
-        parts = []
-        for ids, (_, doc_end) in zip(encoded, batch):
-            parts.append(ids)
-            if doc_end:
-                parts.append(np.array([tok.eos_id], dtype=np.int64))
-        return np.concatenate(parts) if parts else np.empty(0, np.int64), sum(d for _, d in batch)
-
-    for text, doc_end in pieces:
-        batch.append((text, doc_end))
-        chars += len(text)
-        if chars >= BATCH_CHARS or len(batch) >= 4096:
-            yield flush()
-            batch, chars = [], 0
-    if batch:
-        yield flush()
-
-
 def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fraction: float = 0.01,
             field: str = "text", hf_split: str = "train", progress: bool = True,
-            val_key: str = "--val-fraction") -> dict:
+            val_key: str = "--val-fraction", parallel: bool = True, stats: dict | None = None) -> dict:
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
-    tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict."""
+    tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict.
+    parallel=False: the serial reference path (data/encode.py), same bytes. `stats`, if given, receives
+    the tokenizing pass' bytes, tokens and seconds."""
     if not 0 < val_fraction < 0.5:
         raise UserError(f"{val_key} {val_fraction} must be between 0 and 0.5 (e.g. 0.01)")
     sources = resolve_inputs(inputs, field=field, split=hf_split)
@@ -150,13 +127,24 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
     splitter = _Splitter(out, dtype, val_fraction)
-    n_docs = 0
+    n_docs = n_tokens = 0
+    seen = [0]  # input bytes read
+
+    def read(n: int) -> None:
+        seen[0] += n
+        bar.update(n)
+
     try:
-        with _bar("tokenizing", total, progress) as bar:
-            for ids, docs in _encode_stream(tok, iter_texts(sources, bar.update)):
+        t0 = time.perf_counter()
+        with _bar("tokenizing", total, progress) as bar, closing(encode_stream(tok, iter_texts(sources, read),
+                                                                              parallel)) as stream:
+            for ids, docs in stream:  # closing: an error here stops the encoding thread at once
                 splitter.write(ids)
-                n_docs += docs
+                n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
+                bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         counts = splitter.finish()
+        if stats is not None:
+            stats.update(bytes=seen[0], tokens=n_tokens, seconds=time.perf_counter() - t0)
         if counts["train"] + counts["val"] <= n_docs:  # nothing but eos tokens
             raise UserError(f"no text found in {', '.join(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs))}; "
                             "check that the files are not empty (and --field for JSONL)")
@@ -246,8 +234,12 @@ class PrepareOptions:
 
 
 def main(opts: PrepareOptions) -> int:
+    stats: dict = {}
     meta = prepare(opts.input, opts.out, opts.tokenizer, opts.val_fraction, opts.field, opts.hf_split,
-                   progress=not opts.no_progress)
+                   progress=not opts.no_progress, stats=stats)
+    s = max(stats["seconds"], 1e-9)
     print(f"wrote {opts.out}: {meta['splits']['train']:,} train + {meta['splits']['val']:,} val tokens "
-          f"({meta['kind']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']}, {meta['documents']:,} documents)")
+          f"({meta['kind']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']}, {meta['documents']:,} documents)"
+          f"; tokenized {stats['bytes'] / 1e6:,.1f} MB in {s:.1f} s: {stats['bytes'] / 1e6 / s:.2f} MB/s, "
+          f"{stats['tokens'] / s:,.0f} tokens/s")
     return 0

@@ -43,6 +43,7 @@ class Tokenizer:
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
 
         self._char_table: tuple[np.ndarray, np.ndarray] | None = None
+        self._cuts: bool | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -69,6 +70,21 @@ class Tokenizer:
         cps = np.frombuffer(text.encode("utf-32-le"), dtype="<u4").astype(np.int64)
         at = np.minimum(np.searchsorted(keys, cps), len(keys) - 1)
         return np.where(keys[at] == cps, ids[at], self.hf.token_to_id(UNK))
+
+    def cuts_before_newlines(self) -> bool:
+        """May a text be cut just before a "\n" that follows a non-space character and its parts be encoded
+        separately, giving exactly the ids of the whole? True for GPT-2-style byte-level BPE (our gpt2 and bpe
+        kinds): its pre-tokenizer regex never joins such a "\n" to the character before it and looks ahead
+        only from whitespace. Not for other pipelines (a normalizer, add_prefix_space, Metaspace, ...)."""
+        if self._cuts is None:
+            cfg = json.loads(self.hf.to_str())
+            pre, model = cfg.get("pre_tokenizer") or {}, cfg.get("model") or {}
+            self._cuts = (cfg.get("normalizer") is None and model.get("type") == "BPE" and not model.get("dropout")
+                          and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+                          and not pre.get("add_prefix_space", False)
+                          and all(not (a.get("lstrip") or a.get("rstrip") or a.get("single_word"))
+                                  and "\n" not in a.get("content", "") for a in cfg.get("added_tokens", [])))
+        return self._cuts
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special)

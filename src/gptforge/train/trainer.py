@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from gptforge import checkpoint as ckpt_mod
+from gptforge.data.prefetch import Prefetcher
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops, set_tf32
 from gptforge.model.cost import flops_per_token
@@ -62,9 +63,13 @@ class Trainer(Checkpointing):
                  model_cfg, sample_fn=None):
         self.cfg, self.env, self.tcfg = cfg, env, cfg.train
         self.model, self.objective = model, objective
-        self.train_loader, self.val_loader = train_loader, val_loader
         self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
         self.device = env.device
+        if cfg.train.prefetch < 0:
+            raise UserError(f"train.prefetch={cfg.train.prefetch} must be >= 0 (batches prepared ahead; 0: none)")
+        # batches come on the device, prepared ahead; its state_dict counts only the batches handed out
+        self.train_loader = Prefetcher(train_loader, env.device, cfg.train.prefetch)
+        self.val_loader = val_loader
         self.precision = device_precision(self.tcfg.precision, self.device)
         self.tf32 = set_tf32(self.device, getattr(self.tcfg, "tf32", True))
         self.optimizer = build_optimizer(model, self.tcfg, self.device)
@@ -215,15 +220,17 @@ class Trainer(Checkpointing):
             return None
         return all_reduce_mean(total / n, self.env).item()
 
-    def _log_step(self, loss: float, norm: float, metrics: dict, dt: float, peak: float, eta: float) -> None:
+    def _log_step(self, loss: float, norm: float, metrics: dict, dt: float, peak: float, eta: float,
+                  wait_ms: float = 0.0) -> None:
         tok_s = self.tokens_per_step / dt
         mfu = self.flops_per_token * tok_s / peak if peak else 0.0
         self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
                    f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-                   f"MFU {mfu * 100:.1f}% | eta {fmt_duration(eta)}"
+                   f"MFU {mfu * 100:.1f}% | data {wait_ms:.1f} ms | eta {fmt_duration(eta)}"
                    + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
         self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
                                  "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
+                                 "perf/data_wait_ms": wait_ms,
                                  "train/bad_steps": self.guard.bad_total, "train/loss_spikes": self.guard.spikes}
                      | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
 
@@ -279,7 +286,8 @@ class Trainer(Checkpointing):
         self.step_start = step_start
         window_t, window_steps = time.perf_counter(), 0
         saved_at, path = -1, None
-        with StopSignals(t.grace_s, env) as stop:  # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit
+        # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit; the prefetch thread ends with the loop, errors too
+        with StopSignals(t.grace_s, env) as stop, self.train_loader:
             queued = None  # the previous step, read at the end of this one (train.stepsync)
             while self.step < end:
                 hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
@@ -321,7 +329,7 @@ class Trainer(Checkpointing):
                     now = time.perf_counter()
                     dt = (now - window_t) / window_steps
                     self._log_step(loss, norm, metrics, dt, peak, (now - t_start) / max(1, self.step - step_start)
-                                   * (end - self.step))
+                                   * (end - self.step), self.train_loader.take_wait_s() * 1000 / window_steps)
                     window_t, window_steps = time.perf_counter(), 0
                 else:
                     self.log.log(self.step, {"train/loss": loss})
