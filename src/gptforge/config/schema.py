@@ -52,6 +52,13 @@ class TrainSection:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: Annotated[bool, _alias("--compile")] = False
     activation_checkpointing: bool = False
+    loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
+    """the LM/DPO loss: plain (full logits, the reference), chunked (torch's linear_cross_entropy: one chunk of
+    logits at a time), liger (fused kernel, CUDA/ROCm + liger-kernel); auto: liger if there, else chunked for a
+    vocab >= 4 x d_model, else plain (gptforge.objectives.head)"""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """packed SFT's document masking: sdpa (dense mask from doc ids) or flex (FlexAttention BlockMask);
+    auto: flex on a GPU, else sdpa"""
     device: str = "auto"
     seed: int = 1337
     log_every: int = 10
