@@ -78,7 +78,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     with torch.autocast(h.device.type, enabled=False):
         if impl == "liger" and reduction != "none":
             loss = _liger_loss_cls()(ignore_index=-100, reduction=reduction)(weight.to(dt or weight.dtype),
-                                                                             h.to(dt or h.dtype), y).float()
+                                                                             h.to(dt or h.dtype), y)
+            loss = (loss[0] if isinstance(loss, tuple) else loss).float()  # (loss, z_loss) in some versions
         elif impl in ("chunked", "liger") and dt is None and h.dtype in (torch.float32, torch.float64):
             opts = torch.nn.LinearCrossEntropyOptions(
                 batch_chunk_size=chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0]))
