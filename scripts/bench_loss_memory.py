@@ -1,6 +1,8 @@
 """Peak memory and speed of the LM loss paths (train.loss_impl plain vs chunked), side by side.
 
-Every measurement is a fresh process (peak RSS is per process; on CUDA torch's max_memory_allocated),
+Every measurement is a fresh process (peak RSS is per process; on CUDA torch's max_memory_allocated;
+on CPU glibc's malloc runs with a fixed mmap threshold, so freed tensors leave the RSS at once and the
+peak is the tensors' own, not the allocator's retention of 25-MiB chunk buffers across steps),
 and the settings are interleaved repeat by repeat, so a shared machine's load hits them alike: read the
 ratios, not the absolute times. Each process: one model forward + loss + backward as warm-up, then
 --steps timed ones (no optimizer step: the loss path is what differs).
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -39,7 +42,6 @@ def child(a) -> None:
     ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
 
     def rss() -> int:
-        import os
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
     def sync():
@@ -87,7 +89,8 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--child", "--preset", a.preset, "--vocab", str(a.vocab),
                        "--micro-batch", str(a.micro_batch), "--context", str(a.context), "--precision", prec,
                        "--impl", impl, "--device", a.device, "--steps", str(a.steps)]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                env = os.environ | {"MALLOC_MMAP_THRESHOLD_": str(1 << 17)}
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
                 rows.setdefault((prec, impl), []).append(json.loads(out.strip().splitlines()[-1]))
     print(f"{a.preset} width, vocab {a.vocab}, micro-batch {a.micro_batch} x {a.context}, {a.device}, "
           f"{a.repeat} interleaved fresh processes per setting, median of {a.steps} steps each")

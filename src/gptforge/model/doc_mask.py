@@ -47,7 +47,9 @@ def block_document_mask(doc_ids: torch.Tensor):
         return (q >= kv) & (doc_ids[b, q] == doc_ids[b, kv])
 
     B, T = doc_ids.shape
-    return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device)
+    # compiled on a GPU: the mask is built block by block, never as a (B, T, T) tensor
+    return create_block_mask(same_doc_causal, B, None, T, T, device=doc_ids.device,
+                             _compile=doc_ids.device.type == "cuda")
 
 
 def is_block_mask(mask) -> bool:
@@ -62,12 +64,14 @@ def _compiled_flex():
 
 
 def flex_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask) -> torch.Tensor:
-    """FlexAttention, compiled on CUDA/ROCm (fused kernel), eager elsewhere (unfused reference)."""
-    if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    """FlexAttention (grouped-query k/v as they are), compiled on CUDA/ROCm (fused kernel), eager elsewhere
+    (unfused reference); inside a compiled block it is traced into the block's graph."""
     from torch.nn.attention.flex_attention import flex_attention as eager
 
-    return eager(q, k, v, block_mask=block_mask)
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=gqa)
+    return eager(q, k, v, block_mask=block_mask, enable_gqa=gqa)
 
 
 def document_mask(doc_ids: torch.Tensor, attention: str):

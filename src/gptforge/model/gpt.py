@@ -134,12 +134,12 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         groups = q.shape[1] // k.shape[1]
+        if is_block_mask(attn_mask):  # packed documents through FlexAttention (model/doc_mask.py)
+            return self.o_proj(flex_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, -1))
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         drop = self.dropout if self.training else 0.0
-        if is_block_mask(attn_mask):  # packed documents through FlexAttention (model/doc_mask.py)
-            y = flex_attention(q, k, v, attn_mask)
-        elif attn_mask is not None:
+        if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
         elif kv_cache is not None and T != k.shape[2]:
             # new tokens attend to the whole cache and causally among themselves
