@@ -5,8 +5,10 @@ train.loss_impl:
   chunked  only one chunk of rows' logits exists at a time. In fp32/fp64: torch's own
            F.linear_cross_entropy with LinearCrossEntropyOptions (gradients computed chunk by chunk in
            forward). Under bf16/fp16 autocast that op returns the loss in bf16 (6.2451 reads 6.25), so there
-           each chunk is the plain path's own math (bf16 logits -> fp32 CE) under torch.utils.checkpoint:
-           its logits are recomputed in backward, the loss stays fp32 and matches plain.
+           each chunk is the plain path's own math (bf16 logits -> fp32 softmax): for the mean/sum loss in
+           _ChunkedLinearCE, which computes each chunk's gradients in forward (as Liger and torch's op do: no
+           recomputation), for DPO's per-token log-probs under torch.utils.checkpoint (recomputed in
+           backward, as the gradient depends on the per-row DPO weights). The loss stays fp32.
   liger    Liger's fused linear + cross-entropy Triton kernel (CUDA/ROCm, `pip install liger-kernel`);
            DPO's per-token log-probs use `chunked` (Liger's loss returns a reduced loss).
   auto     liger where installed and on a GPU, else chunked when the vocabulary is much wider than the
@@ -85,6 +87,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                 batch_chunk_size=chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0]))
             loss = F.linear_cross_entropy(h, weight.to(h.dtype), y, reduction=reduction, ignore_index=-100,
                                           options=opts)
+        elif impl in ("chunked", "liger") and reduction != "none":
+            loss = chunked_linear_ce(h, weight, y, dt or h.dtype, reduction, chunk_rows)
         elif impl in ("chunked", "liger"):
             loss = _checkpointed_chunks(h, weight, y, dt or h.dtype, reduction, chunk_rows)
         else:
@@ -110,6 +114,53 @@ def default_chunk_rows(rows: int, vocab: int) -> int:
     """A power of two with about CHUNK_LOGITS logits per chunk. (torch's own 'aspect_ratio' heuristic makes a
     chunk's logits as small as the hidden states: 8 rows for d_model 384 and a 50K vocab, 4x slower on a CPU.)"""
     return min(rows, 1 << max(0, (CHUNK_LOGITS // vocab).bit_length() - 1))
+
+
+class _ChunkedLinearCE(torch.autograd.Function):
+    """sum over rows of scale * CE(h @ weight.T): one chunk of logits at a time, each chunk's gradients
+    computed in forward and kept (h's (N, D) and weight's (V, D) in fp32), scaled by grad_output in backward."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, dtype, rows, scale):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        w = weight.to(dtype)
+        gh = torch.empty(h.shape, dtype=h.dtype, device=h.device) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        total = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], rows):
+            hc, yc = h[s:s + rows].to(dtype), y[s:s + rows]
+            logits = (hc @ w.T).to(acc)
+            valid = yc != -100
+            tgt = yc.clamp(min=0)
+            lse = torch.logsumexp(logits, dim=-1)
+            total += ((lse - logits.gather(1, tgt[:, None]).squeeze(1)) * valid).sum()
+            if need_h or need_w:  # d CE / d logits = softmax - onehot, zero on ignored rows
+                grad = logits.sub_(lse[:, None]).exp_()
+                grad[torch.arange(len(tgt), device=grad.device), tgt] -= 1
+                grad = grad.mul_((valid * scale)[:, None].to(acc)).to(dtype)
+                if need_h:
+                    gh[s:s + rows] = grad @ w
+                if need_w:
+                    gw += (grad.T @ hc).to(acc)
+        ctx.save_for_backward(gh, gw)
+        ctx.weight_dtype = weight.dtype
+        return total * scale
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw = ctx.saved_tensors
+        return (None if gh is None else gh * g.to(gh.dtype),
+                None if gw is None else (gw * g).to(ctx.weight_dtype), None, None, None, None)
+
+
+def chunked_linear_ce(h, weight, y, dtype, reduction="mean", chunk_rows=None) -> torch.Tensor:
+    """Mean or sum CE of (h.to(dtype) @ weight.to(dtype).T) against y (-100 ignored), fp32 (fp64) result."""
+    r = chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0])
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    # a tensor, not .item(): no host-device sync (0 counted tokens give nan, as F.cross_entropy's mean)
+    scale = (1.0 / (y != -100).sum().to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=h.device)
+    return _ChunkedLinearCE.apply(h, weight, y, dtype, r, scale)
 
 
 def _checkpointed_chunks(h, weight, y, dtype, reduction, chunk_rows):
