@@ -32,14 +32,15 @@ def child(a) -> None:
     from gptforge.objectives.lm import LMObjective
 
     dev = torch.device(a.device)
+    prec, impl = a.precision[0], a.impl[0]  # one of each in a child
     cfg = preset_model(a.preset)
     cfg.vocab_size, cfg.block_size = a.vocab, max(a.context, cfg.block_size)
     model = build_model(cfg, dev, seed=0)
     g = torch.Generator().manual_seed(0)
     batch = {k: torch.randint(0, a.vocab, (a.micro_batch, a.context), generator=g).to(dev)
              for k in ("input_ids", "labels")}
-    obj = LMObjective(a.impl)
-    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=a.precision == "bf16")
+    obj = LMObjective(impl)
+    ac = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=prec == "bf16")
 
     def rss() -> int:
         return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -138,11 +138,13 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if need_h or need_w:  # d CE / d logits = softmax - onehot, zero on ignored rows
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad[torch.arange(len(tgt), device=grad.device), tgt] -= 1
-                grad = grad.mul_((valid * scale)[:, None].to(acc)).to(dtype)
+                # `scale` (1/tokens for the mean) is applied after the matmuls, in fp32: an fp16 gradient
+                # scaled down by 1/tokens before them would underflow (no loss scale has reached it yet)
+                grad = grad.mul_(valid[:, None].to(acc)).to(dtype)
                 if need_h:
-                    gh[s:s + rows] = grad @ w
+                    gh[s:s + rows] = (grad @ w).to(acc) * scale
                 if need_w:
-                    gw += (grad.T @ hc).to(acc)
+                    gw += (grad.T @ hc).to(acc) * scale
         ctx.save_for_backward(gh, gw)
         ctx.weight_dtype = weight.dtype
         return total * scale
