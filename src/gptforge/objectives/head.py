@@ -75,6 +75,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     hidden (..., D), labels (...); reduction mean | sum | none (none -> labels' shape, 0 where ignored).
     Under autocast the matmuls take autocast's dtype, as lm_head would, and accumulate in fp32.
     chunk_rows: rows per chunk (None: default_chunk_rows)."""
+    if impl not in ("plain", "chunked", "liger"):
+        raise ValueError(f"loss impl must be plain, chunked or liger (resolve train.loss_impl first), got {impl!r}")
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     dt = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
@@ -143,8 +145,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 grad = grad.mul_(valid[:, None].to(acc)).to(dtype)
                 if need_h:
                     gh[s:s + rows] = (grad @ w).to(acc) * scale
-                if need_w:
-                    gw += (grad.T @ hc).to(acc) * scale
+                if need_w:  # on a CPU in fp32: its low-precision matmul with a transposed operand is emulated
+                    gw += ((grad.T.to(acc) @ hc.to(acc)) if h.device.type == "cpu" else (grad.T @ hc).to(acc)) * scale
         ctx.save_for_backward(gh, gw)
         ctx.weight_dtype = weight.dtype
         return total * scale
