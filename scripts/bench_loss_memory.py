@@ -22,7 +22,6 @@ import sys
 
 
 def child(a) -> None:
-    import resource
     import time
 
     import torch
@@ -61,8 +60,9 @@ def child(a) -> None:
         sync()
         if i:
             times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM: this process image's peak RSS (ru_maxrss would carry a parent's peak across fork + exec)
+    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else
+            int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024)
     print(json.dumps({"ms": 1000 * statistics.median(times), "peak_extra_mib": (peak - base) / 2**20,
                       "loss": loss.item()}))
 
