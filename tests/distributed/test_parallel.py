@@ -36,6 +36,13 @@ def _ckpt5(run_dir):
     return p
 
 
+def test_fsdp_2_ranks_chunked_loss(tmp_path, char_data, base_gpt2):
+    """The chunked head reads lm_head's weight inside the root's forward, where FSDP2 has unsharded it."""
+    torchrun(2, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=4", "--parallel.strategy=fsdp",
+                                       "--train.loss_impl=chunked", "--train.stop_after=5")])
+    assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[:5])
+
+
 def test_dcp_resume_on_4_ranks(tmp_path, char_data, fsdp_run, base_gpt2):
     """Saved by 2 FSDP ranks, resharded onto 4 (micro-batch 2 keeps the global batch at 8)."""
     torchrun(4, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=2", "--parallel.strategy=fsdp",

@@ -18,6 +18,7 @@ from gptforge.data.sft import (SFTLoader, collate_packed, collate_padded, make_e
                                to_messages, tokenize_conversations)
 from gptforge.data.tokenizer import IM_END, IM_START, char_tokenizer, gpt2_tokenizer
 from gptforge.errors import UserError
+from gptforge.model.doc_mask import dense_document_mask
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.objectives.lm import LMObjective
 from stage_fixtures import HELD_OUT, reverse_conversations, sft_reverse_run, write_jsonl  # noqa: F401
@@ -105,8 +106,9 @@ def test_packed_equals_unpacked(arch, ctok):
     k = next(i for i, r in enumerate(rows) if len(r) > 1)
     first_len = len(examples[rows[k][0]].input_ids)
     assert packed["positions"][k, first_len].item() == 0 and packed["positions"][k, first_len - 1].item() > 0
-    assert not packed["attn_mask"][k, 0, first_len, :first_len].any()
-    assert packed["attn_mask"][k, 0, first_len - 1, :first_len].all()
+    mask = dense_document_mask(packed["doc_ids"])  # what the model builds from the batch's doc_ids
+    assert not mask[k, 0, first_len, :first_len].any()
+    assert mask[k, 0, first_len - 1, :first_len].all()
 
 
 def test_formats_messages_sharegpt_alpaca():

@@ -54,6 +54,13 @@ class TrainSection:
     tf32: bool = True
     """GPU: fp32 matmuls on TF32 tensor cores (no effect on a CPU)"""
     activation_checkpointing: bool = False
+    loss_impl: Literal["auto", "plain", "chunked", "liger"] = "auto"
+    """the LM/DPO loss: plain (full logits, the reference), chunked (torch's linear_cross_entropy: one chunk of
+    logits at a time), liger (fused kernel, CUDA/ROCm + liger-kernel); auto: liger if there, else chunked for a
+    vocab >= 4 x d_model, else plain (gptforge.objectives.head)"""
+    attention: Literal["auto", "sdpa", "flex"] = "auto"
+    """packed SFT's document masking: sdpa (dense mask from doc ids) or flex (FlexAttention BlockMask);
+    auto: flex on a GPU, else sdpa"""
     device: str = "auto"
     prefetch: int = 2
     """training batches prepared ahead in a background thread (pinned, copied non-blocking on CUDA); 0: none"""

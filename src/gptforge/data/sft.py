@@ -10,7 +10,7 @@ Loss only on assistant tokens including each turn's <|im_end|> (chat_template.en
 
 Batches (SFTLoader, same interface as data/loader.TokenLoader):
   * packing (sft.packing=true): examples are packed first-fit-decreasing into rows of block_size tokens;
-    `attn_mask` (B,1,T,T) lets a token see only earlier tokens of its own example and `positions`
+    `doc_ids` (B,T) let a token see only earlier tokens of its own example (the model builds the mask) and `positions`
     restart at 0 for each example, so a packed row computes exactly what the separate examples would.
   * padding: examples of similar length are grouped (length buckets) and right-padded per micro-batch.
 Every micro-batch carries `loss_denom` = (label tokens in the whole optimizer step, all ranks and
@@ -160,7 +160,8 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
 
 
 def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Rows of examples -> input_ids/labels/positions (B,T) and a document mask attn_mask (B,1,T,T)."""
+    """Rows of examples -> input_ids/labels/positions/doc_ids (B,T); the model masks attention by doc_ids
+    (causal within a document; no dense (B,1,T,T) mask: gptforge.model.doc_mask)."""
     T = max(sum(len(e.input_ids) for e in row) for row in rows)
     B = len(rows)
     ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -175,11 +176,8 @@ def collate_packed(rows: list[list[Example]], pad_id: int) -> dict[str, torch.Te
             pos[b, o:o + L], doc[b, o:o + L] = np.arange(L), d
             o += L
         pos[b, o:] = np.arange(T - o)
-    d = torch.from_numpy(doc)
-    causal = torch.ones(T, T, dtype=torch.bool).tril()
-    mask = (d[:, :, None] == d[:, None, :]) & causal
     return {"input_ids": torch.from_numpy(ids), "labels": torch.from_numpy(labels),
-            "positions": torch.from_numpy(pos), "attn_mask": mask[:, None]}
+            "positions": torch.from_numpy(pos), "doc_ids": torch.from_numpy(doc)}
 
 
 def collate_padded(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:

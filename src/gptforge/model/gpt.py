@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptforge.model.doc_mask import document_mask, flex_attention, is_block_mask
+
 
 @dataclass
 class GPTConfig:
@@ -132,6 +134,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer_idx, k, v)
         groups = q.shape[1] // k.shape[1]
+        if is_block_mask(attn_mask):  # packed documents through FlexAttention (model/doc_mask.py)
+            return self.o_proj(flex_attention(q, k, v, attn_mask).transpose(1, 2).reshape(B, T, -1))
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         drop = self.dropout if self.training else 0.0
@@ -177,6 +181,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    attention = "sdpa"
+    """how doc_ids become a mask: sdpa (dense bool mask) or flex (FlexAttention BlockMask); see model/doc_mask.py"""
+
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg = cfg.complete()
@@ -220,10 +227,14 @@ class GPT(nn.Module):
         return self
 
     # ---- forward --------------------------------------------------------------------------------
-    def forward(self, idx: torch.Tensor, kv_cache=None, attn_mask=None, positions=None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, kv_cache=None, attn_mask=None, positions=None, doc_ids=None, head=None):
         """idx: (B, T) token ids -> logits (B, T, vocab). With kv_cache, idx holds only the new tokens.
-        attn_mask (optional, bool (B, 1, T, T)) overrides the causal mask (document masking for packing);
-        positions (optional, (T,) or (B, T)) overrides 0..T-1 (restarts per packed document)."""
+        attn_mask (optional, bool (B, 1, T, T)) overrides the causal mask; doc_ids (optional, (B, T)) instead
+        mask by document, causal within each (packing; as self.attention says: dense mask or FlexAttention);
+        positions (optional, (T,) or (B, T)) overrides 0..T-1 (restarts per packed document).
+        head (optional): returns head(final hidden states (B, T, D) after the norm, lm_head.weight) in place
+        of the logits: a loss that never holds all logits (objectives/head.py). It runs inside forward,
+        where FSDP2 holds lm_head's unsharded weight."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -239,10 +250,14 @@ class GPT(nn.Module):
             if rope[0].dim() == 3:  # per-batch positions -> (B, 1, T, D/2)
                 rope = (rope[0].unsqueeze(1), rope[1].unsqueeze(1))
         x = self.drop(x)
+        if doc_ids is not None:  # built once, shared by every layer
+            attn_mask = document_mask(doc_ids, self.attention)
         for i, layer in enumerate(self.layers.values()):
             x = layer(x, rope, kv_cache, i, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
+        if head is not None:
+            return head(self.norm(x), self.lm_head.weight)
         return self.lm_head(self.norm(x))
 
     # ---- bookkeeping ----------------------------------------------------------------------------

@@ -16,26 +16,25 @@ import torch
 import torch.nn.functional as F
 
 from gptforge.errors import UserError
+from gptforge.objectives.head import token_loss
 
 
-def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """Sum of log p(label) over the counted (label != -100) tokens of each row -> (rows,) float32."""
-    logits = model(batch["input_ids"], attn_mask=batch.get("attn_mask"), positions=batch.get("positions"))
-    labels = batch["labels"]
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
-                          reduction="none").view(labels.shape)
-    return -nll.sum(-1)
+def sequence_logps(model, batch: dict, loss_impl: str = "plain") -> torch.Tensor:
+    """Sum of log p(label) over the counted (label != -100) tokens of each row -> (rows,) float32.
+    loss_impl liger uses chunked here (per-token log-probs; gptforge.objectives.head)."""
+    impl = "chunked" if loss_impl == "liger" else loss_impl
+    return -token_loss(model, batch, impl, "none").sum(-1)
 
 
 class DPOObjective:
     name = "dpo"
 
-    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, ref_model=None):
+    def __init__(self, beta: float = 0.1, label_smoothing: float = 0.0, ref_model=None, loss_impl: str = "plain"):
         if beta <= 0:
             raise UserError(f"dpo.beta must be positive, got {beta}")
         if not 0 <= label_smoothing < 0.5:
             raise UserError(f"dpo.label_smoothing must be in [0, 0.5), got {label_smoothing}")
-        self.beta, self.ls, self.ref_model = beta, label_smoothing, ref_model
+        self.beta, self.ls, self.ref_model, self.loss_impl = beta, label_smoothing, ref_model, loss_impl
 
     def reference_logps(self, batch: dict) -> torch.Tensor:
         if "ref_logps" in batch:
@@ -43,10 +42,10 @@ class DPOObjective:
         if self.ref_model is None:
             raise RuntimeError("DPO needs ref_logps in the batch (precomputed) or a reference model")
         with torch.no_grad():
-            return sequence_logps(self.ref_model, batch).detach()
+            return sequence_logps(self.ref_model, batch, self.loss_impl).detach()
 
     def __call__(self, model, batch: dict):
-        logps = sequence_logps(model, batch)
+        logps = sequence_logps(model, batch, self.loss_impl)
         ref = self.reference_logps(batch)
         B = logps.shape[0] // 2
         pc, pr, rc, rr = logps[:B], logps[B:], ref[:B], ref[B:]
@@ -60,7 +59,8 @@ class DPOObjective:
 
 
 @torch.no_grad()
-def precompute_reference(model, loader, env, micro_batch: int, autocast_ctx=None, progress: bool = False) -> np.ndarray:
+def precompute_reference(model, loader, env, micro_batch: int, autocast_ctx=None, progress: bool = False,
+                         loss_impl: str = "plain") -> np.ndarray:
     """Reference log-probs of every pair of `loader` (a PairLoader) with `model` (plain, unwrapped).
 
     Each rank scores its share of the pairs; one all-reduce gives every rank the whole table. The
@@ -76,7 +76,7 @@ def precompute_reference(model, loader, env, micro_batch: int, autocast_ctx=None
     for idx, batch in loader.iter_all(micro_batch, env.dp_rank, env.dp_size):
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast_ctx() if autocast_ctx else contextlib.nullcontext():
-            lp = sequence_logps(model, batch).double()
+            lp = sequence_logps(model, batch, loss_impl).double()
         B = len(idx)
         t = torch.as_tensor(idx, device=device)
         table[t, 0], table[t, 1] = lp[:B], lp[B:]

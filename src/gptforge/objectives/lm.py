@@ -5,18 +5,19 @@ step's loss is the mean over all label tokens of the step on all ranks and micro
 
 from __future__ import annotations
 
-import torch.nn.functional as F
+from gptforge.objectives.head import token_loss
 
 
 class LMObjective:
+    """loss_impl: plain | chunked | liger (gptforge.objectives.head; resolved from train.loss_impl)."""
+
     name = "lm"
 
+    def __init__(self, loss_impl: str = "plain", chunk_rows: int | None = None):
+        self.loss_impl, self.chunk_rows = loss_impl, chunk_rows
+
     def __call__(self, model, batch: dict):
-        logits = model(batch["input_ids"], attn_mask=batch.get("attn_mask"), positions=batch.get("positions"))
-        labels = batch["labels"]
-        flat, flat_labels = logits.float().view(-1, logits.size(-1)), labels.reshape(-1)
         denom = batch.get("loss_denom")
         if denom is not None:
-            return F.cross_entropy(flat, flat_labels, ignore_index=-100, reduction="sum") / denom, {}
-        loss = F.cross_entropy(flat, flat_labels, ignore_index=-100)
-        return loss, {}
+            return token_loss(model, batch, self.loss_impl, "sum", self.chunk_rows) / denom, {}
+        return token_loss(model, batch, self.loss_impl, "mean", self.chunk_rows), {}

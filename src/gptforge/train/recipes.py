@@ -63,7 +63,7 @@ class Pretrain(Recipe):
                 TokenLoader(self.data_dir, "val", shuffle=False, **common))
 
     def objective(self, model, tok, train_loader, val_loader):
-        return LMObjective()
+        return LMObjective(self.loss_impl(model))
 
     def sampler(self, tok):
         t = self.cfg.train
@@ -143,7 +143,7 @@ class SFT(ChatRecipe):
         return train_loader, val_loader
 
     def objective(self, model, tok, train_loader, val_loader):
-        return LMObjective()
+        return LMObjective(self.loss_impl(model))
 
 
 class DPO(ChatRecipe):
@@ -171,17 +171,18 @@ class DPO(ChatRecipe):
 
     def objective(self, model, tok, train_loader, val_loader):
         cfg, env = self.cfg, self.env
-        ref = None
+        ref, impl = None, self.loss_impl(model)
         if cfg.dpo.precompute_ref:
             t0 = time.perf_counter()
             ac = lambda: autocast(env.device, cfg.train.precision)  # noqa: E731
             for loader in (train_loader, val_loader):
                 if loader is not None:
-                    loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac))
+                    loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac,
+                                                                loss_impl=impl))
             self.say(f"reference log-probs of {self.n_pairs} pairs precomputed in {time.perf_counter() - t0:.1f} s")
         else:
             ref = self.frozen_reference(tok.vocab_size)
-        return DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref)
+        return DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref, loss_impl=impl)
 
     def frozen_reference(self, vocab_size: int):
         """A second, frozen copy of the starting model, sharded like the policy (FSDP2 / TP), never DDP-wrapped."""

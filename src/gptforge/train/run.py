@@ -17,7 +17,9 @@ from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, vocab_multiple
 from gptforge.hf.init_from import init_model_config, load_init_weights
+from gptforge.model.doc_mask import resolve_attention
 from gptforge.model.gpt import build_model
+from gptforge.objectives.head import resolve_loss_impl
 from gptforge.parallel import hang
 from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
@@ -51,6 +53,14 @@ class Recipe:
     def objective(self, model, tok, train_loader, val_loader):
         """Built before the model is parallelized (DPO scores its reference with the plain model)."""
         raise NotImplementedError
+
+    def loss_impl(self, model) -> str:
+        """train.loss_impl resolved for this model and device (gptforge.objectives.head), said once."""
+        c = model.cfg
+        impl, why = resolve_loss_impl(self.cfg.train.loss_impl, self.env.device, c.vocab_size, c.d_model,
+                                      self.env.tp_size)
+        self.say(f"loss: {impl} ({why})")
+        return impl
 
     def files(self, tok) -> dict:
         """Small files saved in every checkpoint beside the config and the tokenizer."""
@@ -108,6 +118,7 @@ def init_model(cfg: Config, env: DistEnv, vocab_size: int):
                         "use the tokenizer the model was trained with or raise model.vocab_size")
     torch.manual_seed(cfg.train.seed)
     model = build_model(mcfg, env.device, seed=cfg.train.seed)
+    model.attention = resolve_attention(cfg.train.attention, env.device, mcfg.dropout)
     if init_from:
         load_init_weights(init_from, model)
     return model, model.cfg
