@@ -27,6 +27,7 @@ def child(a) -> None:
     import torch
 
     from gptforge.config.presets import preset_model
+    from gptforge.hardware import peak_rss_bytes
     from gptforge.model.gpt import build_model
     from gptforge.objectives.lm import LMObjective
 
@@ -60,9 +61,7 @@ def child(a) -> None:
         sync()
         if i:
             times.append(time.perf_counter() - t0)
-    # VmHWM: this process image's peak RSS (ru_maxrss would carry a parent's peak across fork + exec)
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda" else
-            int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmHWM")).split()[1]) * 1024)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else peak_rss_bytes()
     print(json.dumps({"ms": 1000 * statistics.median(times), "peak_extra_mib": (peak - base) / 2**20,
                       "loss": loss.item()}))
 

@@ -253,3 +253,17 @@ def set_tf32(device, enabled: bool) -> str:
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
     torch.backends.cudnn.allow_tf32 = bool(enabled)
     return "tf32 on" if enabled else "tf32 off"
+
+
+def peak_rss_bytes() -> int:
+    """This process image's peak resident memory: VmHWM, which starts afresh at exec (``ru_maxrss`` would
+    carry the parent's RSS at fork into a child that exec'd, e.g. a bench worker started from a big process)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(ln.split()[1]) * 1024 for ln in f if ln.startswith("VmHWM:"))
+    except (OSError, StopIteration):  # not Linux: the kernel's own figure (KiB on Linux, bytes on macOS)
+        import resource
+        import sys
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss if sys.platform == "darwin" else rss * 1024

@@ -97,14 +97,13 @@ def test_chunked_function_equals_cross_entropy_in_float64(reduction):
 _PEAK = r"""
 import json, resource, sys, torch
 from gptforge.model.gpt import GPTConfig, build_model
+from gptforge.hardware import peak_rss_bytes as hwm
 from gptforge.objectives.lm import LMObjective
 torch.manual_seed(0)
 V, B, T = 32768, 4, 256
 m = build_model(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=2, d_model=64, d_ff=128), seed=0)
 b = {"input_ids": torch.randint(0, V, (B, T)), "labels": torch.randint(0, V, (B, T))}
 base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
-# VmHWM: this process image's peak RSS (ru_maxrss would carry the parent's peak across fork + exec)
-hwm = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 out = {}
 for impl in sys.argv[1:]:  # the peak RSS only grows: the lower one first
     loss, _ = LMObjective(impl)(m, b)

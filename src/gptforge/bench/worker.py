@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 from pathlib import Path
 
@@ -19,9 +18,9 @@ OOM_EXIT = 3
 def _peaks(oom: bool) -> dict:
     import torch
 
-    from gptforge.hardware import detect
+    from gptforge.hardware import detect, peak_rss_bytes
 
-    info = {"oom": oom, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    info = {"oom": oom, "peak_rss_bytes": peak_rss_bytes(),
             "threads": torch.get_num_threads()}
     try:
         info["device"] = detect().describe()
