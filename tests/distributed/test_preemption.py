@@ -144,11 +144,14 @@ def test_signal_launch_two_workers(tmp_path, char_data, baseline, sig):
                           lambda r, d, *e: launch(*args(r, d, *e, micro=4)))
 
 
-def test_one_rank_signalled_both_stop_at_the_same_step(tmp_path, char_data, baseline):
-    """SIGTERM to rank 1's process only: rank 0 (never signalled) stops after the same step and says so."""
+@pytest.mark.parametrize("log_every", [1, 5], ids=["read_every_step", "read_one_step_late"])
+def test_one_rank_signalled_both_stop_at_the_same_step(tmp_path, char_data, baseline, log_every):
+    """SIGTERM to rank 1's process only: rank 0 (never signalled) stops after the same step and says so. With
+    train.log_every=5 most steps are read one step late (train.stepsync): the agreement still holds."""
     run = tmp_path / "run"
-    with started(launch(*args(run, char_data, micro=4))) as p:
-        p.wait_step(3)
+    a = [x for x in args(run, char_data, micro=4) if not x.startswith("--train.log_every")]
+    with started(launch(*a, f"--train.log_every={log_every}")) as p:
+        p.wait_step(5 if log_every > 1 else 3)
         victim = worker_pid(p.p.pid, rank=1)
         assert victim, "rank 1's worker not found"
         os.kill(victim, signal.SIGTERM)
