@@ -1,5 +1,5 @@
 """Worker for test_elastic_store: rank 0 gets SIGTERM and asks the other rank to agree on stopping
-(StopSignals.should_stop, train.grace_s=60). argv[1]: "dead" (rank 1 exits first: the all-reduce fails)
+(the trainer's per-step all-reduce under StopSignals.bounded, train.grace_s=60). argv[1]: "dead" (rank 1 exits first: the all-reduce fails)
 or "silent" (rank 1 lives but never answers)."""
 
 import datetime
@@ -8,10 +8,12 @@ import signal
 import sys
 import time
 
+import torch
 import torch.distributed as dist
 
 from gptforge.parallel.mesh import DistEnv
 from gptforge.train.preempt import StopSignals
+from gptforge.train.stepsync import StepSync
 
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -22,8 +24,10 @@ if rank == 1:
     time.sleep(60)
     os._exit(0)
 time.sleep(0.5)
-with StopSignals(60, DistEnv(rank=0, world_size=2)) as stop:
+env = DistEnv(rank=0, world_size=2)
+with StopSignals(60, env) as stop:
     os.kill(os.getpid(), signal.SIGTERM)
-    stop.should_stop()
-print("should_stop returned", flush=True)
+    with stop.bounded():  # as Trainer.train_step runs the step's one all-reduce
+        StepSync(env).reduce(torch.zeros(()), {}, stop.signum, save_pending=False)
+print("the step's all-reduce returned", flush=True)
 os._exit(0)

@@ -123,7 +123,7 @@ def test_auto_keeps_effective_batch(tmp_path, char_data, capsys):
 def test_negative_prefetch_is_one_line(tmp_path, char_data, capsys):
     assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=1", "--train.prefetch=-1")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "train.prefetch=-1 must be >= 0" in err, err
+    assert err.count("\n") == 0 and "config key 'train.prefetch' must be >= 0, got -1" in err, err
 
 
 def test_missing_and_empty_data(tmp_path, capsys):

@@ -57,7 +57,7 @@ def check_config(cfg: Config) -> Config:
         _at_least(f"train.{key}", v, 0, "0 turns it off")
     for key, low in (("micro_batch", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0),
                      ("eval_batches", 1), ("save_every", 0), ("keep_last", 0), ("warmup_steps", 0),
-                     ("sample_tokens", 0)):
+                     ("sample_tokens", 0), ("prefetch", 0)):
         fix = "0 means only at the end" if low == 0 and key.endswith("_every") else ""
         _at_least(f"train.{key}", getattr(t, key), low, fix)
     for key in ("max_steps", "max_tokens", "stop_after"):

@@ -34,8 +34,6 @@ import sys
 import threading
 import time
 
-import torch
-import torch.distributed as dist
 
 from gptforge.errors import UserError
 
@@ -156,18 +154,6 @@ class StopSignals:
         if signum:
             self.agreed = int(signum)
         return bool(signum)
-
-    def should_stop(self) -> bool:
-        """Collective on every rank: has any rank been signalled? Sets ``agreed``. A rank that was signalled
-        waits at most ``agree_s`` for the others (see the module doc). (The trainer carries the flag in its
-        per-step all-reduce instead: train.stepsync.)"""
-        flag = self.signum or 0
-        if self.env.distributed:
-            t = torch.tensor([flag], dtype=torch.int32, device=self.env.device)
-            with self.bounded():
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                flag = int(t.item())
-        return self.agree(flag)
 
     @property
     def status(self) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from gptforge import checkpoint as ckpt_mod
-from gptforge.data.prefetch import Prefetcher
+from gptforge.data.prefetch import Prefetcher, to_device
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops, set_tf32
 from gptforge.model.cost import flops_per_token
@@ -54,10 +54,6 @@ def bar_at(bar, step: int) -> None:
         bar.refresh()
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 class Trainer(Checkpointing):
     def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
                  model_cfg, sample_fn=None):
@@ -65,13 +61,11 @@ class Trainer(Checkpointing):
         self.model, self.objective = model, objective
         self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
         self.device = env.device
-        if cfg.train.prefetch < 0:
-            raise UserError(f"train.prefetch={cfg.train.prefetch} must be >= 0 (batches prepared ahead; 0: none)")
         # batches come on the device, prepared ahead; its state_dict counts only the batches handed out
         self.train_loader = Prefetcher(train_loader, env.device, cfg.train.prefetch)
         self.val_loader = val_loader
         self.precision = device_precision(self.tcfg.precision, self.device)
-        self.tf32 = set_tf32(self.device, getattr(self.tcfg, "tf32", True))
+        self.tf32 = set_tf32(self.device, self.tcfg.tf32)
         self.optimizer = build_optimizer(model, self.tcfg, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.out_dir = Path(self.tcfg.out_dir)
@@ -178,7 +172,7 @@ class Trainer(Checkpointing):
         loss_sum = torch.zeros((), device=self.device)
         extra: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
-            batch = to_device(self.train_loader.next_batch(), self.device)
+            batch = self.train_loader.next_batch()  # already on the device (the Prefetcher moved it)
             with grad_sync(model, micro == t.grad_accum - 1), autocast(self.device, self.precision):
                 loss, metrics = self.objective(model, batch)
                 if micro == 0 and self.guard.inject(self.step + 1):
