@@ -180,11 +180,8 @@ def _checkpointed_chunks(h, weight, y, dtype, reduction, chunk_rows):
 
 def head_loss(impl: str, labels: torch.Tensor, reduction: str = "mean", chunk_rows: int | None = None):
     """The `head` argument of GPT.forward: (hidden after the final norm, lm_head.weight) -> the loss."""
-    return functools.partial(_apply_head, labels=labels, impl=impl, reduction=reduction, chunk_rows=chunk_rows)
-
-
-def _apply_head(hidden, weight, *, labels, impl, reduction, chunk_rows):
-    return linear_cross_entropy(hidden, weight, labels, impl, reduction, chunk_rows)
+    return functools.partial(linear_cross_entropy, labels=labels, impl=impl, reduction=reduction,
+                             chunk_rows=chunk_rows)
 
 
 def token_loss(model, batch: dict, impl: str = "plain", reduction: str = "mean",
