@@ -172,9 +172,9 @@ class Engine:
     def _take(self, s: Sequence) -> None:
         """Handle the token just sampled for s: stop id, text, stop string, max_tokens, context end."""
         dec, matcher = self._decoders[id(s)]
+        s.n_new += 1  # a stop token counts (usage.completion_tokens), as in OpenAI's and vLLM's usage
         if s.last in s.params.stop_ids:
             return self._finish(s, "stop")
-        s.n_new += 1
         piece = dec.push(s.last)
         if piece:
             out = matcher.push(piece)
