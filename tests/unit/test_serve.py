@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import httpx
 import openai
@@ -185,3 +186,19 @@ def test_queue_full_is_429_and_the_server_stays_up(sft_reverse_run, tmp_path):
             if r.status_code == 429:
                 _err(r, 429, "--max-queue 1")
         assert proc.poll() is None and get_json(url + "/health")["waiting"] == 0
+
+
+def test_bounded_load_batch_1_vs_n(sft_reverse_run, tmp_path):
+    """scripts/bench_serve.py, small: 8 clients x 2 requests (streaming and not) on batch 1 and batch 4
+    servers side by side; every answer equals that prompt's answer alone, both servers stay up."""
+    out = tmp_path / "load.json"
+    r = subprocess.run([sys.executable, "scripts/bench_serve.py", "--checkpoint", str(sft_reverse_run),
+                        "--clients", "8", "--requests", "2", "--batches", "1,4", "--rounds", "1",
+                        "--max-tokens", "16", "--json", str(out), "--log-dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stdout + r.stderr
+    rep = json.loads(out.read_text())
+    assert rep["problems"] == [] and set(rep["settings"]) == {"1", "4"}
+    for s in rep["settings"].values():
+        assert (s["requests"], s["failed"], s["wrong"]) == (16, 0, 0)
+        assert s["tokens"] >= 16 * 5 and s["p95_s"] >= s["p50_s"] > 0  # each reply: 4 letters + <|im_end|>
