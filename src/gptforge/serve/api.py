@@ -157,7 +157,8 @@ def build_app(engine: Engine, name: str, *, api_key: str | None = None, max_toke
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": name, "context": block, "active": len(engine.active),
-                "waiting": len(engine.waiting), "max_batch": engine.max_batch}
+                "waiting": len(engine.waiting), "max_batch": engine.max_batch, "max_tokens_cap": max_tokens_cap,
+                "default_max_tokens": default_max_tokens}
 
     @app.get("/v1/models")
     async def models():
