@@ -186,6 +186,10 @@ def test_queue_full_is_429_and_the_server_stays_up(sft_reverse_run, tmp_path):
             if r.status_code == 429:
                 _err(r, 429, "--max-queue 1")
         assert proc.poll() is None and get_json(url + "/health")["waiting"] == 0
+    # the startup line names the URL; Ctrl-C (SIGINT, sent by running_server) stops it cleanly
+    log = (tmp_path / "log").read_text()
+    assert log.startswith(f"gptforge serve: {url} ") and "gptforge serve: stopped" in log, log
+    assert proc.returncode == 0
 
 
 def test_bounded_load_batch_1_vs_n(sft_reverse_run, tmp_path):
@@ -202,3 +206,19 @@ def test_bounded_load_batch_1_vs_n(sft_reverse_run, tmp_path):
     for s in rep["settings"].values():
         assert (s["requests"], s["failed"], s["wrong"]) == (16, 0, 0)
         assert s["tokens"] >= 16 * 5 and s["p95_s"] >= s["p50_s"] > 0  # each reply: 4 letters + <|im_end|>
+
+
+def test_bad_flags_and_busy_port_are_one_line_errors(sft_reverse_run, capsys):
+    import socket
+
+    from gptforge.cli import main
+
+    assert main(["serve", "--checkpoint", str(sft_reverse_run), "--max-batch", "0"]) == 2
+    assert main(["serve", "--checkpoint", str(sft_reverse_run / "nope")]) == 2
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert main(["serve", "--checkpoint", str(sft_reverse_run), "--port", str(s.getsockname()[1])]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("gptforge: error:")]
+    assert len(err) == 3 and "--max-batch must be at least 1" in err[0] and "does not exist" in err[1]
+    assert "could not listen" in err[2] and "--port" in err[2]

@@ -116,6 +116,8 @@ def main(opts: ServeOptions) -> int:
         server.run()  # uvicorn handles Ctrl-C / SIGTERM: stops accepting, finishes, returns
     except SystemExit:  # uvicorn exits 1 when it cannot bind
         pass
+    except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught
+        pass
     finally:
         engine.stop()
     if not server.started:
