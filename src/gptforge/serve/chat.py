@@ -21,7 +21,8 @@ from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, encode_chat, stop_id
 from gptforge.errors import UserError
 from gptforge.serve.generate import load_for_inference
 from gptforge.hardware import check_device_name
-from gptforge.model.sampling import StreamDecoder, check_sampling, generate_ids
+from gptforge.model.sampling import check_sampling
+from gptforge.serve.engine import Engine, Params
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
 
@@ -40,6 +41,7 @@ class ChatSession:
         self.notice = notice or (lambda s: print(s, file=sys.stderr, flush=True))
         self.block = model.cfg.block_size
         self.stops = stop_ids(tok)
+        self.engine = Engine(model, tok)  # the engine of generate and serve: same seed, same text
 
     @property
     def reserve(self) -> int:
@@ -73,20 +75,18 @@ class ChatSession:
     def reply(self, user: str, on_text: Callable[[str], None] | None = None, ids: list[int] | None = None) -> str:
         """Sample the reply to `user` (streamed to on_text); `ids`: its prompt_ids() if already computed."""
         ids = self.prompt_ids(user) if ids is None else ids
-        dec = StreamDecoder(self.tok)
         pieces: list[str] = []
         seed = None if self.seed is None else self.seed + self.n_replies
         self.n_replies += 1
+        params = Params(self.max_new_tokens, self.temperature, self.top_k, self.top_p, seed, frozenset(self.stops))
+
+        def take(piece: str) -> None:
+            pieces.append(piece)
+            if on_text:
+                on_text(piece)
+
         try:
-            for tid in generate_ids(self.model, ids, self.max_new_tokens, self.temperature, self.top_k, self.top_p,
-                                    seed, True, self.stops):
-                if tid in self.stops:
-                    break
-                piece = dec.push(tid)
-                if piece:
-                    pieces.append(piece)
-                    if on_text:
-                        on_text(piece)
+            self.engine.run(ids, params, take)
         finally:  # also on Ctrl-C: the partial reply stays in the history
             self.turns.append((user, "".join(pieces)))
         return "".join(pieces)
