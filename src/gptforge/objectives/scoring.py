@@ -1,0 +1,160 @@
+"""Log-likelihood scoring: the one home of "how likely is this text under the model", shared by
+`gptforge eval` (built-in tasks and the lm-eval adapter) and evaluation during training.
+
+- `encode_pair(tok, context, continuation)`: token ids of a (context, continuation) pair, split exactly
+  as the LM Evaluation Harness splits them (trailing spaces of the context move to the continuation; the
+  continuation's ids are those of the whole text after the context's), so our numbers match its.
+- `loglikelihoods(model, pairs)`: for each (context ids, continuation ids) the summed log-probability of
+  the continuation and whether greedy decoding would produce it (the harness's `is_greedy`); windows are
+  cut on the left to the model's context, batched, padded on the right.
+- `rolling_logprob(model, ids)`: the log-probability of every token after the first of a long sequence
+  (perplexity, bits per byte), in windows of the model's context with `stride` new tokens each.
+- `choice_metrics(...)`: acc and acc_norm (by the choice's length in characters, as the harness does) of
+  multiple-choice examples, and `mean_stderr` (the harness's standard error of a mean).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def encode_pair(tok, context: str, continuation: str, prefix_id: int | None = None) -> tuple[list[int], list[int]]:
+    """-> (context ids, continuation ids). An empty context becomes [prefix_id] (the end-of-text token)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
+    if not context:
+        prefix = tok.eos_id if prefix_id is None else prefix_id
+        return [prefix], tok.encode(continuation)
+    whole, ctx = tok.encode(context + continuation), tok.encode(context)
+    return ctx, whole[len(ctx):]
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                   ) -> list[tuple[float, bool]]:
+    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`."""
+    block, dev = model.cfg.block_size, _device_of(model)
+    rows = []
+    for i, (ctx, cont) in enumerate(pairs):
+        if not cont:
+            raise ValueError(f"pair {i}: the continuation has no tokens")
+        if not ctx:
+            raise ValueError(f"pair {i}: the context has no tokens (give an end-of-text token)")
+        whole = (list(ctx) + list(cont))[-(block + 1):]
+        rows.append((i, whole[:-1], whole[-len(cont):] if len(cont) <= block else None, len(cont)))
+    for i, _, tgt, n in rows:
+        if tgt is None:
+            raise ValueError(f"pair {i}: the continuation ({n} tokens) is longer than the context ({block})")
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    order = sorted(rows, key=lambda r: -len(r[1]))  # similar lengths together: less padding
+    was_training = model.training
+    model.eval()
+    try:
+        for b in range(0, len(order), batch_size):
+            chunk = order[b:b + batch_size]
+            width = len(chunk[0][1])
+            x = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, (_, inp, _, _) in enumerate(chunk):
+                x[j, :len(inp)] = torch.tensor(inp)
+            logp = F.log_softmax(model(x.to(dev)).float(), dim=-1)
+            for j, (i, inp, tgt, n) in enumerate(chunk):
+                lp = logp[j, len(inp) - n:len(inp)]  # positions that predict the continuation
+                t = torch.tensor(tgt, device=lp.device)
+                out[i] = (float(lp.gather(1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
+    finally:
+        model.train(was_training)
+    return out  # type: ignore[return-value]
+
+
+@torch.no_grad()
+def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_size: int = 8,
+                    ) -> tuple[float, int]:
+    """-> (sum log p, tokens predicted) over ids[1:]. Each window predicts `stride` (default: the whole
+    context) new tokens and sees up to the model's context of tokens before them."""
+    block, dev = model.cfg.block_size, _device_of(model)
+    stride = min(stride or block, block)
+    windows = []  # (input ids, number of new targets at its end, targets)
+    for a in range(1, len(ids), stride):
+        b = min(a + stride, len(ids))
+        lo = max(0, b - 1 - block)
+        windows.append((list(ids[lo:b - 1]), b - a, list(ids[a:b])))
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(windows), batch_size):
+            chunk = windows[s:s + batch_size]
+            width = max(len(w[0]) for w in chunk)
+            x = torch.zeros(len(chunk), width, dtype=torch.long)
+            for j, (inp, _, _) in enumerate(chunk):
+                x[j, :len(inp)] = torch.tensor(inp)
+            logp = F.log_softmax(model(x.to(dev)).float(), dim=-1)
+            for j, (inp, n, tgt) in enumerate(chunk):
+                lp = logp[j, len(inp) - n:len(inp)]
+                total += float(lp.gather(1, torch.tensor(tgt, device=lp.device)[:, None]).sum())
+                count += n
+    finally:
+        model.train(was_training)
+    return total, count
+
+
+def mean_stderr(values: Sequence[float]) -> float:
+    """Standard error of the mean with the sample standard deviation (n - 1), as the harness reports it."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    mu = sum(values) / n
+    return math.sqrt(sum((v - mu) ** 2 for v in values) / (n - 1) / n)
+
+
+def choice_metrics(scores: Sequence[Sequence[float]], choices: Sequence[Sequence[str]], labels: Sequence[int],
+                   ) -> dict[str, list[float]]:
+    """Per example: acc (the most likely choice is the label) and acc_norm (likelihood divided by the
+    choice's length in characters). -> {"acc": [0/1, ...], "acc_norm": [...]}."""
+    acc, acc_norm = [], []
+    for s, ch, y in zip(scores, choices, labels):
+        acc.append(float(max(range(len(s)), key=lambda k: s[k]) == y))
+        acc_norm.append(float(max(range(len(s)), key=lambda k: s[k] / max(len(ch[k]), 1)) == y))
+    return {"acc": acc, "acc_norm": acc_norm}
+
+
+def task_pairs(tok, task, chat: bool = False, indices: Sequence[int] | None = None,
+               ) -> list[list[tuple[list[int], list[int]]]]:
+    """The (context ids, continuation ids) of every choice of the chosen examples of a data.tasks.Task.
+    chat: the context is a user turn through the chat template and each choice the assistant's reply."""
+    from gptforge.data.chat_template import encode_chat
+
+    out = []
+    for i in range(len(task.examples)) if indices is None else indices:
+        ex = task.examples[i]
+        if chat:
+            ctx = encode_chat(tok, [{"role": "user", "content": ex.context}], add_generation_prompt=True)[0]
+            out.append([(ctx, tok.encode(c)) for c in ex.choices])
+        else:
+            out.append([encode_pair(tok, ex.context, task.delimiter + c) for c in ex.choices])
+    return out
+
+
+def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int = 1, batch_size: int = 16,
+               ) -> dict[str, list]:
+    """Score the examples i with i % world == rank (data-parallel over ranks: each rank runs its share).
+    -> {"index": [i, ...], "loglik": [[per choice], ...], "acc": [...], "acc_norm": [...]}."""
+    idx = list(range(rank, len(task.examples), world))
+    per_example = task_pairs(tok, task, chat, idx)
+    flat = loglikelihoods(model, [p for pairs in per_example for p in pairs], batch_size)
+    scores, k = [], 0
+    for pairs in per_example:
+        scores.append([ll for ll, _ in flat[k:k + len(pairs)]])
+        k += len(pairs)
+    ex = [task.examples[i] for i in idx]
+    m = choice_metrics(scores, [e.choices for e in ex], [e.label for e in ex])
+    return {"index": idx, "loglik": scores, **m}
