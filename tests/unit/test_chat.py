@@ -14,7 +14,7 @@ import pytest
 
 from gptforge.serve.chat import ChatSession
 from gptforge.errors import UserError
-from gptforge.serve.generate import load_for_inference
+from gptforge.hf.inference import load_for_inference
 from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\r")

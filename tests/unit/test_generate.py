@@ -1,7 +1,7 @@
 import torch
 
 from gptforge.cli import main
-from gptforge.serve.generate import load_for_inference
+from gptforge.hf.inference import load_for_inference
 from gptforge.model.sampling import generate_text, sample_next
 
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from gptforge.serve.engine import Engine, Params, StopMatcher
-from gptforge.serve.generate import load_for_inference
+from gptforge.hf.inference import load_for_inference
 from gptforge.model.sampling import generate_ids
 from serve_fixtures import API_KEY, get_json, running_server
 from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401

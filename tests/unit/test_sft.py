@@ -226,7 +226,7 @@ def test_hf_export_carries_the_chat_template(sft_reverse_run, tmp_path):
             {"role": "user", "content": "cafe"}]
     text = ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
     assert text == render(msgs, add_generation_prompt=True)
-    from gptforge.serve.generate import load_for_inference
+    from gptforge.hf.inference import load_for_inference
 
     _, tok, _ = load_for_inference(str(sft_reverse_run), "cpu")
     assert ht(text, add_special_tokens=False)["input_ids"] == encode_chat(tok, msgs, add_generation_prompt=True)[0]

@@ -19,7 +19,7 @@ import tyro
 from gptforge.checkpoint import checkpoint_dir_of
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, encode_chat, stop_ids
 from gptforge.errors import UserError
-from gptforge.serve.generate import load_for_inference
+from gptforge.hf.inference import load_for_inference
 from gptforge.hardware import check_device_name
 from gptforge.model.sampling import check_sampling
 from gptforge.serve.engine import Engine, Params

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 
-from gptforge.checkpoint import checkpoint_dir_of, load_model
-from gptforge.data.tokenizer import load_tokenizer
-from gptforge.parallel.mesh import pick_device
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
+from gptforge.hf.inference import load_for_inference
 from gptforge.model.sampling import check_prompt, check_sampling, generate_text
 from gptforge.serve.engine import Engine, Params
-
-
-def load_for_inference(checkpoint: str, device: str = "auto"):
-    """-> (model, tokenizer, saved config dict) from a checkpoint dir or a run dir."""
-    ck = checkpoint_dir_of(checkpoint)
-    model = load_model(ck, pick_device(device)).eval()
-    tok = load_tokenizer(ck)
-    cfg = json.loads((ck / "config.json").read_text()) if (ck / "config.json").is_file() else {}
-    return model, tok, cfg
 
 
 @dataclass

@@ -10,17 +10,13 @@ and the error table are in serve/api.py. Ctrl-C stops cleanly.
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gptforge.checkpoint import checkpoint_dir_of
-from gptforge.data.chat_template import CHAT_TEMPLATE_FILE
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
-from gptforge.hf.load import is_hf_folder
-from gptforge.serve.generate import load_for_inference
+from gptforge.hf.inference import load_any
 
 
 @dataclass
@@ -71,24 +67,6 @@ def check_options(o: ServeOptions) -> None:
     if not Path(o.checkpoint).exists():
         raise UserError(f"--checkpoint '{o.checkpoint}' does not exist; give a run dir, a checkpoint dir or an "
                         "exported Hugging Face folder")
-
-
-def load_any(checkpoint: str, device: str):
-    """-> (model, tokenizer, has a chat template) from a run/checkpoint dir or a Hugging Face folder."""
-    if is_hf_folder(checkpoint):
-        from gptforge.hf.init_from import init_model_config, init_tokenizer, load_init_weights
-        from gptforge.model.gpt import build_model
-        from gptforge.parallel.mesh import pick_device
-
-        model = build_model(init_model_config(checkpoint), pick_device(device))
-        load_init_weights(checkpoint, model)
-        folder = Path(checkpoint)
-        conf = folder / "tokenizer_config.json"
-        chat = (folder / CHAT_TEMPLATE_FILE).is_file() or (
-            conf.is_file() and bool(json.loads(conf.read_text()).get("chat_template")))
-        return model.eval(), init_tokenizer(checkpoint), chat
-    model, tok, _ = load_for_inference(checkpoint, device)
-    return model, tok, (checkpoint_dir_of(checkpoint) / CHAT_TEMPLATE_FILE).is_file()
 
 
 def main(opts: ServeOptions) -> int:
