@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "generate": ("gptforge.serve.generate", "main", "sample text from a checkpoint"),
     "chat": ("gptforge.serve.chat", "main", "interactive chat with a checkpoint"),
     "serve": ("gptforge.serve.server", "main", "OpenAI-compatible API and web chat for a checkpoint"),
+    "eval": ("gptforge.evaluate.command", "main", "perplexity, bits per byte, multiple-choice and harness tasks"),
     "export-hf": ("gptforge.hf.export", "main", "export a checkpoint to Hugging Face format"),
     "launch": ("gptforge.launch.torchrun", "main", "build and run the torchrun command for this node"),
     "doctor": ("gptforge.launch.doctor.command", "main", "check GPUs, network and peers before a run"),

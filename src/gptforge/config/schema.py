@@ -68,6 +68,12 @@ class TrainSection:
     log_every: int = 10
     eval_every: int = 100
     eval_batches: int = 20
+    eval_tasks: str = ""
+    """comma list of local multiple-choice task files (gptforge eval's format) scored every eval_every steps,
+    data-parallel over ranks: curves eval/<task>/acc and acc_norm beside val/loss (chat stages: through the
+    chat template)"""
+    eval_tasks_limit: int = 0
+    """examples per task during training (0: all)"""
     save_every: int = 0
     """0: only at the end"""
     keep_last: int = 2

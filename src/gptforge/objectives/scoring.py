@@ -40,8 +40,10 @@ def _device_of(model) -> torch.device:
 
 @torch.no_grad()
 def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                   ) -> list[tuple[float, bool]]:
-    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`."""
+                   min_batches: int = 0) -> list[tuple[float, bool]]:
+    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: run at least
+    this many forwards (one-token dummies after the real ones), so that ranks of a sharded model (FSDP,
+    DDP's buffer broadcast) run the same number of collectives whatever their share of examples."""
     block, dev = model.cfg.block_size, _device_of(model)
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
@@ -70,6 +72,8 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_si
                 lp = logp[j, len(inp) - n:len(inp)]  # positions that predict the continuation
                 t = torch.tensor(tgt, device=lp.device)
                 out[i] = (float(lp.gather(1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
+        for _ in range(-(-len(order) // batch_size), min_batches):
+            model(torch.zeros(1, 1, dtype=torch.long, device=dev))
     finally:
         model.train(was_training)
     return out  # type: ignore[return-value]
@@ -77,9 +81,10 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_si
 
 @torch.no_grad()
 def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_size: int = 8,
-                    ) -> tuple[float, int]:
+                    rank: int = 0, world: int = 1) -> tuple[float, int]:
     """-> (sum log p, tokens predicted) over ids[1:]. Each window predicts `stride` (default: the whole
-    context) new tokens and sees up to the model's context of tokens before them."""
+    context) new tokens and sees up to the model's context of tokens before them. rank/world: this rank
+    scores windows rank, rank + world, ... (the caller sums over ranks); every rank runs as many forwards."""
     block, dev = model.cfg.block_size, _device_of(model)
     stride = min(stride or block, block)
     windows = []  # (input ids, number of new targets at its end, targets)
@@ -87,6 +92,8 @@ def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_
         b = min(a + stride, len(ids))
         lo = max(0, b - 1 - block)
         windows.append((list(ids[lo:b - 1]), b - a, list(ids[a:b])))
+    forwards = -(-(-(-len(windows) // world)) // batch_size)  # the same on every rank
+    windows = windows[rank::world]
     total, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -102,6 +109,8 @@ def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_
                 lp = logp[j, len(inp) - n:len(inp)]
                 total += float(lp.gather(1, torch.tensor(tgt, device=lp.device)[:, None]).sum())
                 count += n
+        for _ in range(-(-len(windows) // batch_size), forwards):
+            model(torch.zeros(1, 1, dtype=torch.long, device=dev))
     finally:
         model.train(was_training)
     return total, count
@@ -145,16 +154,37 @@ def task_pairs(tok, task, chat: bool = False, indices: Sequence[int] | None = No
 
 
 def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int = 1, batch_size: int = 16,
-               ) -> dict[str, list]:
-    """Score the examples i with i % world == rank (data-parallel over ranks: each rank runs its share).
-    -> {"index": [i, ...], "loglik": [[per choice], ...], "acc": [...], "acc_norm": [...]}."""
+               ) -> dict:
+    """Score a data.tasks.Task, data-parallel: this rank takes the examples i with i % world == rank, and with
+    world > 1 the results of every rank are gathered over torch.distributed's default group (every rank of
+    it must call this; ranks that hold the same share, e.g. tensor-parallel peers, are counted once).
+    -> {"name", "examples", "metrics": {"acc": (mean, stderr), "acc_norm": ...},
+        "per_example": {i: {"loglik": [per choice], "acc", "acc_norm"}}}."""
     idx = list(range(rank, len(task.examples), world))
     per_example = task_pairs(tok, task, chat, idx)
-    flat = loglikelihoods(model, [p for pairs in per_example for p in pairs], batch_size)
+    flat_pairs = [p for pairs in per_example for p in pairs]
+    min_batches = 0
+    if world > 1:
+        import torch.distributed as dist
+
+        n = torch.tensor([-(-len(flat_pairs) // batch_size)], device=_device_of(model))
+        dist.all_reduce(n, op=dist.ReduceOp.MAX)
+        min_batches = int(n)
+    flat = loglikelihoods(model, flat_pairs, batch_size, min_batches)
     scores, k = [], 0
     for pairs in per_example:
         scores.append([ll for ll, _ in flat[k:k + len(pairs)]])
         k += len(pairs)
     ex = [task.examples[i] for i in idx]
     m = choice_metrics(scores, [e.choices for e in ex], [e.label for e in ex])
-    return {"index": idx, "loglik": scores, **m}
+    rows = {i: {"loglik": s, "acc": a, "acc_norm": b} for i, s, a, b in zip(idx, scores, m["acc"], m["acc_norm"])}
+    if world > 1:
+        import torch.distributed as dist
+
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, rows)
+        rows = {i: r for part in parts for i, r in part.items()}
+    rows = dict(sorted(rows.items()))
+    metrics = {k: (sum(r[k] for r in rows.values()) / len(rows), mean_stderr([r[k] for r in rows.values()]))
+               for k in ("acc", "acc_norm")}
+    return {"name": task.name, "examples": len(rows), "metrics": metrics, "per_example": rows}

@@ -79,6 +79,8 @@ class Pretrain(Recipe):
 class ChatRecipe(Recipe):
     """SFT and DPO: chat-formatted data, the chat template saved with each checkpoint."""
 
+    chat = True  # train.eval_tasks go through the chat template
+
     sample_prompt: str | None = None
 
     def chat_tokenizer(self, texts=None):

@@ -26,7 +26,7 @@ from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
 from gptforge.train.preempt import elastic_restart
-from gptforge.train.trainer import Trainer
+from gptforge.train.trainer import Trainer, autocast
 
 
 class Recipe:
@@ -35,6 +35,7 @@ class Recipe:
     name = "train"
     defaults: dict = {}  # stage defaults, below the config file and the command line
     length: dict = {}  # training length when none of max_steps / max_tokens / epochs is given
+    chat = False  # train.eval_tasks through the chat template (the chat stages)
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -146,6 +147,29 @@ def report(result: dict, cfg: Config, stage: str) -> None:
               + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
 
 
+def task_evaluator(cfg: Config, env, tok, chat: bool):
+    """train.eval_tasks -> model -> {"eval/<task>/acc": .., "eval/<task>/acc_norm": ..} (None: no tasks).
+    The task files are read (and checked) now, before training starts."""
+    from gptforge.data.tasks import load_task
+    from gptforge.objectives.scoring import score_task
+
+    specs = [t.strip() for t in cfg.train.eval_tasks.split(",") if t.strip()]
+    if not specs:
+        return None
+    tasks = [load_task(t, cfg.train.eval_tasks_limit or None) for t in specs]
+    precision = cfg.train.precision
+
+    def evaluate(model) -> dict[str, float]:
+        out = {}
+        with autocast(env.device, precision):
+            for task in tasks:
+                r = score_task(model, tok, task, chat, env.dp_rank, env.dp_size, cfg.train.micro_batch)
+                out |= {f"eval/{task.name}/{m}": v for m, (v, _) in r["metrics"].items()}
+        return out
+
+    return evaluate
+
+
 def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
     """Train one stage on this process (torchrun starts one per rank); returns the Trainer's result."""
     env = init_distributed(cfg.parallel, cfg.train.device)
@@ -163,7 +187,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         model = parallelize(model, env, cfg)
         files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok)
         trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, files, mcfg,
-                          sample_fn=recipe.sampler(tok))
+                          sample_fn=recipe.sampler(tok), task_eval=task_evaluator(cfg, env, tok, recipe.chat))
         if env.is_main:
             Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.out_dir) / "config.json")

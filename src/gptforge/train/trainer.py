@@ -56,10 +56,11 @@ def bar_at(bar, step: int) -> None:
 
 class Trainer(Checkpointing):
     def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
-                 model_cfg, sample_fn=None):
+                 model_cfg, sample_fn=None, task_eval=None):
         self.cfg, self.env, self.tcfg = cfg, env, cfg.train
         self.model, self.objective = model, objective
         self.files, self.model_cfg, self.sample_fn = files, model_cfg, sample_fn
+        self.task_eval = task_eval  # train.eval_tasks (run.task_evaluator): model -> {"eval/<task>/acc": ...}
         self.device = env.device
         # batches come on the device, prepared ahead; its state_dict counts only the batches handed out
         self.train_loader = Prefetcher(train_loader, env.device, cfg.train.prefetch)
@@ -332,6 +333,10 @@ class Trainer(Checkpointing):
                     if self.last_val is not None:
                         self.print(f"step {self.step}: val loss {self.last_val:.4f}")
                         self.log.log(self.step, {"val/loss": self.last_val})
+                    if self.task_eval is not None:
+                        scores = self.task_eval(self.model)
+                        self.print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
+                        self.log.log(self.step, scores)
                     window_t = time.perf_counter()  # keep eval out of the step time
                 if save_due:
                     path = self.save(wait=stopping)  # a preemption save completes before the exit
