@@ -65,6 +65,12 @@ def data(tmp_path_factory) -> Path:
         for _ in range(32):
             w = "".join(r.choice("abcdef") for _ in range(r.randint(2, 6)))
             f.write(json.dumps({"prompt": w, "chosen": w[::-1], "rejected": w[1:] + w[:1] * 2}) + "\n")
+    with open(d / "task.jsonl", "w") as f:  # 7 examples: the ranks' shares (4 / 3) differ
+        for _ in range(7):
+            w = "".join(r.choice("abcdef") for _ in range(r.randint(2, 6)))
+            choices = [w[::-1], w, w[1:] + w[:1], "".join(sorted(w))]
+            f.write(json.dumps({"context": w, "choices": choices, "label": 0}) + "\n")
+    (d / "text.txt").write_text("".join(r.choice("abcdef \n") for _ in range(3000)))
     return d
 
 
@@ -91,7 +97,7 @@ def test_dpo_ddp_equals_single_process(tmp_path, data):
     sft = tmp_path / "sft"
     assert main(["sft", *args(sft, data / "chats.jsonl", "--train.micro_batch=4")]) == 0
     single, ddp = tmp_path / "single", tmp_path / "ddp"
-    common = ["--train.lr=1e-3", f"--init-from={sft}", "--dpo.beta=0.5"]
+    common = ["--train.lr=1e-3", f"--init-from={sft}", "--dpo.beta=0.5", f"--train.eval_tasks={data / 'task.jsonl'}"]
     assert main(["dpo", *args(single, data / "pairs.jsonl", "--train.micro_batch=4", *common)]) == 0
     torchrun(["dpo", *args(ddp, data / "pairs.jsonl", "--train.micro_batch=2", *common)])
     a, b = metrics(single), metrics(ddp)
@@ -102,4 +108,23 @@ def test_dpo_ddp_equals_single_process(tmp_path, data):
     torchrun(["dpo", *args(live, data / "pairs.jsonl", "--train.micro_batch=2", *common, "--dpo.precompute_ref=false",
                            "--parallel.strategy=fsdp")])
     assert_same(a, metrics(live), ("train/loss", "train/reward_margin"))
+    # train.eval_tasks, data-parallel (shares of 4 and 3 examples, so unequal batch counts: FSDP needs every
+    # rank to run as many forwards) == one process; and `gptforge eval` under torchrun == one process
+    evals = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/task/acc" in x]
+             for run in (single, ddp, live)]
+    assert [len(e) for e in evals] == [1, 1, 1], evals
+    for e in evals[1:]:
+        for k in ("eval/task/acc", "eval/task/acc_norm"):
+            assert abs(e[0][k] - evals[0][0][k]) < 1e-9, (k, e, evals[0])
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    task_args = ["--checkpoint", str(single), "--tasks", str(data / "task.jsonl"), "--text",
+                 str(data / "text.txt"), "--text-tokens", "700", "--batch-size", "3", "--tensorboard=false"]
+    assert main(["eval", *task_args, "--out", str(one)]) == 0
+    torchrun(["eval", *task_args, "--out", str(two)])
+    r1, r2 = (json.loads(p.read_text())["results"] for p in (one, two))
+    assert r1[1]["metrics"]["acc"]["value"] == evals[0][0]["eval/task/acc"]
+    for x, y in zip(r1, r2):
+        assert x["examples"] == y["examples"]
+        for k, v in x["metrics"].items():
+            assert abs(v["value"] - y["metrics"][k]["value"]) < 1e-6 * max(1, abs(v["value"])), (k, x, y)
     shutil.rmtree(sft, ignore_errors=True)

@@ -38,13 +38,18 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def _block(model) -> int:
+    """The model's context; `model` may be wrapped (DDP keeps the GPT in .module; FSDP2 wraps in place)."""
+    return getattr(model, "module", model).cfg.block_size
+
+
 @torch.no_grad()
 def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
                    min_batches: int = 0) -> list[tuple[float, bool]]:
     """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: run at least
     this many forwards (one-token dummies after the real ones), so that ranks of a sharded model (FSDP,
     DDP's buffer broadcast) run the same number of collectives whatever their share of examples."""
-    block, dev = model.cfg.block_size, _device_of(model)
+    block, dev = _block(model), _device_of(model)
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
@@ -85,7 +90,7 @@ def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_
     """-> (sum log p, tokens predicted) over ids[1:]. Each window predicts `stride` (default: the whole
     context) new tokens and sees up to the model's context of tokens before them. rank/world: this rank
     scores windows rank, rank + world, ... (the caller sums over ranks); every rank runs as many forwards."""
-    block, dev = model.cfg.block_size, _device_of(model)
+    block, dev = _block(model), _device_of(model)
     stride = min(stride or block, block)
     windows = []  # (input ids, number of new targets at its end, targets)
     for a in range(1, len(ids), stride):
