@@ -20,6 +20,7 @@ import pytest
 
 from conftest import ROOT, read_losses, tiny_args
 from gptforge.cli import main
+from support.harness_tasks import write_task_yaml
 
 pytestmark = pytest.mark.timeout(300) if hasattr(pytest.mark, "timeout") else []
 STEPS = 3
@@ -71,6 +72,11 @@ def data(tmp_path_factory) -> Path:
             choices = [w[::-1], w, w[1:] + w[:1], "".join(sorted(w))]
             f.write(json.dumps({"context": w, "choices": choices, "label": 0}) + "\n")
     (d / "text.txt").write_text("".join(r.choice("abcdef \n") for _ in range(3000)))
+    with open(d / "docs.jsonl", "w") as f:  # 5 documents of 30..200 characters, some longer than the context
+        for _ in range(5):
+            f.write(json.dumps({"text": "".join(r.choice("abcdef \n") for _ in range(r.randint(30, 200)))}) + "\n")
+    write_task_yaml(d, "gf_mc", d / "task.jsonl")  # the same task through the LM Evaluation Harness
+    write_task_yaml(d, "gf_docs", d / "docs.jsonl", rolling=True)
     return d
 
 
@@ -117,14 +123,27 @@ def test_dpo_ddp_equals_single_process(tmp_path, data):
         for k in ("eval/task/acc", "eval/task/acc_norm"):
             assert abs(e[0][k] - evals[0][0][k]) < 1e-9, (k, e, evals[0])
     one, two = tmp_path / "one.json", tmp_path / "two.json"
-    task_args = ["--checkpoint", str(single), "--tasks", str(data / "task.jsonl"), "--text",
+    task_args = ["--checkpoint", str(single), "--tasks", f"{data / 'task.jsonl'},gf_mc,gf_docs", "--include-path",
+                 str(data), "--text",
                  str(data / "text.txt"), "--text-tokens", "700", "--batch-size", "3", "--tensorboard=false"]
     assert main(["eval", *task_args, "--out", str(one)]) == 0
     torchrun(["eval", *task_args, "--out", str(two)])
+    assert [json.loads(p.read_text())["ranks"] for p in (one, two)] == [1, 2]
     r1, r2 = (json.loads(p.read_text())["results"] for p in (one, two))
     assert r1[1]["metrics"]["acc"]["value"] == evals[0][0]["eval/task/acc"]
+    assert [r["name"] for r in r1] == ["text:text.txt", "task", "gf_mc", "gf_docs"] == [r["name"] for r in r2]
+    # the harness's multiple-choice scoring of the same file (a chat checkpoint: through the template) == ours
+    # example by example, but for one term: the harness's pair split moves the template's "\n" after
+    # "assistant" into every choice's continuation, so its log-likelihoods differ from ours by log p("\n"),
+    # the same for every choice of an example (acc is the same; ours scores the reply alone)
+    ours, harness = r1[1]["per_example"], r1[2]["per_example"]
+    assert sorted(int(i) for i in ours) == sorted(int(i) for i in harness) == list(range(7))
+    for i, row in ours.items():
+        offsets = [b[0] - a for a, b in zip(row["loglik"], harness[i])]
+        assert max(offsets) - min(offsets) < 1e-4 and max(offsets) < 0, (i, row, harness[i])
+    assert r1[2]["metrics"]["acc"] == r1[1]["metrics"]["acc"]
     for x, y in zip(r1, r2):
-        assert x["examples"] == y["examples"]
+        assert x["examples"] == y["examples"] and x.get("per_example", {}).keys() == y.get("per_example", {}).keys()
         for k, v in x["metrics"].items():
             assert abs(v["value"] - y["metrics"][k]["value"]) < 1e-6 * max(1, abs(v["value"])), (k, x, y)
     shutil.rmtree(sft, ignore_errors=True)

@@ -193,7 +193,7 @@ def main(opts: EvalOptions) -> int:
                                                    else Path(opts.checkpoint) / "eval.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps({"checkpoint": str(opts.checkpoint), "step": step, "chat": chat,
-                                       "results": _json_ready(results)}, indent=1) + "\n")
+                                       "ranks": env.world_size, "results": _json_ready(results)}, indent=1) + "\n")
             print(f"eval: results in {out}")
             if opts.tensorboard and run_dir is not None:
                 from torch.utils.tensorboard import SummaryWriter
