@@ -5,13 +5,16 @@
     python examples/pipeline/run.py --lang zh --scale gpu  # the 26M minimind shape, longer (one GPU)
 
 Every stage is one `gptforge` command, printed before it runs (copy them to run stages by hand). Stages
-whose checkpoint already exists are skipped; --force redoes them. At the end, REPORT.md in the output
-folder holds each stage's loss and a short chat transcript."""
+whose checkpoint already exists are skipped; --force redoes them. The last EVAL_PAIRS preference pairs are
+kept out of DPO: they are the held-out evaluation (`gptforge eval` after every stage: bits per byte of their
+real replies, and a two-choice task "which reply is the real one"). At the end, REPORT.md in the output
+folder holds each stage's loss, its scores and a short chat transcript."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import shlex
 import shutil
 import subprocess
@@ -30,6 +33,7 @@ SCALES = {
             "pretrain_steps": 6000, "sft_epochs": 4, "dpo_epochs": 2, "precision": "auto"},
 }
 VOCAB = {"en": 4096, "zh": 6400}
+EVAL_PAIRS = 100
 PROMPTS = {
     "en": ["Hello! Who are you?", "Write a short poem about the sea.", "What is Python used for?"],
     "zh": ["《靜夜思》的作者是谁？", "背诵王之渙的《登鸛雀樓》。", "这条评论是正面还是负面？质量很好，非常满意",
@@ -65,6 +69,32 @@ def stage_losses(run: Path) -> dict:
     return out
 
 
+def split_eval(data: Path, evdir: Path) -> None:
+    """pairs.jsonl -> dpo_pairs.jsonl (DPO trains on these) and, from the last EVAL_PAIRS pairs, evdir/
+    pref.jsonl (a gptforge task: the prompt, the real and the rejected reply in random order) and
+    evdir/replies.txt (the real replies, for bits per byte)."""
+    pairs = [json.loads(x) for x in (data / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
+    train, held = pairs[:-EVAL_PAIRS], pairs[-EVAL_PAIRS:]
+    (data / "dpo_pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in train),
+                                          encoding="utf-8")
+    evdir.mkdir(parents=True, exist_ok=True)
+    rng, rows = random.Random(0), []
+    for p in held:
+        first = rng.random() < 0.5
+        rows.append({"context": p["prompt"], "choices": [p["chosen"], p["rejected"]][::1 if first else -1],
+                     "label": 0 if first else 1})
+    (evdir / "pref.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
+                                      encoding="utf-8")
+    (evdir / "replies.txt").write_text("\n\n".join(p["chosen"] for p in held) + "\n", encoding="utf-8")
+
+
+def stage_scores(path: Path) -> dict:
+    res = {r["name"]: r["metrics"] for r in json.loads(path.read_text())["results"]}
+    text = next(v for k, v in res.items() if k.startswith("text:"))
+    return {"bits_per_byte": text["bits_per_byte"]["value"], "acc": res["pref"]["acc"]["value"],
+            "acc_se": res["pref"]["acc"]["stderr"], "acc_norm": res["pref"]["acc_norm"]["value"]}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--lang", choices=["en", "zh"], default="en")
@@ -84,6 +114,10 @@ def main() -> int:
         from data import build_chinese, build_english
 
         print(json.dumps((build_english if a.lang == "en" else build_chinese)(data)))
+    evdir = out / "eval"
+    if a.force or not (data / "dpo_pairs.jsonl").is_file():
+        split_eval(data, evdir)
+    evtask = f"--train.eval_tasks={evdir / 'pref.jsonl'}"  # the task's accuracy in the curves of SFT and DPO
     if a.force or not (tokdir / "tokenizer.json").is_file():
         sh([*gf, "train-tokenizer", "--input", str(data / "pretrain.jsonl"), "--vocab-size", str(VOCAB[a.lang]),
             "--out", str(tokdir)])
@@ -107,13 +141,21 @@ def main() -> int:
             f"--train.out_dir={runs['sft']}", f"--train.epochs={sc['sft_epochs']}",
             f"--train.micro_batch={sc['micro_batch']}", "--train.lr=1e-3", "--train.warmup_steps=50",
             "--data.val_fraction=0.02", "--train.eval_every=200", "--train.sample_prompt=" + PROMPTS[a.lang][0],
-            *common], out / "sft.log")
+            evtask, *common], out / "sft.log")
     if not done(runs["dpo"]):
-        sh([*gf, "dpo", f"--init-from={runs['sft']}", f"--data.path={data / 'pairs.jsonl'}",
+        sh([*gf, "dpo", f"--init-from={runs['sft']}", f"--data.path={data / 'dpo_pairs.jsonl'}",
             f"--train.out_dir={runs['dpo']}", f"--train.epochs={sc['dpo_epochs']}",
             f"--train.micro_batch={max(4, sc['micro_batch'] // 2)}", "--train.lr=1e-4", "--train.warmup_steps=10",
             "--dpo.beta=0.1", "--data.val_fraction=0.05", "--train.eval_every=100",
-            "--train.sample_prompt=" + PROMPTS[a.lang][0], *common], out / "dpo.log")
+            "--train.sample_prompt=" + PROMPTS[a.lang][0], evtask, *common], out / "dpo.log")
+
+    scores = {}
+    for stage, run in runs.items():  # the same held-out evaluation after every stage
+        res = evdir / f"{stage}.json"
+        if a.force or not res.is_file():
+            sh([*gf, "eval", "--checkpoint", str(run), "--tasks", str(evdir / "pref.jsonl"), "--text",
+                str(evdir / "replies.txt"), "--text-tokens", "0", "--out", str(res)], out / f"eval_{stage}.log")
+        scores[stage] = stage_scores(res)
 
     transcript = []
     for stage in ("sft", "dpo"):
@@ -130,6 +172,12 @@ def main() -> int:
         val = f"{v['val_loss']:.3f}" if v["val_loss"] is not None else "-"
         extra = f"{v['reward_margin']:.3f} / {v['reward_acc']:.2f}" if "reward_margin" in v else ""
         lines.append(f"| {k} | {v['steps']} | {v['first_loss']:.3f} | {v['last_loss']:.3f} | {val} | {extra} |")
+    lines += ["", f"## Held-out evaluation (`gptforge eval`, the {EVAL_PAIRS} pairs kept out of DPO)", "",
+              "Pretrain is scored on plain text, SFT and DPO through the chat template. pref: which of two replies "
+              "is the real one (chance 0.5).", "", "| stage | bits per byte (real replies) | pref acc ± stderr | "
+              "pref acc_norm |", "|---|---|---|---|"]
+    for k, v in scores.items():
+        lines.append(f"| {k} | {v['bits_per_byte']:.3f} | {v['acc']:.2f} ± {v['acc_se']:.2f} | {v['acc_norm']:.2f} |")
     lines += ["", "## Chat (`gptforge chat --message`, temperature 0.7, top-k 40, seed 0)", ""]
     for stage, p, r in transcript:
         lines += [f"**[{stage}] user:** {p}", "", f"**assistant:** {r}", ""]

@@ -45,3 +45,30 @@ def write_task_yaml(folder: Path, name: str, data: Path, rolling: bool = False) 
     path = Path(folder) / f"{name}.yaml"
     path.write_text((ROLLING_YAML if rolling else MC_YAML).format(name=name, path=Path(data).resolve()))
     return path
+
+GEN_YAML = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{choices[label]}}}}"
+generation_kwargs:
+  until: ["<|im_end|>", "\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+"""
+
+
+def write_gen_task_yaml(folder: Path, name: str, data: Path) -> Path:
+    """-> folder/name.yaml: generate a reply to each context of our task format; exact match with the label's
+    choice (greedy, at most 8 tokens, stops at <|im_end|> or a newline)."""
+    path = Path(folder) / f"{name}.yaml"
+    path.write_text(GEN_YAML.format(name=name, path=Path(data).resolve()))
+    return path

@@ -12,7 +12,7 @@ import pytest
 from eval_fixtures import reverse_task, sort_task
 from gptforge.cli import main
 from stage_fixtures import sft_reverse_run  # noqa: F401
-from support.harness_tasks import write_task_yaml
+from support.harness_tasks import write_gen_task_yaml, write_task_yaml
 
 lm_eval = pytest.importorskip("lm_eval")
 
@@ -25,6 +25,7 @@ def harness_tasks(tmp_path_factory, sft_reverse_run):
     for name, make, n in (("gf_reverse", reverse_task, 24), ("gf_sort", sort_task, 40)):
         path = make(root / f"{name}.jsonl", n)
         write_task_yaml(tasks, name, path)
+    write_gen_task_yaml(tasks, "gf_reverse_gen", root / "gf_reverse.jsonl")
     text = root / "gf_text.jsonl"
     lines = ["ROMEO:\nBut soft, what light through yonder window breaks?", "First Citizen:\nBefore we proceed "
              "any further, hear me speak.\n" * 4, "KING HENRY:\nOnce more unto the breach, dear friends."]
@@ -32,17 +33,25 @@ def harness_tasks(tmp_path_factory, sft_reverse_run):
     write_task_yaml(tasks, "gf_text", text, rolling=True)
     hf = root / "hf"
     assert main(["export-hf", "--checkpoint", str(sft_reverse_run), "--out", str(hf)]) == 0
+    # a chat model's export stops transformers' generate at the end of a turn as well as at <|endoftext|>
+    tok = json.loads((hf / "tokenizer.json").read_text())
+    ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+    gen = json.loads((hf / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [ids["<|endoftext|>"], ids["<|im_end|>"]]
     return tasks, hf
 
 
-def _ours(run, tasks, tmp_path, chat: str, names="gf_reverse,gf_sort,gf_text") -> dict:
+NAMES = ("gf_reverse", "gf_sort", "gf_text", "gf_reverse_gen")
+
+
+def _ours(run, tasks, tmp_path, chat: str, names=",".join(NAMES)) -> dict:
     out = tmp_path / f"ours_{chat}.json"
     assert main(["eval", "--checkpoint", str(run), "--tasks", names, "--include-path", str(tasks),
                  "--chat", chat, "--out", str(out), "--tensorboard=false", "--batch-size", "5"]) == 0
     return {r["name"]: r for r in json.loads(out.read_text())["results"]}
 
 
-def _hf(hf, tasks, chat: bool, names=("gf_reverse", "gf_sort", "gf_text")) -> dict:
+def _hf(hf, tasks, chat: bool, names=NAMES) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -71,9 +80,18 @@ def test_adapter_agrees_with_lm_eval_hf_backend_on_the_export(sft_reverse_run, h
     for m in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         assert ours["gf_text"]["metrics"][m]["value"] == pytest.approx(ref["results"]["gf_text"][f"{m},none"],
                                                                        rel=1e-5)
+    # generation (greedy, stop strings): the same text as transformers' generate, example by example
+    gen = {s["doc_id"]: s["filtered_resps"][0] for s in ref["samples"]["gf_reverse_gen"]}
+    mine = {int(k): v[0] for k, v in ours["gf_reverse_gen"]["per_example"].items()}
+    assert mine == gen and len(mine) == 24
+    em = ours["gf_reverse_gen"]["metrics"]["exact_match"]["value"]
+    assert em == ref["results"]["gf_reverse_gen"]["exact_match,none"]
+    print(f"chat={chat}: generated {sum(len(t) for t in mine.values())} characters, exact_match {em:.3f}; "
+          f"e.g. {sorted(mine.items())[:3]}")
     # the SFT model was trained to reverse words as a chat reply: through the template it picks the reversal
+    # (and writes it), and it is at chance on a task it never saw
     if chat == "true":
-        assert ours["gf_reverse"]["metrics"]["acc"]["value"] >= 0.9
+        assert ours["gf_reverse"]["metrics"]["acc"]["value"] >= 0.9 and em >= 0.9
         assert ours["gf_sort"]["metrics"]["acc"]["value"] < 0.5
 
 

@@ -140,7 +140,8 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(f"{a:<{w[0]}}  {b:<{w[1]}}  {c:>{w[2]}}  {d:>{w[3]}}  {e:>{w[4]}}" for a, b, c, d, e in rows)
 
 
-def evaluate(model, tok, opts: EvalOptions, chat: bool, env) -> list[dict]:
+def evaluate(model, tok, opts: EvalOptions, chat: bool, env, chat_model: bool | None = None) -> list[dict]:
+    """chat: score through the chat template; chat_model: the checkpoint has one (default: chat)."""
     from gptforge.data.tasks import is_task_file, load_task
     from gptforge.objectives.scoring import score_task
 
@@ -158,7 +159,7 @@ def evaluate(model, tok, opts: EvalOptions, chat: bool, env) -> list[dict]:
 
         out = run_harness(model, tok, harness, limit=opts.limit or None, num_fewshot=opts.num_fewshot,
                           batch_size=opts.batch_size, chat=chat, include_path=opts.include_path,
-                          rank=env.rank, world=env.world_size)
+                          rank=env.rank, world=env.world_size, chat_model=chat_model)
         results += [{"name": name, "harness": True} | r for name, r in out.items()]
     return results
 
@@ -184,7 +185,7 @@ def main(opts: EvalOptions) -> int:
         chat = has_template if opts.chat == "auto" else opts.chat == "true"
         run_dir, step = _where(opts.checkpoint)
         t0 = time.perf_counter()
-        results = evaluate(model, tok, opts, chat, env)
+        results = evaluate(model, tok, opts, chat, env, has_template)
         if env.is_main:
             print(f"eval: {opts.checkpoint} (step {step}{', chat template' if chat else ''}) in "
                   f"{time.perf_counter() - t0:.1f} s")

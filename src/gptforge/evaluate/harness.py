@@ -39,8 +39,9 @@ def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
     return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
-def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1):
-    """-> an lm_eval LM over `model` (a plain gptforge GPT on this rank's device) and its tokenizer."""
+def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, turn_end: bool = False):
+    """-> an lm_eval LM over `model` (a plain gptforge GPT on this rank's device) and its tokenizer.
+    turn_end: a chat model, whose generation also stops at <|im_end|> (as its export's generation_config says)."""
     TemplateLM = _lm_eval()
     import torch
 
@@ -56,6 +57,10 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1):
             self._rank, self._world_size = rank, world
             self._device = next(model.parameters()).device
             self.max_length = model.cfg.block_size
+            from gptforge.data.tokenizer import IM_END
+
+            end = tok.special.get(IM_END) if turn_end else None
+            self.stop_ids = {tok.eos_id} | ({end} if end is not None else set())
 
         @property
         def eot_token_id(self) -> int:
@@ -109,11 +114,11 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1):
                 new: list[int] = []
                 text = ""
                 for t in generate_ids(self.model, ids, max_new, temperature=temperature, top_k=None,
-                                      top_p=kw.pop("top_p", None), seed=1234, stop_ids={self.eot_token_id}):
-                    if t == self.eot_token_id:
+                                      top_p=kw.pop("top_p", None), seed=1234, stop_ids=self.stop_ids):
+                    if t in self.stop_ids:
                         break
                     new.append(t)
-                    text = self.tok.decode(new)
+                    text = self.tok.decode(new, skip_special=True)  # as the hf backend decodes
                     if any(u and u in text for u in until):
                         break
                 for u in until:
@@ -165,10 +170,12 @@ def _metrics(row: dict) -> dict[str, tuple[float, float]]:
 
 def run_harness(model, tok, names: list[str], limit: int | None = None, num_fewshot: int | None = None,
                 batch_size: int = 16, chat: bool = False, include_path: str | None = None, rank: int = 0,
-                world: int = 1, seed: int = 1234) -> dict[str, dict]:
-    """Run harness tasks on `model`; every rank must call it. -> on rank 0 {task: {"examples", "metrics":
-    {metric: (value, stderr)}, "per_example": {doc_id: [response, ...]}}}; on other ranks {}."""
-    lm = make_lm(model, tok, batch_size, rank, world)
+                world: int = 1, seed: int = 1234, chat_model: bool | None = None) -> dict[str, dict]:
+    """Run harness tasks on `model`; every rank must call it. chat: render the tasks through the chat template;
+    chat_model (default: chat): the checkpoint has one (generation stops at the end of a turn).
+    -> on rank 0 {task: {"examples", "metrics": {metric: (value, stderr)}, "per_example": {doc_id: [response,
+    ...]}}}; on other ranks {}."""
+    lm = make_lm(model, tok, batch_size, rank, world, turn_end=chat if chat_model is None else chat_model)
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 

@@ -107,7 +107,9 @@ def export_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[st
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
     smap = dict(specials) | ({"additional_special_tokens": extra} if extra else {})
     (out_dir / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
-    return {"bos": vocab.get(EOS), "eos": vocab.get(EOS), "pad": vocab.get(PAD)}
+    # a chat model ends its turn with <|im_end|>: transformers' generate must stop there too
+    stops = [vocab.get(EOS)] + ([vocab[IM_END]] if template is not None and IM_END in vocab else [])
+    return {"bos": vocab.get(EOS), "eos": vocab.get(EOS), "pad": vocab.get(PAD), "stops": stops}
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -118,7 +120,7 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
     check_exportable(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    ids: dict[str, int | None] = {"bos": None, "eos": None, "pad": None}
+    ids: dict = {"bos": None, "eos": None, "pad": None, "stops": [None]}
     if tokenizer_dir is not None and (Path(tokenizer_dir) / "tokenizer.json").is_file():
         ids = export_tokenizer(Path(tokenizer_dir), out, cfg.block_size)
     elif tokenizer_dir is not None:
@@ -129,8 +131,9 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
     save_safetensors(tensors, out, dt or torch.float32, max_shard_bytes)
     conf = hf_config(cfg, dt or torch.float32, ids["bos"], ids["eos"], ids["pad"])
     (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
-    gen = {"_from_model_config": True, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"],
-           "pad_token_id": ids["pad"]}
+    stops = ids["stops"]
+    gen = {"_from_model_config": len(stops) == 1, "bos_token_id": ids["bos"],
+           "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": ids["pad"]}
     (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out
 
