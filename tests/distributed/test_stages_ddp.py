@@ -40,6 +40,23 @@ def torchrun(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess
     return p
 
 
+def launch(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    """`gptforge launch --nproc-per-node 2 -- ARGV` on a free port (launch builds and runs torchrun)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "2", "--port", str(port), "--", *argv]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    out = p.stdout + p.stderr
+    bad = [s for s in CRASH_SIGNS if s in out]
+    assert p.returncode == 0 and not bad, f"launch rc {p.returncode}, {bad}:\n{out[-4000:]}"
+    return p
+
+
 def args(out, data, *extra) -> list[str]:
     a = [x for x in tiny_args(out, "unused", *extra) if not x.startswith("--data.path=")]
     strategy = [] if any(x.startswith("--parallel.strategy=") for x in extra) else ["--parallel.strategy=ddp"]
@@ -127,7 +144,7 @@ def test_dpo_ddp_equals_single_process(tmp_path, data):
                  str(data), "--text",
                  str(data / "text.txt"), "--text-tokens", "700", "--batch-size", "3", "--tensorboard=false"]
     assert main(["eval", *task_args, "--out", str(one)]) == 0
-    torchrun(["eval", *task_args, "--out", str(two)])
+    launch(["eval", *task_args, "--out", str(two)])  # as the README says: gptforge launch ... -- eval
     assert [json.loads(p.read_text())["ranks"] for p in (one, two)] == [1, 2]
     r1, r2 = (json.loads(p.read_text())["results"] for p in (one, two))
     assert r1[1]["metrics"]["acc"]["value"] == evals[0][0]["eval/task/acc"]

@@ -12,8 +12,8 @@ import sys
 
 from gptforge.errors import UserError
 
-# gptforge commands that make sense under torchrun on every node.
-TRAIN_COMMANDS = ("pretrain", "sft", "dpo", "bench")
+# gptforge commands that make sense under torchrun on every node (eval: data-parallel over examples).
+TRAIN_COMMANDS = ("pretrain", "sft", "dpo", "bench", "eval")
 
 # stages that save checkpoints: they stop on SIGTERM/SIGINT/SIGUSR1 with one (gptforge.train.preempt)
 CHECKPOINTING = ("pretrain", "sft", "dpo")
