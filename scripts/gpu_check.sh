@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one GPU check (issue 12), under 8 minutes on one H100/H200:
 #   1. python -m pytest -q tests/gpu   (bf16 vs the CPU fp32 loss curve, fp16 + GradScaler, compile vs eager,
+#      eval and the serve engine on the GPU == CPU,
 #      1-GPU NCCL DDP and FSDP2)
 #   2. gptforge bench --sweep on `small` (124M, GPT-2 BPE), context 1024, bf16, compile on: the largest
 #      micro-batch that fits (halving from 64), measured
