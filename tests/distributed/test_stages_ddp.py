@@ -27,17 +27,20 @@ STEPS = 3
 CRASH_SIGNS = ("terminate called", "SIGABRT", "Signals.SIG", "ChildFailedError", "Traceback")
 
 
-def torchrun(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
-    exe = Path(sys.executable).parent / "torchrun"
-    launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+def _run(cmd: list[str], timeout: int) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [*launcher, "--standalone", "--nproc-per-node=2", "-m", "gptforge", *argv]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     out = p.stdout + p.stderr
     bad = [s for s in CRASH_SIGNS if s in out]
-    assert p.returncode == 0 and not bad, f"torchrun rc {p.returncode}, {bad}:\n{out[-4000:]}"
+    assert p.returncode == 0 and not bad, f"{cmd[:4]} rc {p.returncode}, {bad}:\n{out[-4000:]}"
     return p
+
+
+def torchrun(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "torchrun"
+    launcher = [str(exe)] if exe.is_file() else [sys.executable, "-m", "torch.distributed.run"]
+    return _run([*launcher, "--standalone", "--nproc-per-node=2", "-m", "gptforge", *argv], timeout)
 
 
 def launch(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
@@ -47,14 +50,8 @@ def launch(argv: list[str], timeout: int = 240) -> subprocess.CompletedProcess:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
-               PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "2", "--port", str(port), "--", *argv]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
-    out = p.stdout + p.stderr
-    bad = [s for s in CRASH_SIGNS if s in out]
-    assert p.returncode == 0 and not bad, f"launch rc {p.returncode}, {bad}:\n{out[-4000:]}"
-    return p
+    return _run([sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", "2", "--port", str(port), "--",
+                 *argv], timeout)
 
 
 def args(out, data, *extra) -> list[str]:

@@ -44,6 +44,18 @@ def test_loglikelihoods_match_a_direct_forward_whatever_the_batching(trained_run
     long_ctx = tok.encode("x" * 200)
     (lp, _), = loglikelihoods(model, [(long_ctx, cont)])
     assert abs(lp - _direct(model, long_ctx[-(64 - len(cont) + 1):], cont)) < 1e-4
+    # a continuation longer than the context is scored in pieces of the context's length, each seeing the 64
+    # tokens before it: after an end-of-text token that is exactly the rolling log-probability of the text
+    text = tok.encode("First Citizen:\nBefore we proceed any further, hear me speak.\n" * 3)
+    assert len(text) > 2 * 64
+    (lp, g), = loglikelihoods(model, [([tok.eos_id], text)], batch_size=2)
+    ref, n = rolling_logprob(model, [tok.eos_id, *text])
+    assert n == len(text) and abs(lp - ref) < 1e-3 and not g
+    ctx = tok.encode("ROMEO:\n")
+    whole, c = ctx + text, len(ctx)
+    (lp2, _), = loglikelihoods(model, [(ctx, text)])
+    spans = [(a, min(a + 64, len(whole))) for a in range(c, len(whole), 64)]
+    assert len(spans) == 3 and abs(lp2 - sum(_direct(model, whole[max(0, b - 65):a], whole[a:b]) for a, b in spans)) < 1e-3
 
 
 def test_rolling_logprob_covers_every_token_once_and_ranks_add_up(trained_run):

@@ -6,7 +6,8 @@
   continuation's ids are those of the whole text after the context's), so our numbers match its.
 - `loglikelihoods(model, pairs)`: for each (context ids, continuation ids) the summed log-probability of
   the continuation and whether greedy decoding would produce it (the harness's `is_greedy`); windows are
-  cut on the left to the model's context, batched, padded on the right.
+  cut on the left to the model's context, batched, padded on the right; a continuation longer than the
+  context is scored in pieces of the context's length (as rolling windows).
 - `rolling_logprob(model, ids)`: the log-probability of every token after the first of a long sequence
   (perplexity, bits per byte), in windows of the model's context with `stride` new tokens each.
 - `choice_metrics(...)`: acc and acc_norm (by the choice's length in characters, as the harness does) of
@@ -43,25 +44,38 @@ def _block(model) -> int:
     return getattr(model, "module", model).cfg.block_size
 
 
-@torch.no_grad()
-def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                   min_batches: int = 0) -> list[tuple[float, bool]]:
-    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: run at least
-    this many forwards (one-token dummies after the real ones), so that ranks of a sharded model (FSDP,
-    DDP's buffer broadcast) run the same number of collectives whatever their share of examples."""
-    block, dev = _block(model), _device_of(model)
+def _rows(pairs: Sequence[tuple[list[int], list[int]]], block: int) -> list[tuple[int, list[int], list[int]]]:
+    """-> [(pair index, input ids, target ids)]: one row per pair, cut on the left to the model's context; a
+    continuation longer than the context is scored in pieces of `block` tokens, each seeing the `block` tokens
+    before its first target (as rolling windows do), and its pieces' log-probabilities add up."""
     rows = []
     for i, (ctx, cont) in enumerate(pairs):
         if not cont:
             raise ValueError(f"pair {i}: the continuation has no tokens")
         if not ctx:
             raise ValueError(f"pair {i}: the context has no tokens (give an end-of-text token)")
-        whole = (list(ctx) + list(cont))[-(block + 1):]
-        rows.append((i, whole[:-1], whole[-len(cont):] if len(cont) <= block else None, len(cont)))
-    for i, _, tgt, n in rows:
-        if tgt is None:
-            raise ValueError(f"pair {i}: the continuation ({n} tokens) is longer than the context ({block})")
-    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+        whole = list(ctx) + list(cont)
+        for a in range(len(ctx), len(whole), block):
+            b = min(a + block, len(whole))
+            rows.append((i, whole[max(0, b - 1 - block):b - 1], whole[a:b]))
+    return rows
+
+
+def count_forwards(pairs: Sequence[tuple[list[int], list[int]]], block: int, batch_size: int) -> int:
+    """The forwards `loglikelihoods` runs for these pairs (ranks of a sharded model must agree on it)."""
+    return -(-len(_rows(pairs, block)) // batch_size)
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                   min_batches: int = 0) -> list[tuple[float, bool]]:
+    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: run at least
+    this many forwards (one-token dummies after the real ones), so that ranks of a sharded model (FSDP,
+    DDP's buffer broadcast) run the same number of collectives whatever their share of examples."""
+    dev = _device_of(model)
+    rows = _rows(pairs, _block(model))
+    logp_sum = [0.0] * len(pairs)
+    greedy = [True] * len(pairs)
     order = sorted(rows, key=lambda r: -len(r[1]))  # similar lengths together: less padding
     was_training = model.training
     model.eval()
@@ -70,18 +84,19 @@ def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_si
             chunk = order[b:b + batch_size]
             width = len(chunk[0][1])
             x = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, (_, inp, _, _) in enumerate(chunk):
+            for j, (_, inp, _) in enumerate(chunk):
                 x[j, :len(inp)] = torch.tensor(inp)
             logp = F.log_softmax(model(x.to(dev)).float(), dim=-1)
-            for j, (i, inp, tgt, n) in enumerate(chunk):
-                lp = logp[j, len(inp) - n:len(inp)]  # positions that predict the continuation
+            for j, (i, inp, tgt) in enumerate(chunk):
+                lp = logp[j, len(inp) - len(tgt):len(inp)]  # positions that predict the targets
                 t = torch.tensor(tgt, device=lp.device)
-                out[i] = (float(lp.gather(1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
+                logp_sum[i] += float(lp.gather(1, t[:, None]).sum())
+                greedy[i] = greedy[i] and bool((lp.argmax(-1) == t).all())
         for _ in range(-(-len(order) // batch_size), min_batches):
             model(torch.zeros(1, 1, dtype=torch.long, device=dev))
     finally:
         model.train(was_training)
-    return out  # type: ignore[return-value]
+    return list(zip(logp_sum, greedy))
 
 
 @torch.no_grad()
@@ -172,7 +187,7 @@ def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int =
     if world > 1:
         import torch.distributed as dist
 
-        n = torch.tensor([-(-len(flat_pairs) // batch_size)], device=_device_of(model))
+        n = torch.tensor([count_forwards(flat_pairs, _block(model), batch_size)], device=_device_of(model))
         dist.all_reduce(n, op=dist.ReduceOp.MAX)
         min_batches = int(n)
     flat = loglikelihoods(model, flat_pairs, batch_size, min_batches)
