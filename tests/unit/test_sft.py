@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gptforge.data.chat_template import CHATML_JINJA, encode_chat
+from gptforge.data.chat_template import CHATML_JINJA, encode_chat, render_chat
 from gptforge.data.records import DataStats
 from gptforge.data.sft import (SFTLoader, collate_packed, collate_padded, make_example, pack, read_conversations,
                                to_messages, tokenize_conversations)
@@ -46,7 +46,7 @@ def test_template_is_chatml_and_matches_jinja():
 
     for gen in (False, True):
         want = jinja2.Environment().from_string(CHATML_JINJA).render(messages=TWO_TURNS, add_generation_prompt=gen)
-        assert render(TWO_TURNS, gen) == want
+        assert render(TWO_TURNS, gen) == want == render_chat(TWO_TURNS, gen)
     assert render(TWO_TURNS[1:2], True) == f"{IM_START}user\nHi there{IM_END}\n{IM_START}assistant\n"
 
 

@@ -86,6 +86,14 @@ def encode_chat(tok, messages: list[dict], add_generation_prompt: bool = False,
     return ids, mask
 
 
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, exactly as CHATML_JINJA renders it (a gptforge tokenizer reads the special
+    tokens' strings back as their ids). For trusted text only: user content that spells <|im_end|> becomes
+    the special token, which `encode_chat` prevents."""
+    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+
 def stop_ids(tok) -> set[int]:
     """Token ids that end an assistant reply."""
     _, e = _special_ids(tok)

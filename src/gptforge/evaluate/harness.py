@@ -1,6 +1,6 @@
 """The LM Evaluation Harness (`lm-eval`) on a gptforge model directly, without exporting it.
 
-`GptforgeLM` is an `lm_eval` model (registered as "gptforge"): its log-likelihoods come from
+`make_lm` builds an `lm_eval` model (a `TemplateLM`) over a loaded gptforge model: its log-likelihoods come from
 gptforge.objectives.scoring (the same pair encoding and windows as the harness's `hf` backend, so the
 numbers agree with `lm-eval --model hf` on the exported model), rolling log-likelihoods use the
 harness's own window helpers, and generation is greedy or sampled with our KV cache. Under `launch`
@@ -31,20 +31,14 @@ def _lm_eval():
     return TemplateLM
 
 
-def _chatml(messages: list[dict], add_generation_prompt: bool) -> str:
-    """The chat template (data.chat_template's ChatML) as text; the tokenizer reads its special tokens back."""
-    from gptforge.data.tokenizer import IM_END, IM_START
-
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-
-
 def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, turn_end: bool = False):
     """-> an lm_eval LM over `model` (a plain gptforge GPT on this rank's device) and its tokenizer.
     turn_end: a chat model, whose generation also stops at <|im_end|> (as its export's generation_config says)."""
     TemplateLM = _lm_eval()
     import torch
 
+    from gptforge.data.chat_template import CHATML_JINJA, render_chat
+    from gptforge.data.chat_template import stop_ids as chat_stop_ids
     from gptforge.model.sampling import generate_ids
     from gptforge.objectives.scoring import loglikelihoods
 
@@ -57,10 +51,7 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
             self._rank, self._world_size = rank, world
             self._device = next(model.parameters()).device
             self.max_length = model.cfg.block_size
-            from gptforge.data.tokenizer import IM_END
-
-            end = tok.special.get(IM_END) if turn_end else None
-            self.stop_ids = {tok.eos_id} | ({end} if end is not None else set())
+            self.stop_ids = chat_stop_ids(tok) if turn_end else {tok.eos_id}
 
         @property
         def eot_token_id(self) -> int:
@@ -71,12 +62,10 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
             return "gptforge-chatml"
 
         def chat_template(self, chat_template=False) -> str:
-            from gptforge.data.chat_template import CHATML_JINJA
-
             return CHATML_JINJA
 
         def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
-            return _chatml(chat_history, add_generation_prompt)
+            return render_chat(chat_history, add_generation_prompt)
 
         def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:
             return self.tok.encode(string)
@@ -109,7 +98,7 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
                 until = [until] if isinstance(until, str) else list(until)
                 max_new = int(kw.pop("max_gen_toks", 256))
                 sample = bool(kw.pop("do_sample", False))
-                temperature = float(kw.pop("temperature", 1.0 if sample else 0.0)) if sample else 0.0
+                temperature = float(kw.pop("temperature", 1.0)) if sample else 0.0
                 ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
                 new: list[int] = []
                 text = ""

@@ -44,6 +44,16 @@ def _block(model) -> int:
     return getattr(model, "module", model).cfg.block_size
 
 
+def _windows(ids: Sequence[int], start: int, stride: int, block: int) -> list[tuple[list[int], list[int]]]:
+    """-> [(input ids, target ids)] predicting ids[start:], `stride` (<= block) new tokens a window, each
+    window seeing up to `block` tokens before its last target; the targets are the input's last positions'."""
+    out = []
+    for a in range(start, len(ids), stride):
+        b = min(a + stride, len(ids))
+        out.append((list(ids[max(0, b - 1 - block):b - 1]), list(ids[a:b])))
+    return out
+
+
 def _rows(pairs: Sequence[tuple[list[int], list[int]]], block: int) -> list[tuple[int, list[int], list[int]]]:
     """-> [(pair index, input ids, target ids)]: one row per pair, cut on the left to the model's context; a
     continuation longer than the context is scored in pieces of `block` tokens, each seeing the `block` tokens
@@ -54,10 +64,7 @@ def _rows(pairs: Sequence[tuple[list[int], list[int]]], block: int) -> list[tupl
             raise ValueError(f"pair {i}: the continuation has no tokens")
         if not ctx:
             raise ValueError(f"pair {i}: the context has no tokens (give an end-of-text token)")
-        whole = list(ctx) + list(cont)
-        for a in range(len(ctx), len(whole), block):
-            b = min(a + block, len(whole))
-            rows.append((i, whole[max(0, b - 1 - block):b - 1], whole[a:b]))
+        rows += [(i, inp, tgt) for inp, tgt in _windows(list(ctx) + list(cont), len(ctx), block, block)]
     return rows
 
 
@@ -67,36 +74,46 @@ def count_forwards(pairs: Sequence[tuple[list[int], list[int]]], block: int, bat
 
 
 @torch.no_grad()
-def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
-                   min_batches: int = 0) -> list[tuple[float, bool]]:
-    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: run at least
-    this many forwards (one-token dummies after the real ones), so that ranks of a sharded model (FSDP,
-    DDP's buffer broadcast) run the same number of collectives whatever their share of examples."""
+def _score(model, windows: Sequence[tuple[list[int], list[int]]], batch_size: int, min_batches: int,
+           ) -> list[tuple[float, bool]]:
+    """-> per window (sum log p(targets), every target the argmax), in the order given. Windows of similar
+    length are batched together, padded on the right. min_batches: run at least this many forwards
+    (one-token dummies after the real ones), so that ranks of a sharded model (FSDP, DDP's buffer
+    broadcast) run the same number of collectives whatever their share."""
     dev = _device_of(model)
-    rows = _rows(pairs, _block(model))
-    logp_sum = [0.0] * len(pairs)
-    greedy = [True] * len(pairs)
-    order = sorted(rows, key=lambda r: -len(r[1]))  # similar lengths together: less padding
+    out: list[tuple[float, bool]] = [(0.0, True)] * len(windows)
+    order = sorted(range(len(windows)), key=lambda k: -len(windows[k][0]))  # similar lengths: less padding
     was_training = model.training
     model.eval()
     try:
         for b in range(0, len(order), batch_size):
             chunk = order[b:b + batch_size]
-            width = len(chunk[0][1])
-            x = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, (_, inp, _) in enumerate(chunk):
-                x[j, :len(inp)] = torch.tensor(inp)
+            x = torch.zeros(len(chunk), len(windows[chunk[0]][0]), dtype=torch.long)
+            for j, k in enumerate(chunk):
+                x[j, :len(windows[k][0])] = torch.tensor(windows[k][0])
             logp = F.log_softmax(model(x.to(dev)).float(), dim=-1)
-            for j, (i, inp, tgt) in enumerate(chunk):
+            for j, k in enumerate(chunk):
+                inp, tgt = windows[k]
                 lp = logp[j, len(inp) - len(tgt):len(inp)]  # positions that predict the targets
                 t = torch.tensor(tgt, device=lp.device)
-                logp_sum[i] += float(lp.gather(1, t[:, None]).sum())
-                greedy[i] = greedy[i] and bool((lp.argmax(-1) == t).all())
+                out[k] = (float(lp.gather(1, t[:, None]).sum()), bool((lp.argmax(-1) == t).all()))
         for _ in range(-(-len(order) // batch_size), min_batches):
             model(torch.zeros(1, 1, dtype=torch.long, device=dev))
     finally:
         model.train(was_training)
-    return list(zip(logp_sum, greedy))
+    return out
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs: Sequence[tuple[list[int], list[int]]], batch_size: int = 16,
+                   min_batches: int = 0) -> list[tuple[float, bool]]:
+    """-> [(sum log p(continuation | context), greedy)] in the order of `pairs`. min_batches: as `_score`'s."""
+    rows = _rows(pairs, _block(model))
+    scores = _score(model, [(inp, tgt) for _, inp, tgt in rows], batch_size, min_batches)
+    out = [(0.0, True)] * len(pairs)
+    for (i, _, _), (lp, greedy) in zip(rows, scores):
+        out[i] = (out[i][0] + lp, out[i][1] and greedy)
+    return out
 
 
 @torch.no_grad()
@@ -105,35 +122,12 @@ def rolling_logprob(model, ids: Sequence[int], stride: int | None = None, batch_
     """-> (sum log p, tokens predicted) over ids[1:]. Each window predicts `stride` (default: the whole
     context) new tokens and sees up to the model's context of tokens before them. rank/world: this rank
     scores windows rank, rank + world, ... (the caller sums over ranks); every rank runs as many forwards."""
-    block, dev = _block(model), _device_of(model)
-    stride = min(stride or block, block)
-    windows = []  # (input ids, number of new targets at its end, targets)
-    for a in range(1, len(ids), stride):
-        b = min(a + stride, len(ids))
-        lo = max(0, b - 1 - block)
-        windows.append((list(ids[lo:b - 1]), b - a, list(ids[a:b])))
+    block = _block(model)
+    windows = _windows(ids, 1, min(stride or block, block), block)
     forwards = -(-(-(-len(windows) // world)) // batch_size)  # the same on every rank
-    windows = windows[rank::world]
-    total, count = 0.0, 0
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(windows), batch_size):
-            chunk = windows[s:s + batch_size]
-            width = max(len(w[0]) for w in chunk)
-            x = torch.zeros(len(chunk), width, dtype=torch.long)
-            for j, (inp, _, _) in enumerate(chunk):
-                x[j, :len(inp)] = torch.tensor(inp)
-            logp = F.log_softmax(model(x.to(dev)).float(), dim=-1)
-            for j, (inp, n, tgt) in enumerate(chunk):
-                lp = logp[j, len(inp) - n:len(inp)]
-                total += float(lp.gather(1, torch.tensor(tgt, device=lp.device)[:, None]).sum())
-                count += n
-        for _ in range(-(-len(windows) // batch_size), forwards):
-            model(torch.zeros(1, 1, dtype=torch.long, device=dev))
-    finally:
-        model.train(was_training)
-    return total, count
+    mine = windows[rank::world]
+    scores = _score(model, mine, batch_size, forwards)
+    return sum(lp for lp, _ in scores), sum(len(tgt) for _, tgt in mine)
 
 
 def mean_stderr(values: Sequence[float]) -> float:
