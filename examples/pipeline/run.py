@@ -73,18 +73,18 @@ def split_eval(data: Path, evdir: Path) -> None:
     """pairs.jsonl -> dpo_pairs.jsonl (DPO trains on these) and, from the last EVAL_PAIRS pairs, evdir/
     pref.jsonl (a gptforge task: the prompt, the real and the rejected reply in random order) and
     evdir/replies.txt (the real replies, for bits per byte)."""
+    from data import write_jsonl
+
     pairs = [json.loads(x) for x in (data / "pairs.jsonl").read_text(encoding="utf-8").splitlines()]
     train, held = pairs[:-EVAL_PAIRS], pairs[-EVAL_PAIRS:]
-    (data / "dpo_pairs.jsonl").write_text("".join(json.dumps(p, ensure_ascii=False) + "\n" for p in train),
-                                          encoding="utf-8")
+    write_jsonl(data / "dpo_pairs.jsonl", train)
     evdir.mkdir(parents=True, exist_ok=True)
     rng, rows = random.Random(0), []
     for p in held:
         first = rng.random() < 0.5
         rows.append({"context": p["prompt"], "choices": [p["chosen"], p["rejected"]][::1 if first else -1],
                      "label": 0 if first else 1})
-    (evdir / "pref.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows),
-                                      encoding="utf-8")
+    write_jsonl(evdir / "pref.jsonl", rows)
     (evdir / "replies.txt").write_text("\n\n".join(p["chosen"] for p in held) + "\n", encoding="utf-8")
 
 
