@@ -95,6 +95,8 @@ def test_script_and_module_targets_and_timeout(capsys, tmp_path, monkeypatch):
 
 
 SPY_TIMEOUT = r'''
+import os
+
 import torch.distributed as dist
 from gptforge.config.schema import ParallelSection
 from gptforge.parallel.exit import run_main
@@ -104,7 +106,9 @@ real = dist.init_process_group
 
 
 def spy(*args, **kwargs):
-    print(f"collective timeout {kwargs['timeout'].total_seconds():.0f} s", flush=True)
+    # one write of the whole line: print() writes the text and the newline apart, and the two ranks'
+    # lines interleaved on the shared pipe ("... 77 scollective timeout 77 s\n\n")
+    os.write(1, f"collective timeout {kwargs['timeout'].total_seconds():.0f} s\n".encode())
     return real(*args, **kwargs)
 
 
