@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gptforge.config.presets import preset_model
-from gptforge.config.schema import Config
+from gptforge.config.schema import RECIPE_KEYS, Config
 from gptforge.config.validate import check_config
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig
@@ -142,7 +142,73 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
     base = _with_defaults(Config(model=preset_model(preset)), {k: v for k, v in defaults.items() if k != "model"})
     if fargs:
         base = parse_options(Config, fargs, prog, default=base, where=f"in {config_file}", config_keys=True)
-    return check_config(parse_options(Config, argv, prog, default=base, config_keys=True))
+    cfg = check_config(parse_options(Config, argv, prog, default=base, config_keys=True))
+    cfg.explicit = explicit_keys(fargs) | explicit_keys(argv)
+    return cfg
+
+
+# flags that are short aliases of a config key (schema.py's _alias)
+_ALIASES = {"out": "train.out_dir", "resume": "train.resume", "compile": "train.compile",
+            "init_from": "train.init_from", "auto": "train.auto"}
+
+
+def explicit_keys(args: list[str]) -> set[str]:
+    """The config keys a command line (or a config file's arguments) sets explicitly: "section.key"."""
+    keys = set()
+    for a in args:
+        if a == "--":
+            break
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            keys.add(_ALIASES.get(name, name))
+    return keys
+
+
+def _legacy_default(f: dataclasses.Field):
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def _same_kind(value, default) -> bool:
+    if value is None or default is None:
+        return True  # Optional keys; the range checks below catch the rest
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return type(value) is type(default)
+
+
+def restore_recipe(cfg: Config, saved: dict, where: str) -> list[str]:
+    """A resume trains on with the settings the run was started with: every model key and every recipe key of
+    the train section (schema.RECIPE_KEYS) takes its value from the checkpoint's config.json, unless this command
+    line or config file sets it (cfg.explicit). A key the saved config lacks (a checkpoint written before the key
+    existed) takes the key's dataclass default, which is always the behaviour from before the key. So a preset's
+    new defaults never change a run already under way. A saved config without a train section (written by no
+    gptforge version) leaves the train keys alone. -> the keys changed, as "key=value"."""
+    if not isinstance(saved, dict):
+        raise UserError(f"{where} is not a table of config sections; resume from another checkpoint")
+    explicit = getattr(cfg, "explicit", set())
+    changed = []
+    for section, keys in (("model", None), ("train", RECIPE_KEYS)):
+        if section not in saved:
+            continue
+        obj, values = getattr(cfg, section), saved[section]
+        if not isinstance(values, dict):
+            raise UserError(f"{where}: section '{section}' is not a table; resume from another checkpoint")
+        for f in dataclasses.fields(obj):
+            key = f"{section}.{f.name}"
+            if (keys is not None and f.name not in keys) or key in explicit:
+                continue
+            default = _legacy_default(f)
+            value = values.get(f.name, default)
+            if not _same_kind(value, default):
+                raise UserError(f"{where}: {key}={_short(value)} is not a {type(default).__name__}; "
+                                "resume from another checkpoint")
+            if getattr(obj, f.name) != value:
+                setattr(obj, f.name, value)
+                changed.append(f"{key}={_short(value)}")
+    check_config(cfg)
+    return changed
 
 
 def resolve_model(model: GPTConfig, tokenizer_vocab: int | None = None, multiple: int = VOCAB_MULTIPLE) -> GPTConfig:

@@ -149,6 +149,15 @@ class DPOSection:
     """score the data with the reference once before training and free it (else keep a frozen copy)"""
 
 
+# The train keys that make up a run's recipe: a resume takes them from the checkpoint's config.json unless the
+# command line sets them (config.loader.restore_recipe), so that changed defaults never alter a run under way.
+RECIPE_KEYS = frozenset({
+    "optimizer", "lr", "embed_lr", "head_lr", "scalar_lr", "muon_lr", "muon_momentum", "muon_weight_decay",
+    "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
+    "micro_batch", "grad_accum",
+})
+
+
 @dataclass
 class Config:
     model: GPTConfig = field(default_factory=lambda: preset_model("nano"))

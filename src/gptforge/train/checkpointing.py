@@ -13,18 +13,14 @@ import torch
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import on_main
-from gptforge.train.preempt import elastic_restart
+from gptforge.train.preempt import resume_setting
 
 
 class Checkpointing:
     """Mixed into Trainer (which provides model, optimizer, env, tcfg, out_dir, guard, print, ...)."""
 
     def resume_setting(self) -> str | None:
-        """train.resume, or "auto" when torchrun restarted the workers (launch --max-restarts): they continue."""
-        r = self.tcfg.resume
-        if r in ("none", "", None) and elastic_restart() > 0:
-            return "auto"
-        return r
+        return resume_setting(self.tcfg.resume)
 
     def _check_out_dir(self) -> None:
         """A new run (no train.resume) must not mix its checkpoints with another run's: refuse, nothing deleted."""

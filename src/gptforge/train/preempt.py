@@ -61,6 +61,13 @@ def elastic_restart() -> int:
         return 0
 
 
+def resume_setting(resume: str | None) -> str | None:
+    """train.resume, or "auto" when torchrun restarted the workers (launch --max-restarts): they continue."""
+    if resume in ("none", "", None) and elastic_restart() > 0:
+        return "auto"
+    return resume
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:300] if text else ''}"

@@ -3,7 +3,6 @@ parallelize -> Trainer. A stage (gptforge.train.recipes) supplies only its data,
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 import tempfile
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gptforge import checkpoint as ckpt_mod
-from gptforge.config.loader import VOCAB_MULTIPLE, config_json, resolve_model, save_config
+from gptforge.config.loader import VOCAB_MULTIPLE, config_json, resolve_model, restore_recipe, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, vocab_multiple
@@ -22,10 +21,10 @@ from gptforge.model.gpt import build_model
 from gptforge.objectives.head import resolve_loss_impl
 from gptforge.parallel import hang
 from gptforge.parallel.layout import settle_layout
-from gptforge.parallel.mesh import DistEnv, init_distributed, shutdown
+from gptforge.parallel.mesh import DistEnv, init_distributed, on_main, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
-from gptforge.train.preempt import elastic_restart
+from gptforge.train.preempt import resume_setting
 from gptforge.train.trainer import Trainer, autocast
 
 
@@ -90,30 +89,34 @@ def tokenizer_files(tok) -> dict[str, bytes]:
         return {f.name: f.read_bytes() for f in Path(d).iterdir() if f.is_file()}
 
 
-def resumed_vocab(cfg: Config, env: DistEnv, vocab_size: int) -> int | None:
-    """A resume keeps the checkpoint's vocab (the tokenizer's vocab rounded to 64 on a CPU, to 128 on a GPU):
-    a run started on one resumes on the other. None when not resuming or no checkpoint is there."""
-    r = cfg.train.resume
+def restore_recipe_on_resume(cfg: Config, env: DistEnv) -> None:
+    """A resume (train.resume, or a torchrun restart) trains on with the model and recipe the run started with:
+    config.loader.restore_recipe from the newest checkpoint's config.json as rank 0 reads it, the same on every rank."""
+    r = resume_setting(cfg.train.resume)
     if r in ("none", "", None):
-        if elastic_restart() == 0:
-            return None
-        r = "auto"
+        return
     found = ckpt_mod.resume_candidates(r, Path(cfg.train.out_dir), env)
     if not found:
-        return None
-    saved = ckpt_mod.saved_model_config(found[0], env).get("vocab_size")
-    return saved if isinstance(saved, int) and saved >= vocab_size else None
+        return
+    ck = found[0]
+    saved = on_main(lambda: ckpt_mod.read_json(ck, "config.json") if (ck / "config.json").is_file() else {}, env)
+    if not isinstance(saved, dict):
+        raise UserError(f"checkpoint '{ck}': config.json is not a table of config sections; resume from another "
+                        "checkpoint")
+    # the model as built (vocab_size resolved: a run started on a CPU resumes on a GPU with its own vocab)
+    saved = {k: v for k, v in saved.items() if k == "train"} | {"model": ckpt_mod.saved_model_config(ck, env)}
+    changed = restore_recipe(cfg, saved, f"checkpoint '{ck}'")
+    if changed and env.is_main:
+        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+        print(f"resume: the run's own settings from {ck.name}/config.json: {shown}", flush=True)
 
 
 def init_model(cfg: Config, env: DistEnv, vocab_size: int):
     """Build on meta and materialise on the device, from the config or from --init-from's config and weights.
     -> (model, complete GPTConfig)."""
     init_from = cfg.train.init_from
-    model_section = cfg.model
-    if not init_from and model_section.vocab_size is None and (saved := resumed_vocab(cfg, env, vocab_size)):
-        model_section = dataclasses.replace(model_section, vocab_size=saved)
     mcfg = init_model_config(init_from) if init_from else resolve_model(
-        model_section, vocab_size, vocab_multiple(env.device, VOCAB_MULTIPLE))
+        cfg.model, vocab_size, vocab_multiple(env.device, VOCAB_MULTIPLE))
     if mcfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {mcfg.vocab_size}; "
                         "use the tokenizer the model was trained with or raise model.vocab_size")
@@ -174,6 +177,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
     """Train one stage on this process (torchrun starts one per rank); returns the Trainer's result."""
     env = init_distributed(cfg.parallel, cfg.train.device)
     try:
+        restore_recipe_on_resume(cfg, env)
         recipe = recipe_cls(cfg, env)
         tok = recipe.tokenizer()
         model, mcfg = init_model(cfg, env, tok.vocab_size)
