@@ -119,21 +119,31 @@ class _Style:
 
 
 def _tuple_len(tp) -> int:
-    """n for a field of type tuple[str, ...n] (or that | None), else 0."""
+    """n for a field of type tuple[str, ...n] (or that | None), -1 for tuple[str, ...] (any number), else 0."""
     for t in (tp, *typing.get_args(tp)):
-        if typing.get_origin(t) is tuple and Ellipsis not in typing.get_args(t):
-            return len(typing.get_args(t))
+        if typing.get_origin(t) is tuple:
+            return -1 if Ellipsis in typing.get_args(t) else len(typing.get_args(t))
     return 0
+
+
+def _is_flag(a: str, fields: dict, aliases: dict) -> bool:
+    """Is `a` one of the command's own flags (which ends the values of a tuple of any length)?"""
+    flag = a.split("=", 1)[0]
+    return a.startswith("-") and (flag in ("-h", "--help", "--") or flag in aliases or _key(flag) in fields)
 
 
 def _protect_tuple_values(cls: type, argv: list[str]) -> list[str]:
     """The parser takes '--x=1' after a flag for another option, but ' --x=1' for a value: the values of a tuple
-    field that start with '-' get a leading space (shlex.split and str.split drop it again)."""
+    field that start with '-' get a leading space (shlex.split and str.split drop it again). A tuple of any
+    length takes the values up to the next of the command's own flags."""
     fields, out, n = _fields(cls), [], 0
+    aliases = {a: k for k, (_, al) in fields.items() for a in al}
     for a in argv:
+        if n < 0 and _is_flag(a, fields, aliases):
+            n = 0
         if n:
             out.append(" " + a if a.startswith("-") else a)
-            n -= 1
+            n -= 1 if n > 0 else 0
             continue
         out.append(a)
         if a.startswith("--") and "=" not in a:
@@ -148,8 +158,10 @@ def check_flags(cls: type, argv: list[str], where: str = "on the command line", 
     style = _Style(config_keys)
     takes_value, verbatim = False, 0
     for a in argv:
+        if verbatim < 0 and _is_flag(a, fields, aliases):  # the end of a tuple of any length (bench --to-loss)
+            verbatim = 0
         if verbatim:  # the values of a tuple field (e.g. bench --compare A B) may look like options
-            verbatim -= 1
+            verbatim -= 1 if verbatim > 0 else 0
             continue
         if not a.startswith("-") or _is_number(a):
             if not takes_value:

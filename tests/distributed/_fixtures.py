@@ -9,6 +9,7 @@ import pytest
 from conftest import tiny_args
 
 LLAMA = ["--model.arch=llama", "--model.n_kv_head=2", "--model.bias=false"]
+MUON = ["--train.optimizer=muon", "--train.muon_lr=0.02"]
 
 
 def run_args(out_dir, data_dir, *extra: str) -> list[str]:
@@ -29,6 +30,19 @@ def base_gpt2(tmp_path_factory, char_data):
     out = tmp_path_factory.mktemp("base_gpt2")
     train_in_process(out, char_data, "--train.micro_batch=8", "--train.save_every=5")
     return out
+
+
+@pytest.fixture(scope="module")
+def base_gpt2_muon(tmp_path_factory, char_data):
+    """base_gpt2 with train.optimizer=muon (Muon for the block matrices, AdamW for the rest)."""
+    out = tmp_path_factory.mktemp("base_gpt2_muon")
+    train_in_process(out, char_data, *MUON, "--train.micro_batch=8", "--train.save_every=5")
+    return out
+
+
+def baseline(request, optimizer: str):
+    """The one-process run of `optimizer` (adamw: base_gpt2; muon: base_gpt2_muon) for a parametrized test."""
+    return request.getfixturevalue("base_gpt2" if optimizer == "adamw" else "base_gpt2_muon")
 
 
 @pytest.fixture(scope="module")

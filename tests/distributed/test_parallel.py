@@ -1,33 +1,63 @@
 """DDP, FSDP2, TP (+ sequence parallel), dp x tp, grad accumulation and DCP resharding under real
-torchrun (gloo, CPU, fp32), each compared with one process training on the same global batch."""
+torchrun (gloo, CPU, fp32), each compared with one process training on the same global batch; DDP, FSDP2
+(also with uneven shards), TP and the resumes with train.optimizer=muon too (Muon orthogonalises whole
+matrices: a shard's update must equal the one-process update)."""
 
 from __future__ import annotations
 
 import pytest
 
 from distributed._harness import assert_losses_close, read_losses, torchrun
-from distributed._fixtures import LLAMA, base_gpt2, base_llama, run_args, train_in_process  # noqa: F401
+from distributed._fixtures import (LLAMA, MUON, base_gpt2, base_gpt2_muon, base_llama, baseline,  # noqa: F401
+                                   run_args, train_in_process)
 
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_ddp_2_ranks(tmp_path, char_data, base_gpt2):
+OPT = {"adamw": [], "muon": MUON}
+
+
+@pytest.mark.parametrize("optimizer", OPT)
+def test_ddp_2_ranks(tmp_path, char_data, request, optimizer):
     torchrun(2, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=4", "--parallel.strategy=ddp",
-                                       "--train.stop_after=5")])
-    assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[:5])
+                                       "--train.stop_after=5", *OPT[optimizer])])
+    assert_losses_close(read_losses(tmp_path), read_losses(baseline(request, optimizer))[:5])
+
+
+def _fsdp_2_ranks(tmp_path_factory, char_data, optimizer: str):
+    """FSDP2 on 2 ranks, 10 steps, checkpoints at steps 5 and 10."""
+    out = tmp_path_factory.mktemp(f"fsdp2_{optimizer}")
+    torchrun(2, ["pretrain", *run_args(out, char_data, "--train.micro_batch=4", "--parallel.strategy=fsdp",
+                                       "--train.save_every=5", *OPT[optimizer])])
+    return out
 
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, char_data):
-    """FSDP2 on 2 ranks, 10 steps, checkpoints at steps 5 and 10."""
-    out = tmp_path_factory.mktemp("fsdp2")
-    torchrun(2, ["pretrain", *run_args(out, char_data, "--train.micro_batch=4", "--parallel.strategy=fsdp",
-                                       "--train.save_every=5")])
-    return out
+    return _fsdp_2_ranks(tmp_path_factory, char_data, "adamw")
 
 
-def test_fsdp_2_ranks(fsdp_run, base_gpt2):
-    assert_losses_close(read_losses(fsdp_run), read_losses(base_gpt2))
+@pytest.fixture(scope="module")
+def fsdp_muon_run(tmp_path_factory, char_data):
+    return _fsdp_2_ranks(tmp_path_factory, char_data, "muon")
+
+
+def fsdp_of(request, optimizer: str):
+    return request.getfixturevalue("fsdp_run" if optimizer == "adamw" else "fsdp_muon_run")
+
+
+@pytest.mark.parametrize("optimizer", OPT)
+def test_fsdp_2_ranks(request, optimizer):
+    assert_losses_close(read_losses(fsdp_of(request, optimizer)), read_losses(baseline(request, optimizer)))
+
+
+def test_fsdp_muon_uneven_shards(tmp_path, char_data):
+    """Muon with FSDP2 when a matrix's rows do not split evenly (d_ff 99: up_proj 50 + 49 rows)."""
+    odd = [*MUON, "--model.d_ff=99", "--train.stop_after=5"]
+    train_in_process(tmp_path / "one", char_data, "--train.micro_batch=8", *odd)
+    torchrun(2, ["pretrain", *run_args(tmp_path / "fsdp", char_data, "--train.micro_batch=4",
+                                       "--parallel.strategy=fsdp", *odd)])
+    assert_losses_close(read_losses(tmp_path / "fsdp"), read_losses(tmp_path / "one"))
 
 
 def _ckpt5(run_dir):
@@ -50,22 +80,29 @@ def test_dcp_resume_on_4_ranks(tmp_path, char_data, fsdp_run, base_gpt2):
     assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[5:])
 
 
-def test_dcp_resume_on_1_process(tmp_path, char_data, fsdp_run, base_gpt2):
-    train_in_process(tmp_path, char_data, "--train.micro_batch=8", f"--train.resume={_ckpt5(fsdp_run)}")
-    assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[5:])
+@pytest.mark.parametrize("optimizer", OPT)
+def test_dcp_resume_on_1_process(tmp_path, char_data, request, optimizer):
+    """A sharded (FSDP2) checkpoint, its optimizer state (Muon's momentum too) gathered into one process."""
+    train_in_process(tmp_path, char_data, "--train.micro_batch=8", *OPT[optimizer],
+                     f"--train.resume={_ckpt5(fsdp_of(request, optimizer))}")
+    assert_losses_close(read_losses(tmp_path), read_losses(baseline(request, optimizer))[5:])
 
 
-def test_exact_resume_same_world_size(tmp_path, char_data, fsdp_run):
+@pytest.mark.parametrize("optimizer", OPT)
+def test_exact_resume_same_world_size(tmp_path, char_data, request, optimizer):
+    run = fsdp_of(request, optimizer)
     torchrun(2, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=4", "--parallel.strategy=fsdp",
-                                       f"--train.resume={_ckpt5(fsdp_run)}")])
-    assert read_losses(tmp_path) == read_losses(fsdp_run)[5:]  # bitwise
+                                       *OPT[optimizer], f"--train.resume={_ckpt5(run)}")])
+    assert read_losses(tmp_path) == read_losses(run)[5:]  # bitwise
 
 
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
-def test_tp_2_ranks(tmp_path, char_data, base_gpt2, sp):
+@pytest.mark.parametrize("sp,optimizer", [(False, "adamw"), (True, "adamw"), (False, "muon")],
+                         ids=["tp2", "tp2-sequence-parallel", "tp2-muon"])
+def test_tp_2_ranks(tmp_path, char_data, request, sp, optimizer):
     torchrun(2, ["pretrain", *run_args(tmp_path, char_data, "--train.micro_batch=8", "--parallel.tp=2",
-                                       f"--parallel.sequence_parallel={str(sp).lower()}", "--train.stop_after=5")])
-    assert_losses_close(read_losses(tmp_path), read_losses(base_gpt2)[:5])
+                                       f"--parallel.sequence_parallel={str(sp).lower()}", "--train.stop_after=5",
+                                       *OPT[optimizer])])
+    assert_losses_close(read_losses(tmp_path), read_losses(baseline(request, optimizer))[:5])
 
 
 def test_dp2_x_tp2_llama_gqa_sequence_parallel(tmp_path, char_data, base_llama):

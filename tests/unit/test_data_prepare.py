@@ -123,7 +123,7 @@ def test_errors_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="no text found"):
         prepare(str(tmp_path / "blank.jsonl"), tmp_path / "out", "gpt2", progress=False)
     with pytest.raises(UserError, match="val-fraction"):
-        prepare(str(bad), tmp_path / "out", "char", val_fraction=0)
+        prepare(str(bad), tmp_path / "out", "char", val_fraction=0.5)  # 0 is allowed: no validation split
     assert not (tmp_path / "out" / "meta.json").exists() and not list((tmp_path / "out").glob("*.tmp"))
 
 

@@ -143,11 +143,17 @@ def _hf_random(kind: str, path: Path):
         conf = transformers.GPT2Config(vocab_size=101, n_positions=40, n_embd=48, n_layer=3, n_head=4,
                                        layer_norm_epsilon=1e-5, bos_token_id=0, eos_token_id=0)
         model = transformers.GPT2LMHeadModel(conf)
-    else:  # TinyLlama shape, scaled down: GQA, untied
+    elif kind == "llama":  # TinyLlama shape, scaled down: GQA, untied
         conf = transformers.LlamaConfig(vocab_size=103, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=48,
                                         rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
         model = transformers.LlamaForCausalLM(conf)
+    else:  # Qwen3: Llama + q/k norms; tied as the small Qwen3 models
+        conf = transformers.Qwen3Config(vocab_size=103, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        max_position_embeddings=48, rms_norm_eps=1e-6, rope_theta=1e6,
+                                        tie_word_embeddings=True)
+        model = transformers.Qwen3ForCausalLM(conf)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if p.dim() == 1:
@@ -156,11 +162,11 @@ def _hf_random(kind: str, path: Path):
     return model
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen3"])
 def test_import_model_made_by_transformers(tmp_path, kind):
     hf = _hf_random(kind, tmp_path / "hf")
     ours, cfg, tok = import_hf(tmp_path / "hf")
-    assert tok is None and cfg.arch == kind
+    assert tok is None and cfg.arch == {"qwen3": "llama"}.get(kind, kind) and cfg.qk_norm == (kind == "qwen3")
     V = hf.config.vocab_size  # ours is padded to a multiple of 64
     x = torch.randint(0, V, (2, 30))
     with torch.no_grad():
@@ -265,3 +271,118 @@ def test_errors_import(tmp_path):
     (tmp_path / "ll" / "config.json").write_text(json.dumps(conf | {"num_hidden_layers": 3}))
     with pytest.raises(UserError, match="do not match"):
         import_hf(tmp_path / "ll")
+
+
+# ---- the block options: Qwen3 export, refusals ----------------------------------------------------
+def _trained(cfg: GPTConfig, tok, steps: int = 60):
+    """A model that has learnt TEXT a little, so its greedy continuation is text, not near-ties."""
+    torch.manual_seed(0)
+    model = build_model(cfg, seed=3)
+    ids = torch.tensor(tok.encode(TEXT * 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        s = torch.randint(0, len(ids) - 25, (8,), generator=g)
+        x = torch.stack([ids[i:i + 24] for i in s])
+        y = torch.stack([ids[i + 1:i + 25] for i in s])
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), loss.item()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_qwen3_export_matches_transformers_logits_and_greedy_text(tmp_path, tok, tie):
+    """arch llama + qk_norm (+ GQA, no bias, zero-initialised projections) is Qwen3's layout: exported as
+    Qwen3ForCausalLM, transformers' logits and greedy text equal ours; it reads back as the same model."""
+    from gptforge.model.sampling import generate_ids
+
+    cfg = GPTConfig(**(small_cfg("llama", 2, False, tie).to_dict() | {"qk_norm": True, "zero_init_proj": True}))
+    ours, loss = _trained(cfg, tok)
+    assert loss < 2.0, loss
+    with torch.no_grad():  # q/k gains away from 1, so a missing or swapped norm shows
+        for n, p in ours.named_parameters():
+            if "q_norm" in n or "k_norm" in n:
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))))
+    with tempfile.TemporaryDirectory() as d:
+        tok.save(d)
+        out = export_model(ours, cfg.complete(), tmp_path / "hf", tokenizer_dir=d)
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["model_type"] == "qwen3" and conf["architectures"] == ["Qwen3ForCausalLM"]
+    assert (conf["head_dim"], conf["rms_norm_eps"], conf["rope_theta"], conf["tie_word_embeddings"]) == \
+        (16, 1e-5, 5000.0, tie)
+    assert conf["attention_bias"] is False and conf["use_sliding_window"] is False and conf["sliding_window"] is None
+    assert conf["num_key_value_heads"] == 2
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(hf) is transformers.Qwen3ForCausalLM
+    assert hf.model.layers[0].self_attn.q_norm.weight.shape == (16,)
+    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = ours(x)
+        d = max_diff(hf(x).logits, ref)
+    assert d < 1e-5, d
+
+    prompt = tok.encode("the quick brown")
+    mine = list(generate_ids(ours, prompt, 16, temperature=0, stop_ids={tok.eos_id}))
+    with torch.no_grad():
+        theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
+                             pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+    assert mine == theirs and len(mine) == 16
+    text = tok.decode(mine)
+    assert text == tok.decode(theirs) and "fox" in text, text  # it learnt the text: real words, not ties
+
+    back, bcfg, _ = import_hf(out)  # Qwen3 folder -> ours: the same model (init is not recorded)
+    assert bcfg.qk_norm and bcfg.arch == "llama"
+    assert {k: v for k, v in bcfg.to_dict().items() if k != "zero_init_proj"} == \
+        {k: v for k, v in cfg.complete().to_dict().items() if k != "zero_init_proj"}
+    with torch.no_grad():
+        assert torch.equal(back(x), ref)
+
+
+@pytest.mark.parametrize("arch,opts,key", [
+    ("llama", {"logit_softcap": 30.0}, "model.logit_softcap"),
+    ("gpt2", {"logit_softcap": 15.0}, "model.logit_softcap"),
+    ("llama", {"mlp_act": "relu2"}, "model.mlp_act"),
+    ("llama", {"mlp_act": "gelu"}, "model.mlp_act"),
+    ("gpt2", {"mlp_act": "relu2"}, "model.mlp_act"),
+    ("gpt2", {"mlp_act": "swiglu"}, "model.mlp_act"),
+    ("gpt2", {"qk_norm": True}, "model.qk_norm"),
+    ("llama", {"qk_norm": True, "bias": True}, "model.qk_norm"),
+])
+def test_options_without_a_transformers_equivalent_refuse_export(tmp_path, tok, arch, opts, key):
+    from gptforge.hf.mapping import check_exportable
+
+    cfg = GPTConfig(**(small_cfg(arch, 4, arch == "gpt2", True).to_dict() | opts)).complete()
+    with pytest.raises(UserError, match=key.replace(".", r"\.")) as e:
+        check_exportable(cfg)
+    assert "\n" not in str(e.value)
+    _, ck = make_checkpoint(tmp_path / "run", cfg, tok)
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        export_hf(ck, tmp_path / "out")
+    assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+def test_zero_init_and_explicit_default_activation_export(tmp_path, tok):
+    """zero_init_proj is only an initialisation; mlp_act set to the arch's own activation is the same model."""
+    for arch, act in (("gpt2", "gelu"), ("llama", "swiglu")):
+        cfg = GPTConfig(**(small_cfg(arch, 4, arch == "gpt2", False).to_dict()
+                           | {"zero_init_proj": True, "mlp_act": act}))
+        ours, _ = make_checkpoint(tmp_path / arch, cfg, tok)
+        out = export_hf(tmp_path / arch, tmp_path / f"hf-{arch}")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+        x = torch.randint(0, VOCAB, (1, 12))
+        with torch.no_grad():
+            assert max_diff(hf(x).logits, ours(x)) < 1e-5
+
+
+def test_qwen3_import_refusals():
+    from gptforge.hf.mapping import gpt_config_from_hf
+
+    base = {"model_type": "qwen3", "vocab_size": 64, "hidden_size": 64, "intermediate_size": 96,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+    assert gpt_config_from_hf(base).qk_norm
+    for extra, words in (({"head_dim": 128}, "head_dim=128"), ({"attention_bias": True}, "attention_bias"),
+                         ({"use_sliding_window": True}, "sliding_window")):
+        with pytest.raises(UserError, match=words):
+            gpt_config_from_hf(base | extra)

@@ -7,18 +7,25 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
 from conftest import read_losses, tiny_args
 from gptforge.checkpoint import STATE_FILE
 from gptforge.cli import main
 from test_checkpoint_safety import assert_same_weights, one_line_error, tree_digest
 
 
+OPTIMIZERS = {"adamw": [], "muon": ["--train.optimizer=muon"]}  # muon: its own step skipped on the device too
+
+
 def state(run: Path, step: int) -> dict:
     return json.loads((run / "checkpoints" / f"step_{step:07d}" / STATE_FILE).read_text())
 
 
-def test_injected_nan_is_skipped_counted_and_equals_a_run_without_that_update(tmp_path, char_data, monkeypatch, capsys):
-    n = ["--train.max_steps=6"]
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_injected_nan_is_skipped_counted_and_equals_a_run_without_that_update(tmp_path, char_data, monkeypatch, capsys,
+                                                                             optimizer):
+    n = ["--train.max_steps=6", *OPTIMIZERS[optimizer]]
     monkeypatch.setenv("GPTFORGE_INJECT_NAN_AT_STEP", "3")
     nan_run = tmp_path / "nan"
     assert main(["pretrain", *tiny_args(nan_run, char_data, *n, "--train.log_every=1")]) == 0
@@ -43,8 +50,9 @@ def test_injected_nan_is_skipped_counted_and_equals_a_run_without_that_update(tm
     assert_same_weights(nan_run / "checkpoints/step_0000006", three / "checkpoints/step_0000006")
 
 
-def test_k_bad_steps_in_a_row_roll_back_to_the_last_checkpoint(tmp_path, char_data, monkeypatch, capsys):
-    args = ["--train.max_steps=8", "--train.save_every=4", "--train.keep_last=3"]
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_k_bad_steps_in_a_row_roll_back_to_the_last_checkpoint(tmp_path, char_data, monkeypatch, capsys, optimizer):
+    args = ["--train.max_steps=8", "--train.save_every=4", "--train.keep_last=3", *OPTIMIZERS[optimizer]]
     ref = tmp_path / "ref"
     assert main(["pretrain", *tiny_args(ref, char_data, *args)]) == 0
     monkeypatch.setenv("GPTFORGE_INJECT_NAN_AT_STEP", "5,6")  # transient: the replayed steps 5, 6 are clean

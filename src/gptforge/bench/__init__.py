@@ -6,10 +6,12 @@
     gptforge bench --single --preset nano --micro-batch 16 --precision bf16 --compile --json nano.json
     gptforge bench --sweep --preset small --precision bf16 --compile --micro-batch 64 --sweep-grid none
     gptforge bench --compare "train.precision=fp32" "train.precision=bf16 train.compile=true" --preset nano
+    gptforge bench --to-loss "" "train.lr=3e-3 train.schedule=wsd" --steps 600 --eval-every 50 --val-path val.txt
 
 One device (``--single``, ``--sweep``, ``--compare``: ``gptforge.bench.device``, ``sweep``, ``compare``): ms/step,
 tokens/s, MFU, peak memory and loader wait of one run, the largest micro-batch that fits and the fastest
-settings, or two settings run interleaved in one invocation with their ratio.
+settings, or two settings run interleaved in one invocation with their ratio. ``--to-loss A B ...``
+(``gptforge.bench.to_loss``): steps, tokens and training seconds each recipe takes to reach a validation loss.
 
 On one machine (``local``) every mode trains the same model with the same *per-rank* micro-batch, so
 DDP/FSDP with N ranks do N times the work of one process per step. With ``--nodes 2`` (``nodes``) two
@@ -21,12 +23,19 @@ warm-up steps, read from each run's metrics.jsonl.
 
 from __future__ import annotations
 
-from gptforge.bench import compare, device, local, nodes, sweep
+from gptforge.bench import compare, device, local, nodes, sweep, to_loss
 from gptforge.bench.options import BenchOptions
 from gptforge.errors import UserError
 
 
 def main(a: BenchOptions) -> int:
+    if a.to_loss is not None:
+        return to_loss.main(a)
+    given = [f for f, v in (("--target-loss", a.target_loss), ("--eval-every", a.eval_every),
+                            ("--val-path", a.val_path), ("--baseline-json", a.baseline_json)) if v is not None]
+    if given:
+        raise UserError(f"{', '.join(given)} {'goes' if len(given) == 1 else 'go'} with --to-loss A B ...; "
+                        "add --to-loss or leave them out")
     if a.compare:
         return compare.main(a)
     if a.sweep:

@@ -48,14 +48,15 @@ def format_compare(a_row: dict, b_row: dict, ratio: dict) -> str:
 
 def main(a: BenchOptions) -> int:
     check(a)
-    if a.rounds < 1:
-        raise UserError(f"--rounds must be at least 1, got {a.rounds}")
+    rounds = 2 if a.rounds is None else a.rounds
+    if rounds < 1:
+        raise UserError(f"--rounds must be at least 1, got {rounds}")
     texts = {n: t.strip() for n, t in zip("AB", a.compare)}
     extra = {n: setting_args(t) for n, t in texts.items()}
     runs: dict[str, list[dict]] = {"A": [], "B": []}
     order: list[str] = []
     with tempfile.TemporaryDirectory(prefix="gptforge-bench-compare-") as tmp:
-        for n, i in schedule(a.rounds):
+        for n, i in schedule(rounds):
             r = run_once(a, Path(tmp), f"{n}{i}", knobs(a), extra[n])
             if r.get("oom"):
                 raise UserError(f"setting {n} ({texts[n]}) does not fit in GPU memory; lower --micro-batch")
@@ -65,7 +66,7 @@ def main(a: BenchOptions) -> int:
     ratio = {"step_ms": rows["B"]["step_ms"] / rows["A"]["step_ms"],
              "tokens_per_s": rows["B"]["tokens_per_s"] / rows["A"]["tokens_per_s"],
              "peak_memory": rows["B"]["peak_memory_bytes"] / rows["A"]["peak_memory_bytes"]}
-    print(header(a, runs["A"]) + f"; {a.rounds} round(s), order {' '.join(order)}")
+    print(header(a, runs["A"]) + f"; {rounds} round(s), order {' '.join(order)}")
     print(format_compare(rows["A"], rows["B"], ratio))
     write_json(a, {"A": rows["A"], "B": rows["B"], "ratio_b_over_a": ratio, "order": order,
                   "runs": runs["A"] + runs["B"]})

@@ -15,7 +15,8 @@ from gptforge.options import Passthrough
 class BenchOptions:
     """Step time of one training run single-process, under DDP and under FSDP2, or across two network-namespace
     nodes with a rate-limited link; or (--single, --sweep, --compare A B) one device measured: ms/step,
-    tokens/s, MFU, peak memory, loader wait (pretrain options after --)."""
+    tokens/s, MFU, peak memory, loader wait; or (--to-loss A B ...) the time recipes take to reach a validation
+    loss (pretrain options after --)."""
 
     single: bool = False
     """one device: N steps after the warm-up with the given micro-batch, context, precision, compile,
@@ -26,8 +27,23 @@ class BenchOptions:
     compare: tuple[str, str] | None = None
     """one device: two settings of pretrain options, run interleaved for --rounds and compared, e.g.
     --compare "train.precision=fp32" "train.precision=bf16 train.compile=true" (leading -- optional)"""
-    rounds: int = 2
-    """--compare: rounds of A and B (A B, then B A, ... so a drift of the machine cancels)"""
+    to_loss: tuple[str, ...] | None = None
+    """one device: two or more recipes (each a string of pretrain options, as --compare takes; the first is the
+    baseline) trained on the same data and validation set, side by side: steps, tokens and training seconds
+    (evaluation excluded) to reach --target-loss, interpolated between evaluations, the val loss at equal
+    tokens, peak memory; e.g. --to-loss "" "train.optimizer=muon" --steps 600 --eval-every 50"""
+    target_loss: float | None = None
+    """--to-loss: the validation loss to reach (default: the baseline's final val loss)"""
+    eval_every: int | None = None
+    """--to-loss: evaluate every this many steps (train.eval_every; default: --steps / 10)"""
+    val_path: str | None = None
+    """--to-loss: the validation text of every recipe (data.val_path; default: the training data's own split)"""
+    baseline_json: str | None = None
+    """--to-loss: an external baseline, {"name": .., "val_curve": [[tokens, seconds, loss], ...]} (e.g. parsed from
+    nanoGPT's log): it becomes the baseline and every recipe of --to-loss is compared with it"""
+    rounds: int | None = None
+    """--compare, --to-loss: rounds of the settings, the order alternating (A B, then B A, ... so a drift of the
+    machine cancels); default 2 for --compare, 1 for --to-loss"""
     compile: bool = False
     """one device: torch.compile the model"""
     activation_checkpointing: bool = False

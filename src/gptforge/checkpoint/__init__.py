@@ -324,8 +324,15 @@ def model_config(ckpt: Path):
 
 
 def saved_model_config(ckpt: Path, env) -> dict:
-    """model_config.json as rank 0 reads it, validated, on every rank (resume compares it to the model)."""
-    return on_main(lambda: model_config(ckpt) and read_json(ckpt, "model_config.json"), env)
+    """model_config.json as rank 0 reads it, validated, on every rank (resume compares it to the model).
+    Keys added to GPTConfig after the checkpoint was written (e.g. qk_norm) read as their defaults, which
+    are the behaviour such a checkpoint was trained with."""
+    def read() -> dict:
+        cfg = model_config(ckpt)
+        data = read_json(ckpt, "model_config.json")
+        return {k: v for k, v in cfg.to_dict().items() if k not in data} | data
+
+    return on_main(read, env)
 
 
 def tokenizer_id(tokenizer_json: bytes) -> str:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from gptforge.config.presets import preset_model
+from gptforge.config.presets import preset_model, preset_recipe
 from gptforge.config.schema import RECIPE_KEYS, Config
 from gptforge.config.validate import check_config
 from gptforge.errors import UserError
@@ -139,7 +139,10 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
     argv = joined + argv[len(cmd_args):]
     defaults = defaults or {}
     preset = _preset(argv) or _preset(fargs) or defaults.get("model", {}).get("preset") or "nano"
-    base = _with_defaults(Config(model=preset_model(preset)), {k: v for k, v in defaults.items() if k != "model"})
+    stage = {k: v for k, v in defaults.items() if k not in ("model", "preset_recipe")}
+    base = _with_defaults(Config(model=preset_model(preset)), stage)
+    if defaults.get("preset_recipe"):  # pretraining: the size's own recipe above the stage's defaults
+        base = _with_defaults(base, preset_recipe(preset))
     if fargs:
         base = parse_options(Config, fargs, prog, default=base, where=f"in {config_file}", config_keys=True)
     cfg = check_config(parse_options(Config, argv, prog, default=base, config_keys=True))

@@ -33,6 +33,18 @@ NOMINAL_VOCAB: dict[str, int] = {"micro": 128, "nano": 128, "minimind": 6400, "t
                                  "medium": 50304, "large": 50304, "llama-1b": 32000}
 
 
+# The pretraining recipe of each size (`gptforge pretrain` only; SFT and DPO keep their stage defaults): applied
+# above the stage's defaults and below a config file and the command line. Chosen by time to a target
+# validation loss (README "Time to quality", gptforge bench --to-loss). A resume keeps the recipe its run
+# started with (config.loader.restore_recipe), so changing these never alters a run under way.
+PRESET_RECIPES: dict[str, dict] = {}
+
+
+def preset_recipe(name: str) -> dict:
+    """{"train": {...}} of a named size for pretraining ({} when it has none)."""
+    return PRESET_RECIPES.get(name, {})
+
+
 def preset_model(name: str, nominal_vocab: bool = False, **overrides) -> GPTConfig:
     """The GPTConfig of a named size (+ overrides). vocab_size stays None (from the tokenizer) unless
     `nominal_vocab` asks for the size's usual one or an override sets it."""

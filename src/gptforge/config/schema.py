@@ -26,6 +26,12 @@ class DataSection:
     field: str = "text"
     """JSONL field holding the text"""
     val_fraction: float = 0.01
+    """share of the training data held out for validation (0: none); not used with data.val_path"""
+    val_path: Optional[str] = None
+    """validate on this text instead of a split of the training data: text/JSONL files, folders, globs, or a
+    prepared dataset dir (its val split); tokenized with the training data's tokenizer (a char vocab's unknown
+    characters: <|unk|>) and scored whole at every evaluation (train.eval_batches not used), so two runs are
+    judged on the same text; all of the training data then trains. SFT/DPO: a JSONL of conversations / pairs"""
 
 
 @dataclass
@@ -48,8 +54,33 @@ class TrainSection:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter (train.lr); muon: Muon (momentum, then Newton-Schulz orthogonalisation of
+    the whole matrix, also when FSDP/TP shard it) for the 2-D weight matrices of the blocks, AdamW (beta1, beta2,
+    weight_decay) for the embeddings (embed_lr), the head (head_lr) and norms, biases, gains (scalar_lr). Every
+    group's lr follows train.schedule (warmup, decay, min_lr_ratio) scaled to its own peak"""
+    muon_lr: float = 0.02
+    """optimizer=muon: peak lr of the block matrices, scaled per matrix as muon_adjust_lr says"""
+    muon_momentum: float = 0.95
+    """optimizer=muon: Muon's (Nesterov) momentum"""
+    muon_weight_decay: float = 0.0
+    """optimizer=muon: decoupled weight decay of the block matrices (each step W *= 1 - lr x this)"""
+    muon_ns_steps: int = 5
+    """optimizer=muon: Newton-Schulz iterations per step"""
+    muon_adjust_lr: Literal["original", "match_rms_adamw"] = "original"
+    """optimizer=muon: the per-matrix lr scale: original (Keller Jordan's) sqrt(max(1, rows/cols)), lr ~0.02;
+    match_rms_adamw (Moonshot's) 0.2 sqrt(max(rows, cols)): AdamW's lr and weight decay carry over"""
+    embed_lr: Optional[float] = None
+    """optimizer=muon: AdamW's peak lr for tok_emb, pos_emb (and a tied head); None: train.lr"""
+    head_lr: Optional[float] = None
+    """optimizer=muon: AdamW's peak lr for an untied lm_head; None: train.lr"""
+    scalar_lr: Optional[float] = None
+    """optimizer=muon: AdamW's peak lr for norm gains, biases and other non-matrix parameters; None: train.lr"""
     grad_clip: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that has it (else fp16); on a CPU with bf16 instructions, bf16 only where a ~1-2 s
+    start-up measurement of this model's shapes finds it faster than fp32 (cached per CPU and shape in the cache
+    dir's cpu_precision.json, the same choice on every rank); fp32 elsewhere"""
     compile: Annotated[bool, _alias("--compile")] = False
     tf32: bool = True
     """GPU: fp32 matmuls on TF32 tensor cores (no effect on a CPU)"""
@@ -153,8 +184,8 @@ class DPOSection:
 # command line sets them (config.loader.restore_recipe), so that changed defaults never alter a run under way.
 RECIPE_KEYS = frozenset({
     "optimizer", "lr", "embed_lr", "head_lr", "scalar_lr", "muon_lr", "muon_momentum", "muon_weight_decay",
-    "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction", "weight_decay", "beta1", "beta2", "grad_clip",
-    "micro_batch", "grad_accum",
+    "muon_ns_steps", "muon_adjust_lr", "min_lr_ratio", "warmup_steps", "schedule", "decay_fraction",
+    "weight_decay", "beta1", "beta2", "grad_clip", "micro_batch", "grad_accum",
 })
 
 

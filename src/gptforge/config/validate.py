@@ -10,6 +10,7 @@ from pathlib import Path
 
 from gptforge.config.schema import Config
 from gptforge.data.corpus import checked_cache_dir, check_writable
+from gptforge.data.sources import RECORD_FOLDER_SUFFIXES, TEXT_FOLDER_SUFFIXES, resolve_inputs
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
 
@@ -51,6 +52,14 @@ def check_config(cfg: Config) -> Config:
     _in_range("train.beta2", t.beta2, 0, 1, "e.g. 0.95")
     _in_range("train.min_lr_ratio", t.min_lr_ratio, 0, 1, "0.1 decays to a tenth of train.lr", high_open=False)
     _in_range("train.decay_fraction", t.decay_fraction, 0, 1, "e.g. 0.2", high_open=False)
+    _positive("train.muon_lr", t.muon_lr, "e.g. 0.02 (muon_adjust_lr=original)")
+    _in_range("train.muon_momentum", t.muon_momentum, 0, 1, "e.g. 0.95")
+    _finite("train.muon_weight_decay", t.muon_weight_decay)
+    _at_least("train.muon_weight_decay", t.muon_weight_decay, 0, "0 turns it off")
+    _in_range("train.muon_ns_steps", t.muon_ns_steps, 1, 100, "e.g. 5")
+    for key in ("embed_lr", "head_lr", "scalar_lr"):
+        if getattr(t, key) is not None:
+            _positive(f"train.{key}", getattr(t, key), "or leave it unset for train.lr")
     for key in ("weight_decay", "grad_clip"):
         v = getattr(t, key)
         _finite(f"train.{key}", v)
@@ -68,6 +77,8 @@ def check_config(cfg: Config) -> Config:
         _positive("train.epochs", t.epochs)
     check_device_name(t.device, "config key 'train.device'")
     _in_range("data.val_fraction", d.val_fraction, 0, 0.5, "e.g. 0.01")
+    if d.val_path is not None and not d.val_path.strip():
+        _fail("data.val_path", "a file, folder, glob or prepared dataset", d.val_path, "or leave it out")
     for key, low in (("dp_replicate", 1), ("tp", 1), ("timeout_s", 1), ("powersgd_rank", 1),
                      ("powersgd_start", 2), ("sync_every", 1)):
         _at_least(f"parallel.{key}", getattr(p, key), low)
@@ -83,6 +94,12 @@ def check_config(cfg: Config) -> Config:
 def check_run_paths(cfg: Config, needs_cache: bool) -> None:
     """The folders the run will write, checked before anything is built (one line naming the folder)."""
     check_writable(cfg.train.out_dir, "config key 'train.out_dir':", "choose a folder you can write to")
+    if cfg.data.val_path:  # before anything is built (each machine checks its own disk)
+        try:
+            resolve_inputs(cfg.data.val_path, field=cfg.data.field, flag="data.val_path",
+                           suffixes=TEXT_FOLDER_SUFFIXES if needs_cache else RECORD_FOLDER_SUFFIXES)
+        except UserError as e:
+            raise UserError(f"config key 'data.val_path': {e}") from None
     if needs_cache:
         path = cfg.data.path
         if path is None or "," in path or not (Path(path).expanduser() / "meta.json").is_file():

@@ -151,3 +151,45 @@ class TokenLoader(UnitLoader):
         rows = np.stack([self.tokens[w * self.T: w * self.T + self.T + 1] for w in units]).astype(np.int64)
         x = torch.from_numpy(rows)
         return {"input_ids": x[:, :-1].contiguous(), "labels": x[:, 1:].contiguous()}
+
+
+class FullPassLoader(TokenLoader):
+    """A fixed validation set (data.val_path) scored whole at every evaluation: every token after the first is
+    predicted exactly once, with the windows and contexts of `gptforge eval --text` (objectives.scoring,
+    rolling_logprob with stride = context): windows w*T .. w*T+T+1, and when (n-1) % T != 0 one more window
+    of the last T+1 tokens whose already-scored labels are masked (-100). iter_eval's max_batches is not used.
+
+    Ranks take batches of B consecutive windows (batch i of rank r: windows (i*dp + r)*B ...); rows past the
+    end are fully masked, so every rank runs the same number of forwards (FSDP, DDP). Each batch carries
+    loss_denom = label tokens of the whole set / (batches * dp ranks): the mean over batches and ranks that
+    Trainer.evaluate takes (LMObjective: sum over labels / loss_denom) is then the token mean over the set."""
+
+    def __init__(self, data_dir: str | Path, split: str, micro_batch: int, block_size: int, dp_rank: int = 0,
+                 dp_size: int = 1, seed: int = 0, name: str = "the validation set"):
+        tokens = open_tokens(data_dir, split)
+        if len(tokens) < block_size + 1:
+            raise UserError(f"{name} has {len(tokens)} tokens, fewer than one window of block_size+1 = "
+                            f"{block_size + 1}; give a longer validation text or use a smaller model.block_size")
+        super().__init__(data_dir, split, micro_batch, block_size, dp_rank, dp_size, seed, shuffle=False)
+
+    def windows(self) -> list[tuple[int, int]]:
+        """(start, labels masked at the front) of every window, in order."""
+        n, T = len(self.tokens), self.T
+        out = [(w * T, 0) for w in range((n - 1) // T)]
+        rest = (n - 1) % T
+        if rest:
+            out.append((n - 1 - T, T - rest))
+        return out
+
+    def iter_eval(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        wins, B, T, dp = self.windows(), self.B, self.T, self.dp_size
+        n_batches = -(-len(wins) // (B * dp))
+        denom = torch.tensor((len(self.tokens) - 1) / (n_batches * dp), dtype=torch.float32)
+        for i in range(n_batches):
+            first = (i * dp + self.dp_rank) * B
+            rows = [wins[k] if k < len(wins) else (0, T) for k in range(first, first + B)]
+            x = torch.from_numpy(np.stack([self.tokens[s:s + T + 1] for s, _ in rows]).astype(np.int64))
+            labels = x[:, 1:].clone()
+            for j, (_, skip) in enumerate(rows):
+                labels[j, :skip] = -100
+            yield {"input_ids": x[:, :-1].contiguous(), "labels": labels, "loss_denom": denom}

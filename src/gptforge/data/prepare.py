@@ -14,7 +14,14 @@ Streaming: the input is read in pieces and tokens are appended to the .bin files
 corpus larger than memory works; the pieces are encoded on all cores a few batches ahead (data/encode.py),
 with the same bytes as the serial path. The validation split is taken deterministically from the token stream:
 it is cut into blocks of VAL_BLOCK tokens and about one block in 1/val_fraction goes to val (spread over
-the whole corpus); a corpus too small for one such block gives val its last tokens instead.
+the whole corpus); a corpus too small for one such block gives val its last tokens instead. val_fraction 0:
+no validation split (val.bin empty; validate with data.val_path).
+
+A fixed validation set (data.val_path, `ensure_val_prepared`): the text is tokenized with the training data's
+tokenizer into val.bin alone, each document *preceded* by the eos token (no trailing one), so that for one
+text file val.bin is exactly the [eos, *ids] that `gptforge eval --text` scores; a char tokenizer's unknown
+characters become <|unk|> (counted in meta.json's "unknown"). Cached under <cache>/datasets/val-... keyed on
+the files' content (not their mtime: copies on machines with disks of their own give the same key).
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from tqdm import tqdm
 from gptforge.data.corpus import checked_cache_dir, shakespeare_path
 from gptforge.data.encode import encode_stream
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
-from gptforge.data.tokenizer import build_tokenizer
+from gptforge.data.tokenizer import UNK, build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 
 VAL_BLOCK = 8192          # tokens per train/val routing block
@@ -86,9 +93,9 @@ class _Splitter:
                 self.block_i, self.in_block = self.block_i + 1, 0
 
     def finish(self) -> dict[str, int]:
-        """Close the files; if val got nothing, move the end of train there."""
+        """Close the files; if val got nothing (and a split was asked for), move the end of train there."""
         n = self.counts["train"]
-        if self.counts["val"] == 0 and n > 1:
+        if self.counts["val"] == 0 and n > 1 and self.frac > 0:
             k = min(n - 1, max(math.ceil(self.frac * n), min(self.block, n // 10)))
             f = self.files["train"]
             f.flush()
@@ -105,15 +112,17 @@ class _Splitter:
 
 def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fraction: float = 0.01,
             field: str = "text", hf_split: str = "train", progress: bool = True,
-            val_key: str = "--val-fraction", parallel: bool = True, stats: dict | None = None) -> dict:
+            val_key: str = "--val-fraction", parallel: bool = True, stats: dict | None = None,
+            fixed_val: bool = False) -> dict:
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
     tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict.
     parallel=False: the serial reference path (data/encode.py), same bytes. `stats`, if given, receives
-    the tokenizing pass' bytes, tokens and seconds."""
-    if not 0 < val_fraction < 0.5:
-        raise UserError(f"{val_key} {val_fraction} must be between 0 and 0.5 (e.g. 0.01)")
-    sources = resolve_inputs(inputs, field=field, split=hf_split)
+    the tokenizing pass' bytes, tokens and seconds. fixed_val: a validation set (module doc): every token
+    to val.bin, each document preceded by eos; val_fraction is not used."""
+    if not fixed_val and not 0 <= val_fraction < 0.5:
+        raise UserError(f"{val_key} {val_fraction} must be in [0, 0.5) (e.g. 0.01; 0: no validation split)")
+    sources = resolve_inputs(inputs, field=field, split=hf_split, flag="data.val_path" if fixed_val else "--input")
     total = _total_bytes(sources)
     spec = str(tokenizer)
     if spec == "char" or spec.startswith("bpe:"):  # built from the corpus: a first streaming pass
@@ -126,8 +135,10 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
-    splitter = _Splitter(out, dtype, val_fraction)
-    n_docs = n_tokens = 0
+    splitter = _Splitter(out, dtype, 1.0 if fixed_val else val_fraction)  # fraction 1: every block to val
+    n_docs = n_tokens = unknown = 0
+    unk_id = tok.hf.token_to_id(UNK) if fixed_val and tok.kind == "char" else None
+    held = np.array([tok.eos_id], dtype=np.int64)  # fixed_val: eos first; each chunk's last token waits
     seen = [0]  # input bytes read
 
     def read(n: int) -> None:
@@ -139,13 +150,17 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
         with _bar("tokenizing", total, progress) as bar, closing(encode_stream(tok, iter_texts(sources, read),
                                                                               parallel)) as stream:
             for ids, docs in stream:  # closing: an error here stops the encoding thread at once
+                if fixed_val:  # the stream's very last token (the last document's eos) is never written
+                    ids, held = np.concatenate([held, ids]), ids[-1:] if len(ids) else held
+                    ids = ids[:-1]
+                    unknown += int(np.count_nonzero(ids == unk_id)) if unk_id is not None else 0
                 splitter.write(ids)
                 n_docs, n_tokens = n_docs + docs, n_tokens + len(ids)
                 bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         counts = splitter.finish()
         if stats is not None:
             stats.update(bytes=seen[0], tokens=n_tokens, seconds=time.perf_counter() - t0)
-        if counts["train"] + counts["val"] <= n_docs:  # nothing but eos tokens
+        if n_tokens <= n_docs:  # nothing but eos tokens
             raise UserError(f"no text found in {', '.join(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs))}; "
                             "check that the files are not empty (and --field for JSONL)")
     except BaseException:
@@ -160,6 +175,8 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer": "tokenizer.json",
             "kind": tok.kind, "splits": counts, "sources": [s.path for s in sources], "eos_id": tok.eos_id,
             "val_fraction": val_fraction, "documents": n_docs}
+    if fixed_val:
+        meta |= {"fixed_val": True, "val_fraction": None, "unknown": unknown}
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")
@@ -196,13 +213,19 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     sources = resolve_inputs(inputs, field=field)
     final = root / "datasets" / f"{'shakespeare' if path is None else 'data'}-{spec.split('/')[-1].replace(':', '')}-" \
                                 f"{_cache_key(sources, spec, val_fraction)}"
+    return _prepare_into(final, lambda tmp: prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field,
+                                                    progress=progress, val_key="data.val_fraction"))
+
+
+def _prepare_into(final: Path, fill) -> Path:
+    """`final` if complete, else fill(tmp dir) and rename it to `final` (atomic: ranks or nodes preparing the
+    same dataset at once each finish, the first rename wins)."""
     if (final / "meta.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".preparing-", dir=final.parent))
     try:
-        prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field, progress=progress,
-                val_key="data.val_fraction")
+        fill(tmp)
         try:
             os.replace(tmp, final)  # atomic; fails if another process finished first
         except OSError:
@@ -211,6 +234,62 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _content_hash(sources: list[Source]) -> list:
+    """What a validation set's files hold (sha256 of their bytes; a hub dataset: its name and split)."""
+    out: list = []
+    for s in sources:
+        if s.kind == "hf_hub":
+            out.append([s.kind, s.path, s.field, s.split])
+            continue
+        p = Path(s.path)
+        files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p]
+        digests = []
+        for f in files:
+            h = hashlib.sha256()
+            with open(f, "rb") as r:
+                while chunk := r.read(1 << 20):
+                    h.update(chunk)
+            digests.append(h.hexdigest())
+        out.append([s.kind, s.field, s.split, digests])
+    return out
+
+
+def ensure_val_prepared(val_path: str, data_dir: str | Path, cache: str | Path | None = None, field: str = "text",
+                        progress: bool = True) -> Path:
+    """data.val_path as a prepared directory whose val.bin is the validation set, tokenized with the tokenizer
+    of the prepared training data in `data_dir` (module doc). A prepared dataset directory is used as is (its
+    val split) when its tokenizer is the training data's. UserError (one line, naming data.val_path) otherwise."""
+    tok_file = Path(data_dir) / "tokenizer.json"
+    parts = [s for s in str(val_path).split(",") if s]
+    if len(parts) == 1 and (Path(parts[0]).expanduser() / "meta.json").is_file():
+        d = Path(parts[0]).expanduser()
+        ours, theirs = load_tokenizer(tok_file), load_tokenizer(d)
+        if (ours.kind, ours.hf.get_vocab(True)) != (theirs.kind, theirs.hf.get_vocab(True)):  # True: added tokens too
+            raise UserError(f"data.val_path {val_path} was prepared with another tokenizer ({theirs.kind}, vocab "
+                            f"{theirs.vocab_size}) than the training data ({ours.kind}, vocab {ours.vocab_size}); "
+                            "give the validation text itself (a file) so it is tokenized like the training data")
+        if json.loads((d / "meta.json").read_text())["splits"].get("val", 0) == 0:
+            raise UserError(f"data.val_path {val_path} is a prepared dataset without a validation split; "
+                            "give the validation text itself (a file)")
+        return d
+    try:
+        sources = resolve_inputs(parts or [str(val_path)], field=field, flag="data.val_path")
+    except UserError as e:
+        raise UserError(f"config key 'data.val_path': {e}") from None
+    tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, "fixed_val", tok_hash, _content_hash(sources)]).encode())
+    name = Path(parts[0] if len(parts) == 1 else "multi").name.replace(":", "")
+    final = Path(cache or checked_cache_dir()) / "datasets" / f"val-{name}-{key.hexdigest()[:16]}"
+
+    def fill(tmp: Path) -> None:
+        try:
+            prepare(parts or [str(val_path)], tmp, tok_file, field=field, progress=progress, fixed_val=True)
+        except UserError as e:
+            raise UserError(f"config key 'data.val_path': {e}") from None
+
+    return _prepare_into(final, fill)
 
 
 @dataclass
@@ -226,7 +305,7 @@ class PrepareOptions:
     field: str = "text"
     """JSONL / dataset field holding the text"""
     val_fraction: float = 0.01
-    """share of tokens held out for validation"""
+    """share of tokens held out for validation (0: none; validate with data.val_path)"""
     hf_split: str = "train"
     """split of a Hugging Face dataset"""
     no_progress: bool = False

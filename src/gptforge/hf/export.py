@@ -2,7 +2,8 @@
 
     gptforge export-hf --checkpoint runs/shakespeare --out hf_model [--dtype fp32|bf16|fp16]
 
-arch "gpt2" -> GPT2LMHeadModel, arch "llama" -> LlamaForCausalLM (names and layouts: gptforge.hf.mapping).
+arch "gpt2" -> GPT2LMHeadModel, arch "llama" -> LlamaForCausalLM, arch "llama" + model.qk_norm ->
+Qwen3ForCausalLM (names and layouts: gptforge.hf.mapping, which also lists the options that cannot export).
 
 The folder holds model.safetensors (or shards + model.safetensors.index.json), config.json,
 generation_config.json and the tokenizer (tokenizer.json, tokenizer_config.json with the chat template

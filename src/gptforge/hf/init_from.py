@@ -1,5 +1,5 @@
 """`--init-from PATH`: start training from a gptforge checkpoint / run dir, or a local Hugging Face folder
-(GPT-2 or Llama family, safetensors).
+(GPT-2, Llama or Qwen3 family, safetensors).
 
 For a Hugging Face model the vocabulary is padded up to a multiple of 64 that also covers the chat special
 tokens our tokenizer reserves (GPT-2's 50257 -> 50304); the new embedding rows start as the mean of the

@@ -1,9 +1,10 @@
-"""Read a local Hugging Face model folder (GPT-2 or Llama family): its config, weights and tokenizer.
+"""Read a local Hugging Face model folder (GPT-2, Llama or Qwen3 family): its config, weights and tokenizer.
 `--init-from` (gptforge.hf.init_from) turns them into our GPT with gptforge.hf.mapping: the inverse of export-hf.
 
 Reads config.json and safetensors only (model.safetensors, or shards with model.safetensors.index.json);
 PyTorch pickles (pytorch_model.bin, *.pt) are refused, since unpickling can run code.
-Supported: model_type "gpt2" (gpt2, distilgpt2, our own exports) and "llama" (TinyLlama, our exports).
+Supported: model_type "gpt2" (gpt2, distilgpt2, our own exports), "llama" (TinyLlama, our exports) and
+"qwen3" (our exports of arch llama + qk_norm; Qwen3 models whose head_dim is hidden_size / heads).
 """
 
 from __future__ import annotations

@@ -1,9 +1,13 @@
-"""Our GPT <-> Hugging Face GPT-2 / Llama: the one translation of configs and weights, used by export-hf
-(ours -> HF) and by HF import / --init-from (HF -> ours).
+"""Our GPT <-> Hugging Face GPT-2 / Llama / Qwen3: the one translation of configs and weights, used by
+export-hf (ours -> HF) and by HF import / --init-from (HF -> ours).
 
 arch "gpt2"  <-> GPT2LMHeadModel: Conv1D layers (weights stored transposed, (in, out)) and one fused
                c_attn = concat(q, k, v); needs bias=True and no grouped-query attention.
 arch "llama" <-> LlamaForCausalLM: q/k/v/o_proj, gate/up/down_proj, RMSNorm; RoPE rotate-half, as ours.
+arch "llama" + model.qk_norm <-> Qwen3ForCausalLM: Llama's layout plus q_norm/k_norm (RMSNorm over head_dim
+               after the projection, before RoPE, as ours); no biases (Qwen3's MLP has none), no sliding window.
+Block options with no transformers counterpart (a non-default model.mlp_act, model.logit_softcap, qk_norm on
+arch gpt2) refuse export in check_exportable; model.zero_init_proj is only an initialisation and exports.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig
 
-SUPPORTED = ("gpt2", "llama")
+SUPPORTED = ("gpt2", "llama", "qwen3")
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # buffers older transformers saved with the weights: not parameters, recomputed by our model
@@ -54,6 +58,8 @@ def name_map(cfg) -> list[Entry]:
         names = [("attn_norm", "input_layernorm", False), ("mlp_norm", "post_attention_layernorm", False)]
         names += [(f"attn.{n}_proj", f"self_attn.{n}_proj", True) for n in "qkvo"]
         names += [(f"mlp.{n}_proj", f"mlp.{n}_proj", True) for n in ("gate", "up", "down")]
+        if cfg.qk_norm:  # Qwen3
+            names += [(f"attn.{n}_norm", f"self_attn.{n}_norm", False) for n in "qk"]
         for i in range(cfg.n_layer):
             for ours, theirs, linear in names:
                 kinds = ("weight", "bias") if linear and cfg.bias else ("weight",)
@@ -106,7 +112,21 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tens
 
 # ---- configs ------------------------------------------------------------------------------------
 def check_exportable(cfg) -> None:
-    """Raise UserError when our model has no exact Hugging Face counterpart."""
+    """Raise UserError when our model has no exact Hugging Face counterpart (one line naming the key)."""
+    if cfg.logit_softcap:
+        raise UserError(f"this model has model.logit_softcap={cfg.logit_softcap:g}, which Hugging Face GPT-2, "
+                        "Llama and Qwen3 do not apply; only models trained with model.logit_softcap=0 export")
+    want = {"gpt2": "gelu", "llama": "swiglu"}.get(cfg.arch)
+    if want is not None and cfg.activation != want:
+        raise UserError(f"this {cfg.arch}-style model has model.mlp_act={cfg.mlp_act}, but the Hugging Face "
+                        f"{'GPT-2' if cfg.arch == 'gpt2' else 'Llama/Qwen3'} MLP is {want}; only models trained "
+                        f"with model.mlp_act=auto ({want}) export")
+    if cfg.qk_norm and cfg.arch == "gpt2":
+        raise UserError("this gpt2-style model has model.qk_norm=true, which GPT2LMHeadModel cannot express; "
+                        "train with model.arch=llama (exports as Qwen3) or model.qk_norm=false to export")
+    if cfg.qk_norm and cfg.bias:
+        raise UserError("this model has model.qk_norm=true with model.bias=true, but Qwen3's MLP has no biases; "
+                        "only qk_norm models trained with model.bias=false export (as Qwen3)")
     if cfg.arch == "gpt2":
         if not cfg.bias:
             raise UserError("this gpt2-style model has bias=False, but Hugging Face GPT2LMHeadModel always has "
@@ -136,15 +156,19 @@ def hf_config(cfg, dtype: torch.dtype = torch.float32, bos_id: int | None = None
                 "resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout,
                 "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
                 "reorder_and_upcast_attn": False} | common
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "max_position_embeddings": cfg.block_size, "hidden_size": cfg.d_model,
-            "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
-            "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
-            "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
-            "rope_theta": cfg.rope_theta,  # transformers 4.x
-            "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
-            "rope_scaling": None, "attention_bias": bool(cfg.bias), "mlp_bias": bool(cfg.bias),
-            "attention_dropout": cfg.dropout, "pretraining_tp": 1} | common
+    llama = {"max_position_embeddings": cfg.block_size, "hidden_size": cfg.d_model,
+             "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layer,
+             "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.n_kv_head,
+             "head_dim": cfg.head_dim, "hidden_act": "silu", "rms_norm_eps": cfg.norm_eps,
+             "rope_theta": cfg.rope_theta,  # transformers 4.x
+             "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},  # 5.x
+             "rope_scaling": None, "attention_bias": bool(cfg.bias), "attention_dropout": cfg.dropout}
+    if cfg.qk_norm:  # every layer full attention: no sliding window
+        return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **llama,
+                "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layer,
+                "layer_types": ["full_attention"] * cfg.n_layer} | common
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", **llama,
+            "mlp_bias": bool(cfg.bias), "pretraining_tp": 1} | common
 
 
 def gpt_config_from_hf(conf: dict, vocab_size: int | None = None) -> GPTConfig:
@@ -152,11 +176,12 @@ def gpt_config_from_hf(conf: dict, vocab_size: int | None = None) -> GPTConfig:
     mt = conf.get("model_type")
     if mt not in SUPPORTED:
         raise UserError(f"unsupported Hugging Face model_type '{mt}'; gptforge converts: {', '.join(SUPPORTED)} "
-                        "(GPT-2 family such as gpt2/distilgpt2, Llama family such as TinyLlama)")
+                        "(GPT-2 family such as gpt2/distilgpt2, Llama family such as TinyLlama, Qwen3 with "
+                        "head_dim = hidden_size / heads)")
     tie = bool(conf.get("tie_word_embeddings", True))
     V = int(vocab_size or conf["vocab_size"])
     try:
-        return _gpt2_config(conf, V, tie) if mt == "gpt2" else _llama_config(conf, V, tie)
+        return _gpt2_config(conf, V, tie) if mt == "gpt2" else _llama_config(conf, V, tie, qwen3=mt == "qwen3")
     except KeyError as e:
         raise UserError(f"Hugging Face {mt} config is missing the field {e}; re-download the model") from None
 
@@ -177,19 +202,26 @@ def _gpt2_config(conf: dict, V: int, tie: bool) -> GPTConfig:
                      init_std=float(conf.get("initializer_range", 0.02)))
 
 
-def _llama_config(conf: dict, V: int, tie: bool) -> GPTConfig:
+def _llama_config(conf: dict, V: int, tie: bool, qwen3: bool = False) -> GPTConfig:
+    """Llama, or Qwen3 (= Llama + q/k norms, attention biases only, optional sliding window)."""
+    name = "Qwen3" if qwen3 else "Llama"
     if conf.get("hidden_act", "silu") != "silu":
-        raise UserError(f"Llama model with hidden_act '{conf['hidden_act']}'; only silu (SwiGLU) converts")
+        raise UserError(f"{name} model with hidden_act '{conf['hidden_act']}'; only silu (SwiGLU) converts")
+    if qwen3 and conf.get("use_sliding_window"):
+        raise UserError("Qwen3 model with use_sliding_window=true; gptforge has full attention only")
     rp = conf.get("rope_parameters") or conf.get("rope_scaling") or {}
     rope_type = rp.get("rope_type", rp.get("type", "default")) if isinstance(rp, dict) else "default"
     if rope_type not in ("default", None):
-        raise UserError(f"Llama model with rope scaling '{rope_type}'; gptforge supports plain RoPE only")
+        raise UserError(f"{name} model with rope scaling '{rope_type}'; gptforge supports plain RoPE only")
     theta = (rp.get("rope_theta") if isinstance(rp, dict) else None) or conf.get("rope_theta", 10000.0)
     d, nh = int(conf["hidden_size"]), int(conf["num_attention_heads"])
     if conf.get("head_dim") not in (None, d // nh):
-        raise UserError(f"Llama model with head_dim={conf['head_dim']} != hidden_size/num_attention_heads="
+        raise UserError(f"{name} model with head_dim={conf['head_dim']} != hidden_size/num_attention_heads="
                         f"{d // nh}; gptforge cannot express it")
     ab, mb = bool(conf.get("attention_bias", False)), bool(conf.get("mlp_bias", False))
+    if qwen3 and ab:
+        raise UserError("Qwen3 model with attention_bias=true (its MLP has none); gptforge has one bias switch "
+                        "for both")
     if ab != mb:
         raise UserError(f"Llama model with attention_bias={ab} but mlp_bias={mb}; gptforge has one bias "
                         "switch for both")
@@ -198,4 +230,4 @@ def _llama_config(conf: dict, V: int, tie: bool) -> GPTConfig:
                      n_kv_head=int(conf.get("num_key_value_heads") or nh), d_model=d,
                      d_ff=int(conf["intermediate_size"]), dropout=0.0, bias=ab, tie_embeddings=tie,
                      norm_eps=float(conf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-                     init_std=float(conf.get("initializer_range", 0.02)))
+                     init_std=float(conf.get("initializer_range", 0.02)), qk_norm=qwen3)

@@ -14,9 +14,12 @@ residual stream (always 4: the weights, hence the residual adds, stay fp32 under
   activations    per layer (tensors saved for backward, dropout 0, fused/flash SDPA):
                    s*b*( 2r*h            two norm inputs (Llama's RMSNorm: 4r*h, it keeps x and x*rstd)
                        + e*(c*h          norm outputs as the projections save them: c=2 in fp32; under
-                                         autocast each projection keeps its own cast, c=3+1 (GPT-2), 3+2 (Llama)
+                                         autocast each projection keeps its own cast, c=3+1 (up), 3+2 (SwiGLU: up, gate)
                           + 2h + 2h_kv   q, k, v and the attention output (input of the out-projection)
-                          + m*f))        MLP: GELU m=2 (fc out, gelu out), SwiGLU m=4 (gate, up, silu, product)
+                          + m*f)         MLP: GELU m=2 (fc out, gelu out), ReLU^2 m=2 (relu out, its square),
+                                         SwiGLU m=4 (gate, up, silu, product)
+                       + 2r(h + h_kv))   model.qk_norm: q and k before and after their RMSNorm (measured: 4 bytes
+                                         an element under bf16 autocast too)
                    + 2*e*a*s*s*b        only without a fused attention kernel (scores + softmax)
                  + one layer's activations as backward working set (activation gradients)
                  with activation checkpointing: L * r*s*b*h (block inputs) + two layers' worth (recompute + grads)
@@ -42,11 +45,14 @@ def layer_params(c: GPTConfig) -> int:
     """Parameters of one transformer block."""
     h, f, h_kv = c.d_model, c.d_ff, c.head_dim * c.kv_heads
     attn = h * (h + 2 * h_kv) + h * h
-    llama = c.arch == "llama"
-    mlp, norms = (3 * h * f, 2 * h) if llama else (2 * h * f, (4 if c.bias else 2) * h)
+    gated = c.activation == "swiglu"  # gate, up, down; gelu and relu2: up, down
+    mlp = (3 if gated else 2) * h * f
+    norms = 2 * h if c.arch == "llama" else (4 if c.bias else 2) * h
+    if c.qk_norm:
+        norms += 2 * c.head_dim
     if c.bias:
         attn += h + 2 * h_kv + h
-        mlp += (2 * f if llama else f) + h
+        mlp += (2 * f if gated else f) + h
     return attn + mlp + norms
 
 
@@ -81,11 +87,13 @@ def activation_bytes(c: GPTConfig, micro_batch: int, seq_len: int, precision: st
     h, h_kv = c.d_model, c.head_dim * c.kv_heads
     sb = seq_len * micro_batch
     llama, half = c.arch == "llama", e == 2
-    m = 4 if llama else 2
+    gated = c.activation == "swiglu"
+    m = 4 if gated else 2
     norms = (4 if llama else 2) * r * h  # RMSNorm as written keeps its input and the normalised input
     # under autocast every projection saves its own bf16 cast of the norm output (q, k, v; up and gate)
-    casts = (3 + (2 if llama else 1)) * h if half else 2 * h
-    per_layer = sb * (norms + e * (casts + 2 * h + 2 * h_kv + m * c.d_ff))
+    casts = (3 + (2 if gated else 1)) * h if half else 2 * h
+    qk = 2 * r * (h + h_kv) if c.qk_norm else 0
+    per_layer = sb * (norms + qk + e * (casts + 2 * h + 2 * h_kv + m * c.d_ff))
     if not flash:
         per_layer += 2 * e * c.n_head * seq_len * seq_len * micro_batch
     # + one layer's worth of working memory in backward (activation gradients, recomputation)

@@ -1,6 +1,8 @@
 """One GPT module for one device: GPT-2 style (learned positions, LayerNorm, GELU) and Llama style
-(RoPE, RMSNorm, SwiGLU, grouped-query attention) chosen by config. No distributed code in here:
-parallelism is applied from outside (gptforge.parallel). Build on the meta device, then init_weights()."""
+(RoPE, RMSNorm, SwiGLU, grouped-query attention) chosen by config, plus the block options of recent
+recipes (modded-nanogpt, Qwen3, Gemma 2): QK-norm, ReLU^2 MLP, zero-initialised output projections, an
+untied head, logit soft-capping. No distributed code in here: parallelism is applied from outside
+(gptforge.parallel). Build on the meta device, then init_weights()."""
 
 from __future__ import annotations
 
@@ -37,9 +39,19 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True
     tie_embeddings: bool = True
+    """true: the output head is the token embedding; false: a separate (untied) head"""
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
+    qk_norm: bool = False
+    """RMSNorm (a learned gain per head_dim) on each head's query and key, before RoPE (Qwen3's layout)"""
+    mlp_act: Literal["auto", "gelu", "swiglu", "relu2"] = "auto"
+    """MLP: gelu (tanh GELU, up/down), swiglu (SiLU-gated, gate/up/down), relu2 (relu(x)^2, up/down);
+    auto: gelu for arch gpt2, swiglu for arch llama"""
+    zero_init_proj: bool = False
+    """initialise the attention output and MLP down projections (o_proj, down_proj) to zero"""
+    logit_softcap: float = 0.0
+    """0: off; c > 0: logits = c * tanh(logits / c), computed in fp32 (e.g. 30, as Gemma 2; 15 in modded-nanogpt)"""
 
     @property
     def kv_heads(self) -> int:
@@ -48,6 +60,13 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+    @property
+    def activation(self) -> str:
+        """mlp_act with auto resolved: gelu (arch gpt2) or swiglu (arch llama)."""
+        if self.mlp_act == "auto":
+            return "swiglu" if self.arch == "llama" else "gelu"
+        return self.mlp_act
 
     def validate(self) -> "GPTConfig":
         """Range checks of every shape key (vocab_size may still be None); ValueError names the key to fix.
@@ -74,9 +93,14 @@ class GPTConfig:
             v = getattr(self, key)
             if type(v) not in (int, float) or not (v > 0 and math.isfinite(v)):
                 raise ValueError(f"model.{key} must be a positive number, got {v!r}")
-        for key in ("bias", "tie_embeddings"):  # a checkpoint's model_config.json may hold anything
+        for key in ("bias", "tie_embeddings", "qk_norm", "zero_init_proj"):  # model_config.json may hold anything
             if type(getattr(self, key)) is not bool:
                 raise ValueError(f"model.{key} must be true or false, got {getattr(self, key)!r}")
+        if self.mlp_act not in MLP_ACTS:
+            raise ValueError(f"model.mlp_act must be one of {', '.join(MLP_ACTS)}, got {self.mlp_act!r}")
+        c = self.logit_softcap
+        if type(c) not in (int, float) or not (c >= 0 and math.isfinite(c)):
+            raise ValueError(f"model.logit_softcap must be 0 (off) or a positive number such as 30, got {c!r}")
         return self
 
     def complete(self) -> "GPTConfig":
@@ -90,10 +114,27 @@ class GPTConfig:
         return asdict(self)
 
 
+MLP_ACTS = ("auto", "gelu", "swiglu", "relu2")
+
+
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """cap * tanh(logits / cap) in at least fp32 (the one soft-capping: the model and objectives/head.py)."""
+    x = logits if logits.dtype == torch.float64 else logits.float()
+    return torch.tanh(x / cap) * cap
+
+
 def _norm(cfg: GPTConfig) -> nn.Module:
     if cfg.arch == "llama":
         return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class HeadNorm(nn.RMSNorm):
+    """RMSNorm over head_dim (model.qk_norm). Its gain is cast to the input's dtype: under autocast q and k
+    arrive in bf16, and an fp32 gain would send torch.rms_norm down its slow unfused path."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,13 +162,20 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.v_proj = nn.Linear(cfg.d_model, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.d_model, bias=cfg.bias)
+        if cfg.qk_norm:  # one gain per head_dim, shared by the heads (replicated under tensor parallel)
+            self.q_norm = HeadNorm(cfg.head_dim, eps=cfg.norm_eps)
+            self.k_norm = HeadNorm(cfg.head_dim, eps=cfg.norm_eps)
+        self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
     def forward(self, x, rope=None, kv_cache=None, layer_idx: int = 0, attn_mask=None):
         B, T, _ = x.shape
         # -1 rather than n_head: under tensor parallel each rank holds a slice of the heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        if self.qk_norm:  # per head, before RoPE; the KV cache stores the normalised keys
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
@@ -154,15 +202,17 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.llama = cfg.arch == "llama"
+        self.act = cfg.activation
         self.up_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
-        if self.llama:
+        if self.act == "swiglu":
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         self.down_proj = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x):
-        if self.llama:
+        if self.act == "swiglu":
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.act == "relu2":
+            return self.down_proj(F.relu(self.up_proj(x)).square())
         return self.down_proj(F.gelu(self.up_proj(x), approximate="tanh"))
 
 
@@ -205,7 +255,8 @@ class GPT(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None, device: torch.device | str | None = None) -> "GPT":
         """Materialise (from meta) on `device` and initialise like GPT-2: N(0, 0.02), residual
-        projections scaled by 1/sqrt(2 * n_layer), zero biases, unit norms."""
+        projections scaled by 1/sqrt(2 * n_layer) (zero with zero_init_proj), zero biases, unit norms.
+        The random stream is the same with and without the options: only the options' tensors differ."""
         if device is not None:
             self.to_empty(device=device)
             if self.cfg.tie_embeddings:  # to_empty unties parameters
@@ -215,7 +266,9 @@ class GPT(nn.Module):
         std = self.cfg.init_std
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                s = std / math.sqrt(2 * self.cfg.n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else std
+                s = std
+                if name.endswith(("o_proj.weight", "down_proj.weight")):  # drawn either way: same stream
+                    s = 0.0 if self.cfg.zero_init_proj else std / math.sqrt(2 * self.cfg.n_layer)
                 p.copy_(torch.randn(p.shape, generator=gen) * s)
             elif name.endswith("bias"):
                 p.zero_()
@@ -234,7 +287,8 @@ class GPT(nn.Module):
         positions (optional, (T,) or (B, T)) overrides 0..T-1 (restarts per packed document).
         head (optional): returns head(final hidden states (B, T, D) after the norm, lm_head.weight) in place
         of the logits: a loss that never holds all logits (objectives/head.py). It runs inside forward,
-        where FSDP2 holds lm_head's unsharded weight."""
+        where FSDP2 holds lm_head's unsharded weight. With model.logit_softcap > 0 the head is called with
+        softcap=c too (it must soft-cap its logits: soft_cap), and the logits returned are soft-capped fp32."""
         B, T = idx.shape
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
@@ -256,9 +310,11 @@ class GPT(nn.Module):
             x = layer(x, rope, kv_cache, i, attn_mask)
         if kv_cache is not None:
             kv_cache.advance(T)
+        cap = self.cfg.logit_softcap
         if head is not None:
-            return head(self.norm(x), self.lm_head.weight)
-        return self.lm_head(self.norm(x))
+            return head(self.norm(x), self.lm_head.weight, **({"softcap": cap} if cap else {}))
+        logits = self.lm_head(self.norm(x))
+        return soft_cap(logits, cap) if cap else logits
 
     # ---- bookkeeping ----------------------------------------------------------------------------
     def num_params(self, non_embedding: bool = False) -> int:

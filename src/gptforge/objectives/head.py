@@ -14,6 +14,10 @@ train.loss_impl:
   auto     liger where installed and on a GPU, else chunked when the vocabulary is much wider than the
            model (vocab >= 4 * d_model), else plain (a char-level vocab gains nothing from chunking).
 
+Logit soft-capping (model.logit_softcap = c > 0: c * tanh(logits / c)): the model passes softcap=c to the
+head; plain and chunked cap each chunk's logits in fp32 (torch's F.linear_cross_entropy has no soft-cap,
+so fp32 uses _ChunkedLinearCE then); liger is not used with it (resolve_loss_impl says chunked instead).
+
 The model applies the head inside its forward (GPT.forward(head=...)): under FSDP2 lm_head's unsharded
 weight exists only there. Tensor parallel keeps the plain path: with sequence parallel the stream is
 gathered by a hook on lm_head itself, which a head that reads only the weight would skip."""
@@ -27,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptforge.errors import UserError
+from gptforge.model.gpt import soft_cap
 
 LOSS_IMPLS = ("auto", "plain", "chunked", "liger")
 
@@ -41,8 +46,8 @@ def _liger_loss_cls():
 
 
 def resolve_loss_impl(setting: str, device: torch.device, vocab_size: int, d_model: int,
-                      tp_size: int = 1) -> tuple[str, str]:
-    """-> (plain | chunked | liger, the reason in words)."""
+                      tp_size: int = 1, softcap: float = 0.0) -> tuple[str, str]:
+    """-> (plain | chunked | liger, the reason in words). softcap: model.logit_softcap."""
     if setting not in LOSS_IMPLS:
         raise UserError(f"train.loss_impl must be one of {', '.join(LOSS_IMPLS)}, got {setting!r}")
     gpu = device.type == "cuda"  # ROCm builds report "cuda" too
@@ -53,10 +58,15 @@ def resolve_loss_impl(setting: str, device: torch.device, vocab_size: int, d_mod
     if tp_size > 1:
         return "plain", ("tensor parallel keeps the plain loss (sequence parallel gathers lm_head's input "
                          "in a hook on lm_head)")
+    if setting == "liger" and softcap:
+        return "chunked", (f"train.loss_impl=liger, but model.logit_softcap={softcap:g}: gptforge does not run "
+                           "Liger's kernel with soft-capping (not verified equal), chunked instead")
     if setting != "auto":
         return setting, "train.loss_impl"
     if gpu and _liger_loss_cls() is not None:
-        return "liger", "auto: liger-kernel on a GPU"
+        if not softcap:
+            return "liger", "auto: liger-kernel on a GPU"
+        return "chunked", f"auto: liger-kernel is not used with model.logit_softcap={softcap:g}, chunked instead"
     if vocab_size >= 4 * d_model:
         return "chunked", f"auto: vocab {vocab_size} >= 4 x d_model {d_model}"
     return "plain", f"auto: vocab {vocab_size} < 4 x d_model {d_model} (chunking gains nothing)"
@@ -69,14 +79,16 @@ def _compute_dtype(h: torch.Tensor) -> torch.dtype | None:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, impl: str = "chunked",
-                         reduction: str = "mean", chunk_rows: int | None = None) -> torch.Tensor:
+                         reduction: str = "mean", chunk_rows: int | None = None, softcap: float = 0.0) -> torch.Tensor:
     """CE of (hidden @ weight.T) against labels (-100 not counted), never holding all logits in fp32.
 
     hidden (..., D), labels (...); reduction mean | sum | none (none -> labels' shape, 0 where ignored).
     Under autocast the matmuls take autocast's dtype, as lm_head would, and accumulate in fp32.
-    chunk_rows: rows per chunk (None: default_chunk_rows)."""
+    chunk_rows: rows per chunk (None: default_chunk_rows). softcap > 0: the CE of soft_cap(logits, softcap)."""
     if impl not in ("plain", "chunked", "liger"):
         raise ValueError(f"loss impl must be plain, chunked or liger (resolve train.loss_impl first), got {impl!r}")
+    if softcap and impl == "liger":  # resolve_loss_impl never picks liger with a soft-cap
+        impl = "chunked"
     h, y = hidden.reshape(-1, hidden.shape[-1]), labels.reshape(-1)
     dt = _compute_dtype(h)
     with torch.autocast(h.device.type, enabled=False):
@@ -84,17 +96,18 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
             loss = _liger_loss_cls()(ignore_index=-100, reduction=reduction)(weight.to(dt or weight.dtype),
                                                                              h.to(dt or h.dtype), y)
             loss = (loss[0] if isinstance(loss, tuple) else loss).float()  # (loss, z_loss) in some versions
-        elif impl in ("chunked", "liger") and dt is None and h.dtype in (torch.float32, torch.float64):
+        elif impl in ("chunked", "liger") and dt is None and h.dtype in (torch.float32, torch.float64) and not softcap:
             opts = torch.nn.LinearCrossEntropyOptions(
                 batch_chunk_size=chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0]))
             loss = F.linear_cross_entropy(h, weight.to(h.dtype), y, reduction=reduction, ignore_index=-100,
                                           options=opts)
         elif impl in ("chunked", "liger") and reduction != "none":
-            loss = chunked_linear_ce(h, weight, y, dt or h.dtype, reduction, chunk_rows)
+            loss = chunked_linear_ce(h, weight, y, dt or h.dtype, reduction, chunk_rows, softcap)
         elif impl in ("chunked", "liger"):
-            loss = _checkpointed_chunks(h, weight, y, dt or h.dtype, reduction, chunk_rows)
+            loss = _checkpointed_chunks(h, weight, y, dt or h.dtype, reduction, chunk_rows, softcap)
         else:
-            loss = F.cross_entropy(_upcast(F.linear(h.to(dt or h.dtype), weight.to(dt or weight.dtype))), y,
+            logits = _upcast(F.linear(h.to(dt or h.dtype), weight.to(dt or weight.dtype)))
+            loss = F.cross_entropy(soft_cap(logits, softcap) if softcap else logits, y,
                                    ignore_index=-100, reduction=reduction)
     return loss.view(labels.shape) if reduction == "none" else loss
 
@@ -104,9 +117,11 @@ def _upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype == torch.float64 else logits.float()
 
 
-def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _chunk_nll(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, dtype: torch.dtype,
+               softcap: float = 0.0) -> torch.Tensor:
     # the casts are inside the chunk, so the weight's gradient is summed over chunks in its own (fp32) dtype
-    return F.cross_entropy(_upcast(F.linear(h.to(dtype), weight.to(dtype))), y, ignore_index=-100, reduction="none")
+    logits = _upcast(F.linear(h.to(dtype), weight.to(dtype)))
+    return F.cross_entropy(soft_cap(logits, softcap) if softcap else logits, y, ignore_index=-100, reduction="none")
 
 
 CHUNK_LOGITS = 1 << 23  # logits per chunk (32 MiB in fp32): 128 rows of a 50K vocab
@@ -119,11 +134,12 @@ def default_chunk_rows(rows: int, vocab: int) -> int:
 
 
 class _ChunkedLinearCE(torch.autograd.Function):
-    """sum over rows of scale * CE(h @ weight.T): one chunk of logits at a time, each chunk's gradients
-    computed in forward and kept (h's (N, D) and weight's (V, D) in fp32), scaled by grad_output in backward."""
+    """sum over rows of scale * CE(z) with z = h @ weight.T (soft-capped: c * tanh(z / c) when softcap = c > 0):
+    one chunk of logits at a time, each chunk's gradients computed in forward and kept (h's (N, D) and
+    weight's (V, D) in fp32), scaled by grad_output in backward."""
 
     @staticmethod
-    def forward(ctx, h, weight, y, dtype, rows, scale):
+    def forward(ctx, h, weight, y, dtype, rows, scale, softcap=0.0):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         acc = torch.float64 if dtype == torch.float64 else torch.float32
         w = weight.to(dtype)
@@ -133,6 +149,9 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for s in range(0, h.shape[0], rows):
             hc, yc = h[s:s + rows].to(dtype), y[s:s + rows]
             logits = (hc @ w.T).to(acc)
+            if softcap:
+                capped = torch.tanh(logits / softcap)  # d(c * tanh(z / c)) / dz = 1 - tanh^2
+                logits = capped * softcap
             valid = yc != -100
             tgt = yc.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
@@ -140,6 +159,8 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if need_h or need_w:  # d CE / d logits = softmax - onehot, zero on ignored rows
                 grad = logits.sub_(lse[:, None]).exp_()
                 grad[torch.arange(len(tgt), device=grad.device), tgt] -= 1
+                if softcap:
+                    grad.mul_(1 - capped.square_())
                 # `scale` (1/tokens for the mean) is applied after the matmuls, in fp32: an fp16 gradient
                 # scaled down by 1/tokens before them would underflow (no loss scale has reached it yet)
                 grad = grad.mul_(valid[:, None].to(acc)).to(dtype)
@@ -155,21 +176,22 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def backward(ctx, g):
         gh, gw = ctx.saved_tensors
         return (None if gh is None else gh * g.to(gh.dtype),
-                None if gw is None else (gw * g).to(ctx.weight_dtype), None, None, None, None)
+                None if gw is None else (gw * g).to(ctx.weight_dtype), None, None, None, None, None)
 
 
-def chunked_linear_ce(h, weight, y, dtype, reduction="mean", chunk_rows=None) -> torch.Tensor:
-    """Mean or sum CE of (h.to(dtype) @ weight.to(dtype).T) against y (-100 ignored), fp32 (fp64) result."""
+def chunked_linear_ce(h, weight, y, dtype, reduction="mean", chunk_rows=None, softcap=0.0) -> torch.Tensor:
+    """Mean or sum CE of (h.to(dtype) @ weight.to(dtype).T) against y (-100 ignored), fp32 (fp64) result;
+    softcap > 0: of the soft-capped logits."""
     r = chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0])
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     # a tensor, not .item(): no host-device sync (0 counted tokens give nan, as F.cross_entropy's mean)
     scale = (1.0 / (y != -100).sum().to(acc)) if reduction == "mean" else torch.ones((), dtype=acc, device=h.device)
-    return _ChunkedLinearCE.apply(h, weight, y, dtype, r, scale)
+    return _ChunkedLinearCE.apply(h, weight, y, dtype, r, scale, float(softcap))
 
 
-def _checkpointed_chunks(h, weight, y, dtype, reduction, chunk_rows):
+def _checkpointed_chunks(h, weight, y, dtype, reduction, chunk_rows, softcap=0.0):
     r = chunk_rows or default_chunk_rows(h.shape[0], weight.shape[0])
-    nll = torch.cat([checkpoint(_chunk_nll, h[s:s + r], weight, y[s:s + r], dtype, use_reentrant=False)
+    nll = torch.cat([checkpoint(_chunk_nll, h[s:s + r], weight, y[s:s + r], dtype, softcap, use_reentrant=False)
                      for s in range(0, h.shape[0], r)])
     if reduction == "none":
         return nll

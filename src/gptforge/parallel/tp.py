@@ -4,6 +4,10 @@ Per block (Megatron style):
   attention: q/k/v ColwiseParallel (each rank holds n_head/tp query heads and n_kv_head/tp kv heads;
              the model reshapes with -1 heads), o_proj RowwiseParallel
   MLP:       up/gate ColwiseParallel, down RowwiseParallel
+  qk_norm:   q_norm/k_norm (one gain per head_dim, shared by all heads) replicated, their input taken as
+             sharded along the heads (dim 2 of (B, T, heads, head_dim)): each rank's gain gradient covers
+             only its own heads, so it must be summed over the ranks, which DTensor does (a plain replicated
+             parameter would silently keep a different gradient per rank)
 Embeddings, the final norm and lm_head stay replicated (they are tied by default, and the vocabulary of
 small models does not pay for a sharded loss).
 
@@ -86,6 +90,10 @@ def apply_tp(model: nn.Module, tp_mesh, sequence_parallel: bool = False) -> nn.M
         }
         if hasattr(block.mlp, "gate_proj"):
             plan["mlp.gate_proj"] = ColwiseParallel()
+        if hasattr(block.attn, "q_norm"):
+            # SequenceParallel's mechanics (a Replicate gain, an input sharded along a dim) on the head dim
+            plan["attn.q_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
+            plan["attn.k_norm"] = SequenceParallel(sequence_dim=2, use_local_output=True)
         if sp:
             plan["attn_norm"] = SequenceParallel()
             plan["mlp_norm"] = SequenceParallel()

@@ -90,7 +90,7 @@ def apply_auto(cfg: Config, model: GPTConfig, device_info: DeviceInfo | None = N
     if not ac.fits:
         raise UserError(f"train.auto: {ac.reason}")
     t.micro_batch, t.grad_accum, t.activation_checkpointing = ac.micro_batch, ac.grad_accum, ac.activation_checkpointing
-    if t.precision == "auto":
+    if t.precision == "auto" and dev.is_gpu:  # a CPU's auto is measured for the model later (train.precision)
         t.precision = ac.precision
     if int(os.environ.get("RANK", "0")) == 0:
         (log or (lambda m: print(m, flush=True)))(f"auto-config for {dev.describe()}: {ac.reason}")

@@ -70,12 +70,13 @@ class Checkpointing:
         """Save at this step; with train.async_save the tensors are written in the background and the checkpoint
         completes at a later step (-> None; finish_pending) unless `wait` (a preemption or the final save). The
         time the loop is blocked goes to save_stalls."""
-        t, t0 = self.tcfg, time.perf_counter()
+        t, t0, train_s = self.tcfg, time.perf_counter(), self.training_seconds()
         self.finish_pending()  # one save at a time
         state = {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
                  "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
                  "scaler": self.scaler.state_dict() if self.scaler else None, "run_id": self.run_id,
-                 "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None}
+                 "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None,
+                 "train_s": train_s}
         if "tokenizer.json" in self.files:  # a resume checks it is the same tokenizer (not only the same size)
             state["tokenizer_sha256"] = ckpt_mod.tokenizer_id(self.files["tokenizer.json"])
         files = dict(self.files) | {"model_config.json": json.dumps(self.model_cfg.to_dict(), indent=2) + "\n"}

@@ -13,9 +13,9 @@ import time
 from gptforge.config.schema import Config
 from gptforge.config.validate import check_run_paths
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, CHATML_JINJA, encode_chat, stop_ids
-from gptforge.data.loader import TokenLoader
+from gptforge.data.loader import FullPassLoader, TokenLoader, read_meta
 from gptforge.data.preference import PairLoader, read_pairs
-from gptforge.data.prepare import ensure_prepared
+from gptforge.data.prepare import ensure_prepared, ensure_val_prepared
 from gptforge.data.records import split_val
 from gptforge.data.sft import SFTLoader, read_conversations, tokenize_conversations
 from gptforge.data.tokenizer import build_tokenizer, load_tokenizer
@@ -37,30 +37,53 @@ class Pretrain(Recipe):
     name = "pretrain"
     defaults = {"train": {"out_dir": "runs/shakespeare", "micro_batch": 32, "lr": 2e-3, "warmup_steps": 30,
                           "eval_every": 200, "log_every": 20},
-                "model": {"preset": "micro"}}
+                "model": {"preset": "micro"}, "preset_recipe": True}  # + config.presets.PRESET_RECIPES
     length = {"max_steps": 600}  # the zero-argument run: minutes on a laptop CPU
 
     def tokenizer(self):
         cfg, env = self.cfg, self.env
         parts = [s for s in (cfg.data.path or "").split(",") if s]
         path = None if not parts else parts if len(parts) > 1 else parts[0]
-        kw = dict(val_fraction=cfg.data.val_fraction, field=cfg.data.field)
-        if env.is_main:  # prepare once; the others wait and then find it in the cache
-            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, **kw)
+        # data.val_path: the whole training data trains (raw inputs are prepared without a validation split)
+        kw = dict(val_fraction=0.0 if cfg.data.val_path else cfg.data.val_fraction, field=cfg.data.field)
+        self.val_dir = None
+
+        def prepare(progress: bool) -> None:
+            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=progress, **kw)
+            if cfg.data.val_path:  # tokenized like the training data, cached on each machine's own disk
+                self.val_dir = ensure_val_prepared(cfg.data.val_path, self.data_dir, field=cfg.data.field,
+                                                   progress=progress)
+
+        if env.is_main:  # prepare once; the others wait and then find it in the cache (or prepare their own)
+            prepare(True)
         barrier(env)
         if not env.is_main:
-            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=False, **kw)
+            prepare(False)
         return load_tokenizer(self.data_dir)
 
     def data_label(self) -> str:
-        return str(self.data_dir)
+        if self.val_dir is None:
+            return str(self.data_dir)
+        meta, own = read_meta(self.val_dir), read_meta(self.data_dir)["splits"].get("val", 0)
+        unknown = meta.get("unknown", 0)
+        return (f"{self.data_dir} | validation: {self.cfg.data.val_path} ({meta['splits']['val']:,} tokens, all "
+                f"scored at every evaluation; all of the training data trains"
+                + (f", its own validation split of {own:,} tokens unused" if own else ", no split taken")
+                + (f"; characters not in the char vocabulary, counted as <|unk|>: {unknown:,}" if unknown else "")
+                + ")")
 
     def loaders(self, tok, mcfg):
         t, env = self.cfg.train, self.env
         common = dict(micro_batch=t.micro_batch, block_size=mcfg.block_size, dp_rank=env.dp_rank,
                       dp_size=env.dp_size, seed=t.seed)
-        return (TokenLoader(self.data_dir, "train", accum_steps=t.grad_accum, **common),
-                TokenLoader(self.data_dir, "val", shuffle=False, **common))
+        train = TokenLoader(self.data_dir, "train", accum_steps=t.grad_accum, **common)
+        if self.val_dir is not None:
+            return train, FullPassLoader(self.val_dir, "val", name=f"data.val_path {self.cfg.data.val_path}", **common)
+        if read_meta(self.data_dir)["splits"].get("val", 0) == 0:
+            self.say(f"note: {self.data_dir} has no validation split (data.val_fraction 0): no val loss; "
+                     "give data.val_path to validate on a text of your choice")
+            return train, None
+        return train, TokenLoader(self.data_dir, "val", shuffle=False, **common)
 
     def objective(self, model, tok, train_loader, val_loader):
         return LMObjective(self.loss_impl(model))
@@ -130,7 +153,10 @@ class SFT(ChatRecipe):
 
     def loaders(self, tok, mcfg):
         cfg, env, t = self.cfg, self.env, self.cfg.train
-        train_convs, val_convs = split_val(self.convs, cfg.data.val_fraction, seed=0)
+        if cfg.data.val_path:  # a fixed validation set: every conversation of data.path trains
+            train_convs, (val_convs, _) = self.convs, read_conversations(cfg.data.val_path, cfg.sft.skip_bad_lines)
+        else:
+            train_convs, val_convs = split_val(self.convs, cfg.data.val_fraction, seed=0)
         train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.sft.overflow, self.stats)
         val_ex, _ = tokenize_conversations(val_convs, tok, mcfg.block_size, cfg.sft.overflow)
         common = dict(block_size=mcfg.block_size, micro_batch=t.micro_batch, pad_id=tok.pad_id,
@@ -140,7 +166,8 @@ class SFT(ChatRecipe):
         layout = (f"packed into {train_loader.n} rows of {mcfg.block_size} tokens ({train_loader.fill:.0%} filled)"
                   if cfg.sft.packing else f"{train_loader.n} padded sequences (length-bucketed)")
         self.say(f"sft data: {stats.summary()} | {layout} | "
-                 f"{int(train_loader.unit_labels.sum()):,} label tokens | {len(val_ex)} validation examples")
+                 f"{int(train_loader.unit_labels.sum()):,} label tokens | {len(val_ex)} validation examples"
+                 + (f" (data.val_path {cfg.data.val_path})" if cfg.data.val_path else ""))
         self.sample_prompt = next((m["content"] for m in (val_convs or train_convs)[0] if m["role"] == "user"), None)
         return train_loader, val_loader
 
@@ -160,13 +187,18 @@ class DPO(ChatRecipe):
     def loaders(self, tok, mcfg):
         cfg, env, t = self.cfg, self.env, self.cfg.train
         pairs, stats = read_pairs(cfg.data.path, tok, mcfg.block_size, cfg.sft.overflow, cfg.sft.skip_bad_lines)
-        train_pairs, val_pairs = split_val(pairs, cfg.data.val_fraction, seed=0)
+        if cfg.data.val_path:  # a fixed validation set: every pair of data.path trains
+            train_pairs, (val_pairs, _) = pairs, read_pairs(cfg.data.val_path, tok, mcfg.block_size, cfg.sft.overflow,
+                                                            cfg.sft.skip_bad_lines)
+        else:
+            train_pairs, val_pairs = split_val(pairs, cfg.data.val_fraction, seed=0)
         common = dict(micro_batch=t.micro_batch, pad_id=tok.pad_id, dp_rank=env.dp_rank, dp_size=env.dp_size,
                       seed=t.seed)
         train_loader = PairLoader(train_pairs, accum_steps=t.grad_accum, **common)
         val_loader = PairLoader(val_pairs, shuffle=False, **common) if len(val_pairs) >= env.dp_size else None
         self.say(f"dpo data: {stats.summary('pairs')} | {len(train_pairs)} training, {len(val_pairs)} validation "
-                 f"pairs | beta {cfg.dpo.beta}, label smoothing {cfg.dpo.label_smoothing}, reference "
+                 f"pairs{' (data.val_path)' if cfg.data.val_path else ''} | beta {cfg.dpo.beta}, "
+                 f"label smoothing {cfg.dpo.label_smoothing}, reference "
                  + ("precomputed" if cfg.dpo.precompute_ref else "live (a second model in memory)"))
         self.n_pairs = len(pairs)
         return train_loader, val_loader

@@ -14,7 +14,7 @@ from gptforge import checkpoint as ckpt_mod
 from gptforge.config.loader import VOCAB_MULTIPLE, config_json, resolve_model, restore_recipe, save_config
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
-from gptforge.hardware import device_precision, vocab_multiple
+from gptforge.hardware import vocab_multiple
 from gptforge.hf.init_from import init_model_config, load_init_weights
 from gptforge.model.doc_mask import resolve_attention
 from gptforge.model.gpt import build_model
@@ -25,6 +25,7 @@ from gptforge.parallel.mesh import DistEnv, init_distributed, on_main, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
 from gptforge.train.preempt import resume_setting
+from gptforge.train.precision import train_precision
 from gptforge.train.trainer import Trainer, autocast
 
 
@@ -58,7 +59,7 @@ class Recipe:
         """train.loss_impl resolved for this model and device (gptforge.objectives.head), said once."""
         c = model.cfg
         impl, why = resolve_loss_impl(self.cfg.train.loss_impl, self.env.device, c.vocab_size, c.d_model,
-                                      self.env.tp_size)
+                                      self.env.tp_size, c.logit_softcap)
         self.say(f"loss: {impl} ({why})")
         return impl
 
@@ -185,13 +186,15 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         recipe.say(describe_model(cfg, model, mcfg) + f" | data: {recipe.data_label()}")
         if cfg.train.auto:
             apply_auto(cfg, mcfg, world_size=env.world_size)
-        cfg.train.precision = device_precision(cfg.train.precision, env.device)
+        # auto on a CPU with bf16: measured for this model's shapes, the same on every rank (train.precision)
+        cfg.train.precision, precision_why = train_precision(cfg.train.precision, env, mcfg, cfg.train.micro_batch)
         train_loader, val_loader = recipe.loaders(tok, mcfg)
         objective = recipe.objective(model, tok, train_loader, val_loader)
         model = parallelize(model, env, cfg)
         files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok)
         trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, files, mcfg,
                           sample_fn=recipe.sampler(tok), task_eval=task_evaluator(cfg, env, tok, recipe.chat))
+        trainer.precision_why = precision_why
         if env.is_main:
             Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)
             save_config(cfg, Path(cfg.train.out_dir) / "config.json")

@@ -21,13 +21,13 @@ from gptforge.hardware import device_precision, peak_flops, set_tf32
 from gptforge.model.cost import flops_per_token
 from gptforge.parallel import hang
 from gptforge.parallel.grad import clip_grad_norm_
-from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object
+from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object, on_main
 from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
 from gptforge.train.checkpointing import Checkpointing
 from gptforge.train.faults import StepGuard
 from gptforge.train.metrics import MetricsLogger, fmt_duration
-from gptforge.train.optim import build_optimizer, lr_at, skip_on_device
+from gptforge.train.optim import build_optimizer, lr_at, peak_lrs, skip_on_device
 from gptforge.train.preempt import StopSignals, check_grace, elastic_restart
 from gptforge.train.stepsync import Queued, StepSync, StepValues
 
@@ -66,8 +66,10 @@ class Trainer(Checkpointing):
         self.train_loader = Prefetcher(train_loader, env.device, cfg.train.prefetch)
         self.val_loader = val_loader
         self.precision = device_precision(self.tcfg.precision, self.device)
+        self.precision_why = ""  # why train.precision=auto chose it (train.precision.train_precision; run.py)
         self.tf32 = set_tf32(self.device, self.tcfg.tf32)
-        self.optimizer = build_optimizer(model, self.tcfg, self.device)
+        self.optimizer = build_optimizer(model, self.tcfg, self.device, self.precision)
+        self.peak_lrs = peak_lrs(self.optimizer, self.tcfg)  # per param group, from the config (not a checkpoint)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.out_dir = Path(self.tcfg.out_dir)
         t = self.tcfg
@@ -76,6 +78,8 @@ class Trainer(Checkpointing):
         self.total_steps = self._total_steps()
         check_grace(t.grace_s)
         self.step, self.tokens_seen = 0, 0
+        # seconds spent training, across resumes: the loop's wall time less evaluations and saves (training_seconds)
+        self.train_s, self._clock, self._excluded = 0.0, (time.perf_counter(), 0.0), 0.0
         self.shared_storage = True  # set by fit(): do all ranks see out_dir?
         p = cfg.parallel
         self.local_sgd = (LocalSGD(unwrap(model), p.sync_every, p.outer_lr, p.outer_momentum)
@@ -139,6 +143,7 @@ class Trainer(Checkpointing):
                     continue
                 raise
             self._restore(state)
+            self.train_s = float(state.get("train_s") or 0.0)
             self.run_id = state.get("run_id")
             self.guard.load_state_dict(state)
             if state.get("seqs_per_step") != self.seqs_per_step:
@@ -163,13 +168,23 @@ class Trainer(Checkpointing):
             raise UserError(f"cannot resume from '{ck}': the model differs ({'; '.join(diff[:3])}); "
                             "use the same model config or a new train.out_dir")
 
+        def saved_optimizer() -> str:  # a checkpoint from before train.optimizer existed: AdamW
+            train = ckpt_mod.read_json(ck, "config.json").get("train") if (ck / "config.json").is_file() else None
+            return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
+
+        was = on_main(saved_optimizer, self.env)
+        if was != self.tcfg.optimizer:
+            raise UserError(f"cannot resume from '{ck}': it was trained with train.optimizer={was}, not "
+                            f"{self.tcfg.optimizer} (the optimizer state differs); resume with "
+                            f"--train.optimizer={was}, or start from its weights with --init-from in a new train.out_dir")
+
     # ---- the loop -------------------------------------------------------------------------------
     def train_step(self, stop=None) -> Queued:
         """Queue one optimizer step's work; nothing is read from the device here (train.stepsync)."""
         model, t = self.model, self.tcfg
-        lr = lr_at(self.step, self.total_steps, t)
-        for g in self.optimizer.param_groups:
-            g["lr"] = lr
+        lr = lr_at(self.step, self.total_steps, t)  # train.lr's, logged; each group: the same schedule, its own peak
+        for g, peak in zip(self.optimizer.param_groups, self.peak_lrs):
+            g["lr"] = lr_at(self.step, self.total_steps, t, peak)
         loss_sum = torch.zeros((), device=self.device)
         extra: dict[str, torch.Tensor] = {}
         for micro in range(t.grad_accum):
@@ -215,6 +230,12 @@ class Trainer(Checkpointing):
             return None
         return all_reduce_mean(total / n, self.env).item()
 
+    def training_seconds(self) -> float:
+        """Seconds spent training up to now (earlier invocations of a resumed run included): the loop's wall
+        time less the evaluations (val loss, train.eval_tasks) and checkpoint saves."""
+        t0, before = self._clock
+        return before + time.perf_counter() - t0 - self._excluded
+
     def _log_step(self, loss: float, norm: float, metrics: dict, dt: float, peak: float, eta: float,
                   wait_ms: float = 0.0) -> None:
         tok_s = self.tokens_per_step / dt
@@ -227,7 +248,9 @@ class Trainer(Checkpointing):
                                  "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
                                  "perf/data_wait_ms": wait_ms,
                                  "train/bad_steps": self.guard.bad_total, "train/loss_spikes": self.guard.spikes}
-                     | {f"train/{k}": v for k, v in metrics.items() if k != "lr"})
+                     | {f"train/{k}": v for k, v in metrics.items() if k != "lr"}
+                     | {f"train/lr_{role}": g["lr"]  # train.optimizer=muon: each group's own (MuonAdamW.roles)
+                        for role, g in zip(getattr(self.optimizer, "roles", ()), self.optimizer.param_groups)})
 
     def _observe(self, v: StepValues, stop) -> bool:
         """The host's side of step v.step, once its values are read: history, a finished background save, the
@@ -269,6 +292,7 @@ class Trainer(Checkpointing):
         self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
                    f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks) = "
                    f"{self.tokens_per_step:,} tokens/step | precision {self.precision}"
+                   + (f" ({self.precision_why})" if self.precision_why else "")
                    + (f" ({self.tf32})" if self.tf32 else "") + f" | device {self.device}")
         bar = None
         if env.is_main and t.progress:
@@ -278,6 +302,7 @@ class Trainer(Checkpointing):
                        file=sys.stderr)
         peak = peak_flops(self.device, self.precision) * env.world_size
         t_start, step_start = time.perf_counter(), self.step
+        self._clock, self._excluded = (t_start, self.train_s), 0.0
         self.step_start = step_start
         window_t, window_steps = time.perf_counter(), 0
         saved_at, path = -1, None
@@ -329,21 +354,28 @@ class Trainer(Checkpointing):
                 else:
                     self.log.log(self.step, {"train/loss": loss})
                 if eval_at or last:
+                    if self.device.type == "cuda":
+                        torch.cuda.synchronize()  # the step's kernels count as training, not as evaluation
+                    t_eval, train_s = time.perf_counter(), self.training_seconds()
                     self.last_val = self.evaluate()
-                    if self.last_val is not None:
+                    if self.last_val is not None:  # tokens and seconds trained so far: time to a loss (bench --to-loss)
                         self.print(f"step {self.step}: val loss {self.last_val:.4f}")
-                        self.log.log(self.step, {"val/loss": self.last_val})
+                        self.log.log(self.step, {"val/loss": self.last_val, "train/tokens": self.tokens_seen,
+                                                 "train/seconds": train_s})
                     if self.task_eval is not None:
                         scores = self.task_eval(self.model)
                         self.print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
                         self.log.log(self.step, scores)
                     window_t = time.perf_counter()  # keep eval out of the step time
+                    self._excluded += window_t - t_eval
                 if save_due:
+                    t_save = time.perf_counter()
                     path = self.save(wait=stopping)  # a preemption save completes before the exit
                     saved_at = self.step
                     if path is not None:
                         self.print(f"saved checkpoint {path}")
                     window_t = time.perf_counter()
+                    self._excluded += window_t - t_save
                 if stopping:
                     break
             if bar is not None:
@@ -353,7 +385,8 @@ class Trainer(Checkpointing):
             self.finish_pending()
         wall = time.perf_counter() - t_start
         result = {"steps": self.step, "train_loss": self.history[-1] if self.history else None,
-                  "val_loss": self.last_val, "wall_s": wall, "losses": self.history, "save_stalls": self.save_stalls,
+                  "val_loss": self.last_val, "wall_s": wall, "train_s": self.training_seconds(),
+                  "losses": self.history, "save_stalls": self.save_stalls,
                   "bad_steps": self.guard.bad_total, "loss_spikes": self.guard.spikes,
                   "tok_s": (self.step - step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
         if stop.agreed:
