@@ -236,7 +236,9 @@ def test_normal_checkpoint_loads_identically(base_run):
     from gptforge.config.schema import Config
 
     model = build_model(model_config(ck), "cpu")
-    opt = build_optimizer(model, Config().train, torch.device("cpu"))
+    tcfg = Config().train
+    tcfg.optimizer = json.loads((ck / "config.json").read_text())["train"]["optimizer"]  # the run's own
+    opt = build_optimizer(model, tcfg, torch.device("cpu"))
     for g in opt.param_groups:
         g["lr"] = -1.0
     load_checkpoint(ck, model, opt, DistEnv())

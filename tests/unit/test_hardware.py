@@ -71,7 +71,7 @@ def test_auto_config_fits_and_keeps_effective_batch(dev_name, preset, world):
 
 
 def test_specific_choices():
-    h100 = auto.auto_config(P("small"), DEVICES["H100 80GB"], 256, 2)
+    h100 = auto.auto_config(P("small", arch="gpt2", qk_norm=False, bias=True, d_ff=3072), DEVICES["H100 80GB"], 256, 2)
     assert (h100.micro_batch, h100.precision, h100.activation_checkpointing) == (64, "bf16", False)
     # more memory never gives a smaller micro-batch
     for preset in PRESETS:
@@ -231,7 +231,7 @@ def test_peak_tflops_of_real_device_names(name, arch, tflops):
 def test_flops_per_token_formula():
     """6 x matmul parameters (LM head included, embeddings and norms not) + 12 L d T; one formula for MFU,
     auto-config and doctor."""
-    c = P("small")
+    c = P("small", arch="gpt2", qk_norm=False, bias=True, d_ff=3072)  # GPT-2 124M
     L, d, T, V = c.n_layer, c.d_model, c.block_size, c.vocab_size
     matmul = L * (4 * d * d + 2 * d * c.d_ff) + V * d
     biases_norms = L * (4 * d + c.d_ff + d + 4 * d)

@@ -28,9 +28,13 @@ def nano(**train) -> tuple[Config, object]:
     return cfg, resolve_model(cfg.model, 65)
 
 
+GPT2_BLOCK = dict(arch="gpt2", qk_norm=False, bias=True)  # the sizes below were chosen for GPT-2's block
+
+
 def preset(name: str, **train) -> tuple[Config, object]:
     cfg, _ = nano(**train)
-    cfg.model = preset_model(name)
+    cfg.model = preset_model(name, **GPT2_BLOCK)
+    cfg.model.d_ff = 4 * cfg.model.d_model
     return cfg, resolve_model(cfg.model, 50304)
 
 

@@ -375,7 +375,8 @@ def test_command_line_keys():
     m = cfg.model
     assert (m.qk_norm, m.mlp_act, m.zero_init_proj, m.logit_softcap, m.tie_embeddings) == (True, "relu2", True,
                                                                                               30.0, False)
-    assert parse_config([]).model.qk_norm is False
+    assert GPTConfig().qk_norm is False  # the key's own default is the old block (old checkpoints)
+    assert parse_config(["--model.preset=minimind"]).model.qk_norm is False
     with pytest.raises((UserError, SystemExit)):
         parse_config(["--model.logit_softcap=-2"])
 

@@ -206,7 +206,8 @@ def test_state_dict_round_trip_keeps_the_inner_optimizers_linked():
 
 # ---- through gptforge pretrain ----------------------------------------------------------------------------------
 def test_group_lrs_follow_the_schedule(tmp_path, char_data):
-    lrs = ["--train.embed_lr=0.006", "--train.head_lr=0.0015", "--train.scalar_lr=0.001"]
+    lrs = ["--train.embed_lr=0.006", "--train.head_lr=0.0015", "--train.scalar_lr=0.001", "--train.muon_lr=0.02",
+           "--train.schedule=cosine", "--train.min_lr_ratio=0.1"]  # not the preset's recipe (wsd to 0)
     assert main(["pretrain", *tiny_args(tmp_path, char_data, "--train.max_steps=12", "--train.log_every=1",
                                         "--train.warmup_steps=4", "--model.tie_embeddings=false", *MUON,
                                         *lrs)]) == 0

@@ -11,8 +11,9 @@ from gptforge.checkpoint import list_checkpoints
 from gptforge.cli import main
 from gptforge.config.loader import explicit_keys, parse_config, restore_recipe
 from gptforge.errors import UserError
+from gptforge.train.recipes import Pretrain
 
-RECIPE = ["--train.lr=4e-3", "--train.warmup_steps=3", "--train.schedule=wsd", "--train.beta2=0.95",
+RECIPE = ["--train.lr=5e-3", "--train.warmup_steps=3", "--train.schedule=constant", "--train.beta2=0.95",
           "--train.weight_decay=0.05", "--model.dropout=0.1"]
 
 
@@ -32,7 +33,7 @@ def test_resume_without_the_recipe_flags_is_exact(tmp_path, char_data, capsys):
     assert main(["pretrain", *bare]) == 0
     out = capsys.readouterr().out
     assert "resume: the run's own settings from step_0000008/config.json" in out
-    for key in ("train.lr=0.004", "train.schedule='wsd'", "train.warmup_steps=3", "model.dropout=0.1"):
+    for key in ("train.lr=0.005", "train.schedule='constant'", "train.warmup_steps=3", "model.dropout=0.1"):
         assert key in out, (key, out)
     a, b = read_losses(full), read_losses(split)
     assert len(a) == len(b) == 16 and a == b  # bitwise: the same schedule, betas, decay and dropout
@@ -43,14 +44,18 @@ def test_command_line_wins_and_missing_keys_take_the_old_behaviour(tmp_path, cha
     assert main(["pretrain", *tiny_args(run, char_data, "--train.max_steps=4", *RECIPE)]) == 0
     ck = list_checkpoints(run)[-1]
     saved = json.loads((ck / "config.json").read_text())
-    del saved["train"]["schedule"]  # as if written before train.schedule existed: its default, "cosine"
+    # as if written before train.schedule and train.optimizer existed: the keys' own defaults (the behaviour before
+    # them: cosine, AdamW), not the preset's recipe of today (WSD, Muon)
+    del saved["train"]["schedule"], saved["train"]["optimizer"]
     argv = ["--train.lr=1e-3", "--train.beta2=0.9", "--out", str(run)]
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, Pretrain.defaults)
+    assert (cfg.train.schedule, cfg.train.optimizer) == ("wsd", "muon")  # a new run: the preset's recipe
     assert {"train.lr", "train.beta2", "train.out_dir"} <= cfg.explicit
     changed = restore_recipe(cfg, saved, "test")
     assert cfg.train.lr == 1e-3 and cfg.train.beta2 == 0.9  # given now: kept
     assert cfg.train.warmup_steps == 3 and cfg.train.weight_decay == 0.05  # from the checkpoint
-    assert cfg.train.schedule == "cosine" and "train.schedule='wsd'" not in changed
+    assert cfg.train.schedule == "cosine" and "train.schedule='cosine'" in changed
+    assert cfg.train.optimizer == "adamw" and "train.optimizer='adamw'" in changed
     assert cfg.train.out_dir == str(run) and cfg.train.max_steps is None  # not recipe keys: untouched
 
 

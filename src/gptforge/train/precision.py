@@ -39,12 +39,12 @@ from gptforge.hardware import _cpu_name, cpu_bf16_supported, device_precision
 
 BF16_MARGIN = 0.05  # bf16 must be this much faster (fp32_s / bf16_s >= 1.05) to be chosen
 CACHE_NAME = "cpu_precision.json"
-BUDGET_S = 1.5  # the timed repetitions stop after this long (at least MIN_REPS of each)
+BUDGET_S = 1.0  # the timed repetitions stop after this long (at least MIN_REPS of each): ~1-2 s in all
 MIN_REPS, MAX_REPS = 3, 6
 NOISE = 0.25  # timings whose two best repeats differ by more are used for this run but not cached
 MAX_TOKENS = 4096  # rows of the measured matmuls: the run's micro_batch x context, at most this many
-MIN_TOKENS = 512  # ... and at least this many (or one context) when a pass must be made smaller
-HEAD_ROWS = 512  # the LM head is timed on this many rows and scaled to the block's
+MIN_TOKENS = 512  # ... and at least this many (or the run's own, if fewer): the first pass's size
+HEAD_ROWS = 256  # the LM head is timed on this many rows and scaled to the block's
 
 measurements = 0  # how many times measure() ran in this process (the cache's tests read it)
 
@@ -74,8 +74,8 @@ def _shape(mcfg, micro_batch: int, max_tokens: int) -> tuple[int, int]:
 def measure(mcfg, micro_batch: int, budget_s: float = BUDGET_S, max_tokens: int = MAX_TOKENS) -> dict:
     """Seconds of one training step's matmul-heavy work for model config `mcfg` (complete GPTConfig) in fp32 and
     under bf16 autocast: n_layer x (one block, forward + backward) + the LM head with its cross-entropy.
-    The input is the run's micro-batch x context, at most max_tokens rows, fewer (down to MIN_TOKENS) while one
-    fp32 pass takes longer than budget_s / 4: a big model on a small CPU is measured on fewer rows, not longer."""
+    The input is the run's micro-batch x context, at most max_tokens rows, and fewer (not under MIN_TOKENS) where
+    one fp32 pass of them would take longer than budget_s / 6; the LM head is timed on HEAD_ROWS rows and scaled."""
     global measurements
     measurements += 1
     with torch.random.fork_rng(devices=[]):  # the run's random stream (dropout, ...) is the same measured or cached
@@ -117,21 +117,19 @@ def _measure(mcfg, micro_batch: int, budget_s: float, max_tokens: int) -> dict:
             p.grad = None
         return t1 - t0, (t2 - t1) * x.shape[0] * x.shape[1] / len(targets)
 
-    b, t = _shape(cfg, micro_batch, max_tokens)
+    # a first pass on few rows (also the warm-up: oneDNN primitives, the allocator), then the run's rows (at most
+    # max_tokens) or as many as keep a pass under budget_s / 6: a big model on a small CPU is measured on fewer
+    b_run, t_run = _shape(cfg, micro_batch, max_tokens)
+    t = min(t_run, MIN_TOKENS)
+    b = min(b_run, max(1, MIN_TOKENS // t))
     x, xh, targets, rope = inputs(b, t)
-    for _ in range(4):  # warm-up (oneDNN primitives, the allocator), and a smaller input while one pass is too slow
-        took = sum(run("fp32"))
-        f = took / (budget_s / 4)
-        least_b = max(1, math.ceil(MIN_TOKENS / t))
-        if f <= 1.5:
-            break
-        if b > least_b:
-            b = max(least_b, int(b / f))
-        elif t > MIN_TOKENS:
-            t = max(MIN_TOKENS, int(t / f))
-        else:
-            break
+    grow = (budget_s / 6) / max(sum(run("fp32")), 1e-9)
+    if grow > 1.5 and (b, t) != (b_run, t_run):
+        rows = min(b_run * t_run, int(b * t * grow))
+        t = t_run if rows >= t_run else max(t, rows)
+        b = max(1, min(b_run, rows // t))
         x, xh, targets, rope = inputs(b, t)
+        run("fp32")
     run("bf16")
     steps: dict[str, list[float]] = {"fp32": [], "bf16": []}  # each repeat's n_layer x block + head
     start, reps = time.perf_counter(), 0

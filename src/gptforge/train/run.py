@@ -108,8 +108,7 @@ def restore_recipe_on_resume(cfg: Config, env: DistEnv) -> None:
     saved = {k: v for k, v in saved.items() if k == "train"} | {"model": ckpt_mod.saved_model_config(ck, env)}
     changed = restore_recipe(cfg, saved, f"checkpoint '{ck}'")
     if changed and env.is_main:
-        shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
-        print(f"resume: the run's own settings from {ck.name}/config.json: {shown}", flush=True)
+        print(f"resume: the run's own settings from {ck.name}/config.json: {', '.join(changed)}", flush=True)
 
 
 def init_model(cfg: Config, env: DistEnv, vocab_size: int):
