@@ -291,8 +291,14 @@ def run_gptforge(case: dict, a, eff: dict, data: dict, baseline: Path, passthrou
            "--preset", case["preset"], "--block-size", str(eff["block_size"]), "--micro-batch", str(mb),
            "--steps", str(steps), "--warmup", "0", "--eval-every", str(every), "--precision", "auto", "--threads", str(a.threads),
            "--data", data["gptforge_data"], "--val-path", data["val_file"], "--json", str(out_json)]
-    shape = [f"--model.n_layer={eff['n_layer']}", f"--model.n_head={eff['n_head']}",  # nanoGPT's shape, stated
-             f"--model.d_model={eff['n_embd']}", f"--model.d_ff={4 * eff['n_embd']}"]  # (its MLP is 4 x n_embd)
+    # nanoGPT's shape, stated: its MLP is 4 x n_embd with GELU (2 matrices); the preset's SwiGLU block (3 matrices)
+    # gets as many parameters with d_ff = 8/3 x n_embd (a multiple of 8)
+    from gptforge.config.presets import preset_model
+
+    swiglu = preset_model(case["preset"]).arch == "llama"
+    d_ff = 8 * round(eff["n_embd"] * 8 / 3 / 8) if swiglu else 4 * eff["n_embd"]
+    shape = [f"--model.n_layer={eff['n_layer']}", f"--model.n_head={eff['n_head']}",
+             f"--model.d_model={eff['n_embd']}", f"--model.d_ff={d_ff}"]
     cmd += ["--", *shape, *passthrough]
     print("gptforge: " + " ".join(cmd[2:]), flush=True)
     r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"), text=True, capture_output=True)

@@ -6,7 +6,9 @@
 #   2. gptforge bench --sweep on `small` (124M, GPT-2 BPE), context 1024, bf16, compile on: the largest
 #      micro-batch that fits (halving from 64), measured
 #   3. gptforge bench --single on `llama-1b` under FSDP2 (torchrun, one process), bf16
-#   4. ONE table of both: ms/step, tokens/s, MFU, peak memory (JSON files in $GPTFORGE_CHECK_OUT)
+#   4. gptforge bench --to-loss on `small` (124M, GPT-2 BPE, context 1024): GPT-2's block and recipe (AdamW, cosine)
+#      against the default (Qwen3 block, Muon, WSD): time and tokens to the first one's final val loss
+#   5. ONE table of 2 and 3: ms/step, tokens/s, MFU, peak memory (JSON files in $GPTFORGE_CHECK_OUT)
 #
 # usage: scripts/gpu_check.sh [--dry-run]
 #   --dry-run: the same steps end to end on the CPU with tiny settings (micro preset, 2 layers, a few steps),
@@ -33,19 +35,31 @@ if (( DRY )); then
     SMALL_EXTRA=("${TINY[@]}")
     LLAMA=(--preset micro --device cpu --precision fp32 --micro-batch 4 --steps 3 --warmup 1)
     LLAMA_EXTRA=("${TINY[@]}" --model.arch=llama --parallel.strategy=fsdp)
+    TO_LOSS=(--preset micro --device cpu --precision fp32 --micro-batch 4 --steps 6 --eval-every 3)
+    TO_LOSS_EXTRA=("${TINY[@]}")
+    GPT2_FF=256
 else
     SMALL=(--preset small --block-size 1024 --precision bf16 --compile --micro-batch 64 --steps 30 --warmup 10)
     SMALL_EXTRA=(--data.tokenizer=gpt2)
     LLAMA=(--preset llama-1b --precision bf16 --micro-batch 8 --steps 20 --warmup 8)
     LLAMA_EXTRA=(--data.tokenizer=gpt2 --parallel.strategy=fsdp)
+    # GPT-2 BPE, context 1024, 16 x 1024 tokens a step, 400 steps each (~6.5M tokens), val loss every 50 steps
+    TO_LOSS=(--preset small --block-size 1024 --precision bf16 --compile --micro-batch 16 --steps 400 --eval-every 50)
+    TO_LOSS_EXTRA=(--data.tokenizer=gpt2)
+    GPT2_FF=3072
 fi
 
-echo "== 1/3 tests/gpu" >&2
+echo "== 1/4 tests/gpu" >&2
 "$PY" -m pytest -q tests/gpu
-echo "== 2/3 small: sweep for the largest micro-batch that fits" >&2
+echo "== 2/4 small: sweep for the largest micro-batch that fits" >&2
 "$PY" -m gptforge bench --sweep --sweep-grid none "${SMALL[@]}" "${DATA[@]}" --json "$OUT/small.json" \
     -- "${SMALL_EXTRA[@]}"
-echo "== 3/3 llama-1b under FSDP2 (torchrun, one process)" >&2
+echo "== 3/4 llama-1b under FSDP2 (torchrun, one process)" >&2
 "$PY" -m gptforge bench --single "${LLAMA[@]}" "${DATA[@]}" --json "$OUT/llama-1b.json" -- "${LLAMA_EXTRA[@]}"
+echo "== 4/4 small: time to a validation loss, GPT-2's block and recipe (AdamW, cosine) vs the default" >&2
+GPT2_RECIPE="model.arch=gpt2 model.qk_norm=false model.bias=true model.d_ff=$GPT2_FF train.optimizer=adamw \
+train.schedule=cosine train.lr=6e-4 train.min_lr_ratio=0.1"
+"$PY" -m gptforge bench --to-loss "$GPT2_RECIPE" "" "${TO_LOSS[@]}" "${DATA[@]}" --json "$OUT/small_to_loss.json" \
+    -- "${TO_LOSS_EXTRA[@]}"
 echo "== gpu_check: one table" >&2
 "$PY" -m gptforge.bench.report "small=$OUT/small.json" "llama-1b-fsdp=$OUT/llama-1b.json"

@@ -7,6 +7,7 @@ command (shell-quoted, one line) instead of running it.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shlex
 import shutil
@@ -404,5 +405,10 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path, char_data):
         assert row["data_wait_ms"] is None or row["data_wait_ms"] >= 0
         assert "(cpu," in row["device"]
     assert "--parallel.strategy=fsdp" in single["command"]
+    # step 4: time to a loss, GPT-2's block and recipe against the defaults, on the same data
+    to_loss = json.loads((tmp_path / "small_to_loss.json").read_text())
+    assert len(to_loss["rows"]) == 2 and to_loss["target_loss"] == pytest.approx(to_loss["rows"][0]["final_loss"])
+    assert "--model.arch=gpt2" in to_loss["rows"][0]["command"] and "--train.optimizer=adamw" in to_loss["rows"][0]["command"]
+    assert all(math.isfinite(r["final_loss"]) and len(r["val_curve"]) >= 2 for r in to_loss["rows"])
     wait_col = [ln.split()[-1] for ln in table[2:4]]
     assert wait_col == [("-" if r_["data_wait_ms"] is None else "ms") for r_ in (sweep["best"], single)]
