@@ -103,6 +103,7 @@ torch.manual_seed(0)
 V, B, T = 32768, 4, 256
 m = build_model(GPTConfig(vocab_size=V, block_size=T, n_layer=1, n_head=2, d_model=64, d_ff=128), seed=0)
 b = {"input_ids": torch.randint(0, V, (B, T)), "labels": torch.randint(0, V, (B, T))}
+import torch._dynamo  # imported lazily by the first checkpointed chunk: ~80 MB of modules, not of the loss
 base = int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 out = {}
 for impl in sys.argv[1:]:  # the peak RSS only grows: the lower one first
