@@ -329,8 +329,9 @@ class GPT(nn.Module):
 def build_model(cfg: GPTConfig, device: str | torch.device = "cpu", seed: int = 0) -> GPT:
     """Build on meta (no memory), then materialise and initialise on `device`. On a CPU the modules are built
     where they live: torch's own initialisers run on meta tensors through its Python references, which import
-    torch._dynamo (~80 MB resident, a constant that dominates a small CPU model's memory); init_weights() then
-    overwrites every parameter the same way (one random stream), so the weights are identical either way."""
+    torch._dynamo (~80 MB resident; inference on a CPU never needs it, training imports it anyway with any
+    torch optimizer); init_weights() then overwrites every parameter the same way (one random stream), so the
+    weights are identical either way."""
     if torch.device(device).type == "cpu":
         return GPT(cfg).init_weights(seed=seed)
     with torch.device("meta"):
