@@ -117,13 +117,18 @@ def test_param_count_matches_model(name, bias):
     assert cost.count_params(cfg) == m.num_params() == sum(p.numel() for p in m.parameters()), name
 
 
-@pytest.mark.parametrize("preset,precision", [("nano", "fp32"), ("nano", "bf16"), ("minimind", "fp32"),
-                                              ("minimind", "bf16")])
-def test_activation_estimate_matches_saved_tensors(preset, precision):
-    """The per-layer formula against the bytes autograd really saves (small vocab: no logits term)."""
+OPTIONS = dict(vocab_size=64, qk_norm=True, mlp_act="relu2")  # relu2's m=2, the q/k norms' 2r(h+h_kv)
+
+
+@pytest.mark.parametrize("preset,precision,options", [("nano", "fp32", {}), ("nano", "bf16", {}), ("minimind", "fp32", {}),
+                                                      ("minimind", "bf16", {}), ("nano", "fp32", OPTIONS),
+                                                      ("minimind", "bf16", OPTIONS)])
+def test_activation_estimate_matches_saved_tensors(preset, precision, options):
+    """The per-layer formula (with the block options too) against the bytes autograd really saves (small vocab:
+    no logits term)."""
     import torch
 
-    cfg = P(preset, block_size=128)
+    cfg = P(preset, block_size=128, **options)
     m = build_model(cfg)
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     seen: dict[int, int] = {}
