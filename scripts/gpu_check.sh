@@ -12,7 +12,8 @@
 #
 # usage: scripts/gpu_check.sh [--dry-run]
 #   --dry-run: the same steps end to end on the CPU with tiny settings (micro preset, 2 layers, a few steps),
-#              to show the check is wired where there is no GPU.
+#              to show the check is wired where there is no GPU. Without it, a machine where PyTorch sees no GPU
+#              stops at once with one line (exit 2).
 # env: GPTFORGE_CHECK_OUT (default runs/gpu_check), GPTFORGE_CHECK_DATA (a prepared dataset or text; default:
 #      the built-in Shakespeare), PYTHON (default python), GPTFORGE_CACHE (default: the repository's
 #      .cache/gptforge, as the tests use: a machine without internet needs the Shakespeare corpus there, e.g.
@@ -24,6 +25,22 @@ export GPTFORGE_CACHE="${GPTFORGE_CACHE:-$PWD/.cache/gptforge}"
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; elif [[ $# -gt 0 ]]; then echo "usage: $0 [--dry-run]" >&2; exit 2; fi
 PY="${PYTHON:-python}"
+if (( ! DRY )); then
+    # no GPU: stop at once (else every GPU test skips and the 124M runs train on the CPU)
+    if ! GPU=$("$PY" -c 'from gptforge.hardware import detect; d = detect(); print(d.describe() if d.is_gpu else "")' \
+               2>/dev/null); then
+        echo "gpu_check.sh: error: '$PY' cannot import gptforge and torch; activate the environment gptforge is" \
+             "installed in, or set PYTHON to its python" >&2
+        exit 2
+    fi
+    if [[ -z "$GPU" ]]; then
+        echo "gpu_check.sh: error: no GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a" \
+             "machine with a GPU (check CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES and the driver), or with" \
+             "--dry-run to check the wiring on the CPU" >&2
+        exit 2
+    fi
+    echo "== gpu_check on $GPU" >&2
+fi
 OUT="${GPTFORGE_CHECK_OUT:-runs/gpu_check}"
 mkdir -p "$OUT"
 DATA=()

@@ -15,7 +15,7 @@ from conftest import tiny_args
 from gptforge.bench.to_loss import loss_at_tokens, pool, reach, read_baseline, schedule, summarize
 from gptforge.cli import main
 from gptforge.errors import UserError
-from gptforge.train import trainer as trainer_mod
+from gptforge.train import checkpointing as checkpointing_mod, metrics as metrics_mod, trainer as trainer_mod
 
 CURVE = [(100, 1.0, 3.0, 10), (200, 2.0, 2.0, 20), (300, 3.0, 1.5, 30)]
 
@@ -99,8 +99,8 @@ class FakeClock:
 
 def test_training_seconds_leave_out_evaluation_and_saving_and_survive_a_resume(tmp_path, char_data, monkeypatch):
     clock = FakeClock()
-    monkeypatch.setattr(trainer_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter))
-    evaluate, save = trainer_mod.Trainer.evaluate, trainer_mod.Trainer.save
+    monkeypatch.setattr(metrics_mod, "time", types.SimpleNamespace(perf_counter=clock.perf_counter, time=lambda: 0.0))
+    evaluate, save = trainer_mod.Trainer.evaluate, checkpointing_mod.CheckpointManager.save
 
     def slow_evaluate(self):
         clock.now += 100
@@ -112,7 +112,7 @@ def test_training_seconds_leave_out_evaluation_and_saving_and_survive_a_resume(t
         return path
 
     monkeypatch.setattr(trainer_mod.Trainer, "evaluate", slow_evaluate)
-    monkeypatch.setattr(trainer_mod.Trainer, "save", slow_save)
+    monkeypatch.setattr(checkpointing_mod.CheckpointManager, "save", slow_save)
     out = tmp_path / "run"
     args = tiny_args(out, char_data, "--train.max_steps=6", "--train.eval_every=2", "--train.save_every=2",
                      "--train.log_every=1")

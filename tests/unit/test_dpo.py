@@ -79,6 +79,47 @@ def test_loss_is_ln2_when_policy_equals_reference_and_live_equals_precomputed(tm
     assert abs(a.item() - b.item()) < 1e-6 and abs(a.item() - LN2) > 1e-3
 
 
+def _logsigmoid64(x: float) -> float:
+    return -math.log1p(math.exp(-x)) if x >= 0 else x - math.log1p(math.exp(x))
+
+
+def test_label_smoothing_at_a_nonzero_margin_is_conservative_dpo(tmp_path):
+    """At margin 0 every dpo.label_smoothing gives ln 2; away from it the loss must be cDPO's closed form
+    -(1 - eps) log sigmoid(beta m) - eps log sigmoid(-beta m), m = (pc - pr) - (rc - rr), here with the
+    sequence log-probs computed independently (float64 log-softmax of the logits over the counted labels)."""
+    tok = char_tokenizer(["abcdef"])
+    pairs, _ = read_pairs(str(write_jsonl(tmp_path / "p.jsonl", reverse_pairs(8))), tok, 32)
+    cfg = GPTConfig(vocab_size=64, block_size=32, n_layer=2, n_head=2, d_model=32, d_ff=64)
+    policy, ref = build_model(cfg, seed=0), build_model(cfg, seed=0)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(3)
+        for p in policy.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    batch = PairLoader(pairs, 4, tok.pad_id, seed=0).next_batch()
+
+    def logps64(model) -> list[float]:
+        with torch.no_grad():
+            lp = torch.log_softmax(model(batch["input_ids"]).double(), dim=-1)
+        counted = batch["labels"] != -100
+        tok_lp = lp.gather(-1, batch["labels"].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+        return (tok_lp * counted).sum(-1).tolist()
+
+    pol, rf = logps64(policy), logps64(ref)
+    B, beta = len(pol) // 2, 0.5
+    margins = [(pol[i] - pol[B + i]) - (rf[i] - rf[B + i]) for i in range(B)]
+    assert max(abs(m) for m in margins) > 1 and min(abs(m) for m in margins) > 1e-2, margins  # not 0 (ln 2 for all)
+    got = {}
+    for eps in (0.0, 0.1, 0.3):
+        want = sum(-(1 - eps) * _logsigmoid64(beta * m) - eps * _logsigmoid64(-beta * m) for m in margins) / B
+        with torch.no_grad():
+            loss, metrics = DPOObjective(beta, eps, ref_model=ref)(policy, batch)
+        got[eps] = loss.item()
+        assert abs(got[eps] - want) < 1e-5 * max(1.0, abs(want)), (eps, got[eps], want, margins)
+        assert metrics["reward_margin"].item() == pytest.approx(beta * sum(margins) / B, abs=1e-5)
+    # the smoothing is visible here: each eps moves the loss by far more than the tolerance above
+    assert min(abs(got[0.0] - got[0.1]), abs(got[0.1] - got[0.3])) > 1e-2, got
+
+
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory):
     return write_jsonl(tmp_path_factory.mktemp("pairs") / "pairs.jsonl", reverse_pairs(200))

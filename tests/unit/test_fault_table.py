@@ -71,7 +71,9 @@ CASES: list[Case] = [
     Case("parallel.tp=0", pretrain("--parallel.tp=0"), ["parallel.tp"]),
     Case("dpo.beta=0", ["dpo", *RUN, "--init-from={run}", "--data.path={tmp}/pairs_same.jsonl", "--dpo.beta=0"],
          ["dpo.beta"]),
-    Case("unknown key", pretrain("--train.lrr=1"), ["train.lr"]),
+    # the whole hint: 'train.lr' alone is a substring of 'train.lrr', so it would pass without one
+    Case("unknown key", pretrain("--train.lrr=1"),
+         ["unknown config key 'train.lrr' on the command line; did you mean 'train.lr'?"]),
     Case("out_dir unwritable", ["pretrain", "--train.out_dir=/proc/gptforge-no/run", "--data.path={data}"],
          ["train.out_dir", "/proc/gptforge-no/run"]),
     Case("out_dir under a file", ["pretrain", "--train.out_dir={run}/config.json/run", "--data.path={data}"],

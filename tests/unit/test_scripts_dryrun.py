@@ -412,3 +412,19 @@ def test_gpu_check_dry_run_runs_every_step_on_the_cpu(tmp_path, char_data):
     assert all(math.isfinite(r["final_loss"]) and len(r["val_curve"]) >= 2 for r in to_loss["rows"])
     wait_col = [ln.split()[-1] for ln in table[2:4]]
     assert wait_col == [("-" if r_["data_wait_ms"] is None else "ms") for r_ in (sweep["best"], single)]
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_with_one_line(tmp_path):
+    """Without --dry-run and no GPU visible (hidden here even on a GPU machine), scripts/gpu_check.sh does not run
+    tests/gpu (all skipped) and then train 124M on the CPU: one line on stderr, exit 2, nothing written."""
+    out = tmp_path / "out"
+    env = clean_env(GPTFORGE_CHECK_OUT=str(out), PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="",
+                    HIP_VISIBLE_DEVICES="", ROCR_VISIBLE_DEVICES="", GPTFORGE_CACHE=os.environ["GPTFORGE_CACHE"])
+    r = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                       stdin=subprocess.DEVNULL, timeout=60)
+    assert (r.returncode, r.stdout) == (2, ""), r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.splitlines() == [
+        "gpu_check.sh: error: no GPU visible to PyTorch (torch.cuda.is_available() is False); run it on a machine "
+        "with a GPU (check CUDA_VISIBLE_DEVICES / HIP_VISIBLE_DEVICES and the driver), or with --dry-run to check "
+        "the wiring on the CPU"], r.stderr
+    assert not out.exists()

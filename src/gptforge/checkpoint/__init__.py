@@ -28,7 +28,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from gptforge.checkpoint.commit import STATE_FILE, PendingSave, list_checkpoints, rotate, state_nbytes  # noqa: F401
+from gptforge.checkpoint.commit import (  # noqa: F401
+    STATE_FILE, PendingSave, list_checkpoints, rotate, run_checkpoints, state_nbytes)
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main

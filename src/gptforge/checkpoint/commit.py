@@ -102,20 +102,26 @@ class PendingSave:
         return self.final
 
 
-def rotate(out_dir: Path, step: int, run_id, keep_last: int) -> None:
-    """Delete this run's checkpoints older than the newest keep_last up to `step`; never one of another run
-    (another run_id) nor one with a higher step (a resume from an older checkpoint keeps the newer ones)."""
-    if keep_last <= 0:
-        return
+def run_checkpoints(out_dir: str | Path, run_id, up_to_step: int | None = None) -> list[Path]:
+    """The complete checkpoints of run `run_id` under out_dir (up to `up_to_step`), oldest first: the one
+    answer to "which checkpoints belong to this run" (rotation, rollback, a new run's out_dir check)."""
     mine = []
     for p in list_checkpoints(out_dir):
         try:
             ts = json.loads((p / STATE_FILE).read_text())
         except (OSError, ValueError):
             continue
-        if ts.get("run_id") == run_id and int(ts.get("step", -1)) <= step:
+        if ts.get("run_id") == run_id and (up_to_step is None or int(ts.get("step", -1)) <= up_to_step):
             mine.append(p)
-    for old in mine[:-keep_last]:
+    return mine
+
+
+def rotate(out_dir: Path, step: int, run_id, keep_last: int) -> None:
+    """Delete this run's checkpoints older than the newest keep_last up to `step`; never one of another run
+    (another run_id) nor one with a higher step (a resume from an older checkpoint keeps the newer ones)."""
+    if keep_last <= 0:
+        return
+    for old in run_checkpoints(out_dir, run_id, step)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 
 

@@ -1,10 +1,15 @@
-"""Per-step logging: TensorBoard scalars, metrics.jsonl, wandb; durations for the log line."""
+"""Per-step logging: TensorBoard scalars, metrics.jsonl, wandb (MetricsLogger); the log line, progress bar,
+step timing and training seconds (StepMeter)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
 from pathlib import Path
+
+import torch
 
 from gptforge.errors import UserError
 
@@ -54,3 +59,89 @@ class MetricsLogger:
             self.tb.close()
         if self.wb is not None:
             self.wb.finish()
+
+
+class StepMeter:
+    """The log line (every train.log_every steps: loss, lr, norm, ms/step, tok/s, MFU, data wait, ETA), the
+    progress bar, and the seconds spent training across resumes: the loop's wall time less evaluations and
+    checkpoint saves (`excluded()`), which bench --to-loss compares."""
+
+    def __init__(self, say, log: MetricsLogger, tokens_per_step: int, flops_per_token: float, optimizer):
+        self.say, self.log, self.optimizer = say, log, optimizer
+        self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.train_s = 0.0  # of earlier invocations (a resume sets it)
+        self.bar, self.peak, self.sync = None, 0.0, False
+        self.t_start = self.window_t = time.perf_counter()
+        self.step_start, self.end, self.window_steps, self.excluded_s = 0, 0, 0, 0.0
+
+    def start(self, step: int, end: int, total: int, bar: bool, peak: float, device: torch.device) -> None:
+        self.step_start, self.end, self.peak, self.sync = step, end, peak, device.type == "cuda"
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, disable=None, file=sys.stderr)
+        self.t_start = self.window_t = time.perf_counter()
+        self.window_steps, self.excluded_s = 0, 0.0
+
+    def tick(self) -> None:
+        self.window_steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def at(self, step: int) -> None:
+        """The loop went back to `step` (a rollback)."""
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.refresh()
+
+    def postfix(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.4f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def wall_s(self) -> float:
+        return time.perf_counter() - self.t_start
+
+    def training_seconds(self) -> float:
+        """Seconds spent training up to now (earlier invocations of a resumed run included)."""
+        return self.train_s + time.perf_counter() - self.t_start - self.excluded_s
+
+    @contextlib.contextmanager
+    def excluded(self):
+        """Time inside is neither training time nor step time (evaluation, checkpoint saves); the device's
+        queued training work is finished first, so it counts as training."""
+        if self.sync:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_t = time.perf_counter()
+            self.excluded_s += self.window_t - t0
+
+    def log_step(self, step: int, total: int, v, guard, wait_s: float) -> None:
+        """The log line and scalars of step `step` (v: its StepValues), timed over the steps since the last one."""
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt = (now - self.window_t) / max(1, self.window_steps)
+        eta = (now - self.t_start) / max(1, step - self.step_start) * (self.end - step)
+        wait_ms = wait_s * 1000 / max(1, self.window_steps)
+        tok_s = self.tokens_per_step / dt
+        mfu = self.flops_per_token * tok_s / self.peak if self.peak else 0.0
+        metrics, loss, norm = v.metrics, v.loss, v.norm
+        self.say(f"step {step:>{len(str(total))}}/{total} | loss {loss:.4f} | "
+                 f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
+                 f"MFU {mfu * 100:.1f}% | data {wait_ms:.1f} ms | eta {fmt_duration(eta)}"
+                 + "".join(f" | {k} {x:.4f}" for k, x in metrics.items() if k != "lr"))
+        self.log.log(step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
+                            "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
+                            "perf/data_wait_ms": wait_ms,
+                            "train/bad_steps": guard.bad_total, "train/loss_spikes": guard.spikes}
+                     | {f"train/{k}": x for k, x in metrics.items() if k != "lr"}
+                     | {f"train/lr_{role}": g["lr"]  # train.optimizer=muon: each group's own (MuonAdamW.roles)
+                        for role, g in zip(getattr(self.optimizer, "roles", ()), self.optimizer.param_groups)})
+        self.window_t, self.window_steps = time.perf_counter(), 0

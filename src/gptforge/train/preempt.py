@@ -62,9 +62,10 @@ def elastic_restart() -> int:
 
 
 def resume_setting(resume: str | None) -> str | None:
-    """train.resume, or "auto" when torchrun restarted the workers (launch --max-restarts): they continue."""
-    if resume in ("none", "", None) and elastic_restart() > 0:
-        return "auto"
+    """train.resume, or "auto" when torchrun restarted the workers (launch --max-restarts): they continue.
+    None when the run starts afresh."""
+    if resume in ("none", "", None):
+        return "auto" if elastic_restart() > 0 else None
     return resume
 
 

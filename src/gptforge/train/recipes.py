@@ -22,13 +22,12 @@ from gptforge.data.tokenizer import build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 from gptforge.hf.init_from import init_tokenizer
 from gptforge.objectives.dpo import DPOObjective, precompute_reference
-from gptforge.objectives.lm import LMObjective
 from gptforge.parallel.mesh import barrier
 from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.parallelize import parallelize
 from gptforge.parallel.tp import apply_tp
 from gptforge.model.sampling import generate_ids, generate_text
-from gptforge.train.run import Recipe, default_length, init_model, report, run
+from gptforge.train.run import Loaders, Recipe, StageData, default_length, init_model, report, run
 from gptforge.train.trainer import autocast
 
 
@@ -40,55 +39,55 @@ class Pretrain(Recipe):
                 "model": {"preset": "micro"}, "preset_recipe": True}  # + config.presets.PRESET_RECIPES
     length = {"max_steps": 600}  # the zero-argument run: minutes on a laptop CPU
 
-    def tokenizer(self):
+    uses_cache = True
+
+    def setup(self) -> StageData:
         cfg, env = self.cfg, self.env
         parts = [s for s in (cfg.data.path or "").split(",") if s]
         path = None if not parts else parts if len(parts) > 1 else parts[0]
         # data.val_path: the whole training data trains (raw inputs are prepared without a validation split)
         kw = dict(val_fraction=0.0 if cfg.data.val_path else cfg.data.val_fraction, field=cfg.data.field)
-        self.val_dir = None
 
-        def prepare(progress: bool) -> None:
-            self.data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=progress, **kw)
+        def prepare(progress: bool) -> tuple:
+            data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=progress, **kw)
+            val_dir = None
             if cfg.data.val_path:  # tokenized like the training data, cached on each machine's own disk
-                self.val_dir = ensure_val_prepared(cfg.data.val_path, self.data_dir, field=cfg.data.field,
-                                                   progress=progress)
+                val_dir = ensure_val_prepared(cfg.data.val_path, data_dir, field=cfg.data.field, progress=progress)
+            return data_dir, val_dir
 
         if env.is_main:  # prepare once; the others wait and then find it in the cache (or prepare their own)
-            prepare(True)
+            data_dir, val_dir = prepare(True)
         barrier(env)
         if not env.is_main:
-            prepare(False)
-        return load_tokenizer(self.data_dir)
+            data_dir, val_dir = prepare(False)
+        return StageData(load_tokenizer(data_dir), self._label(data_dir, val_dir), data_dir=data_dir, val_dir=val_dir)
 
-    def data_label(self) -> str:
-        if self.val_dir is None:
-            return str(self.data_dir)
-        meta, own = read_meta(self.val_dir), read_meta(self.data_dir)["splits"].get("val", 0)
+    def _label(self, data_dir, val_dir) -> str:
+        if val_dir is None:
+            return str(data_dir)
+        meta, own = read_meta(val_dir), read_meta(data_dir)["splits"].get("val", 0)
         unknown = meta.get("unknown", 0)
-        return (f"{self.data_dir} | validation: {self.cfg.data.val_path} ({meta['splits']['val']:,} tokens, all "
+        return (f"{data_dir} | validation: {self.cfg.data.val_path} ({meta['splits']['val']:,} tokens, all "
                 f"scored at every evaluation; all of the training data trains"
                 + (f", its own validation split of {own:,} tokens unused" if own else ", no split taken")
                 + (f"; characters not in the char vocabulary, counted as <|unk|>: {unknown:,}" if unknown else "")
                 + ")")
 
-    def loaders(self, tok, mcfg):
+    def loaders(self, data: StageData, mcfg) -> Loaders:
         t, env = self.cfg.train, self.env
         common = dict(micro_batch=t.micro_batch, block_size=mcfg.block_size, dp_rank=env.dp_rank,
                       dp_size=env.dp_size, seed=t.seed)
-        train = TokenLoader(self.data_dir, "train", accum_steps=t.grad_accum, **common)
-        if self.val_dir is not None:
-            return train, FullPassLoader(self.val_dir, "val", name=f"data.val_path {self.cfg.data.val_path}", **common)
-        if read_meta(self.data_dir)["splits"].get("val", 0) == 0:
-            self.say(f"note: {self.data_dir} has no validation split (data.val_fraction 0): no val loss; "
+        train = TokenLoader(data.data_dir, "train", accum_steps=t.grad_accum, **common)
+        if data.val_dir is not None:
+            return Loaders(train, FullPassLoader(data.val_dir, "val", name=f"data.val_path {self.cfg.data.val_path}",
+                                                 **common))
+        if read_meta(data.data_dir)["splits"].get("val", 0) == 0:
+            self.say(f"note: {data.data_dir} has no validation split (data.val_fraction 0): no val loss; "
                      "give data.val_path to validate on a text of your choice")
-            return train, None
-        return train, TokenLoader(self.data_dir, "val", shuffle=False, **common)
+            return Loaders(train, None)
+        return Loaders(train, TokenLoader(data.data_dir, "val", shuffle=False, **common))
 
-    def objective(self, model, tok, train_loader, val_loader):
-        return LMObjective(self.loss_impl(model))
-
-    def sampler(self, tok):
+    def sampler(self, tok, loaders: Loaders):
         t = self.cfg.train
 
         def sample(model) -> str:
@@ -103,8 +102,7 @@ class ChatRecipe(Recipe):
     """SFT and DPO: chat-formatted data, the chat template saved with each checkpoint."""
 
     chat = True  # train.eval_tasks go through the chat template
-
-    sample_prompt: str | None = None
+    needs_data_path = True
 
     def chat_tokenizer(self, texts=None):
         """The tokenizer of --init-from, else data.tokenizer (char / bpe:N are built from the chat text)."""
@@ -115,10 +113,10 @@ class ChatRecipe(Recipe):
     def files(self, tok) -> dict:
         return {CHAT_TEMPLATE_FILE: CHATML_JINJA}
 
-    def sampler(self, tok):
+    def sampler(self, tok, loaders: Loaders):
         """At the end of a run: the model's reply to one user message (train.sample_prompt or one from the data)."""
         t = self.cfg.train
-        text = t.sample_prompt if t.sample_prompt.strip() else self.sample_prompt
+        text = t.sample_prompt if t.sample_prompt.strip() else loaders.sample_prompt
         if not text:
             return None
 
@@ -147,17 +145,18 @@ class SFT(ChatRecipe):
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120}}
     length = {"epochs": 1.0}
 
-    def tokenizer(self):
-        self.convs, self.stats = read_conversations(self.cfg.data.path, self.cfg.sft.skip_bad_lines)
-        return self.chat_tokenizer(_conversation_texts(self.convs))
+    def setup(self) -> StageData:
+        convs, stats = read_conversations(self.cfg.data.path, self.cfg.sft.skip_bad_lines)
+        return StageData(self.chat_tokenizer(_conversation_texts(convs)), str(self.cfg.data.path), records=convs,
+                         stats=stats)
 
-    def loaders(self, tok, mcfg):
-        cfg, env, t = self.cfg, self.env, self.cfg.train
+    def loaders(self, data: StageData, mcfg) -> Loaders:
+        cfg, env, t, tok = self.cfg, self.env, self.cfg.train, data.tokenizer
         if cfg.data.val_path:  # a fixed validation set: every conversation of data.path trains
-            train_convs, (val_convs, _) = self.convs, read_conversations(cfg.data.val_path, cfg.sft.skip_bad_lines)
+            train_convs, (val_convs, _) = data.records, read_conversations(cfg.data.val_path, cfg.sft.skip_bad_lines)
         else:
-            train_convs, val_convs = split_val(self.convs, cfg.data.val_fraction, seed=0)
-        train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.sft.overflow, self.stats)
+            train_convs, val_convs = split_val(data.records, cfg.data.val_fraction, seed=0)
+        train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.sft.overflow, data.stats)
         val_ex, _ = tokenize_conversations(val_convs, tok, mcfg.block_size, cfg.sft.overflow)
         common = dict(block_size=mcfg.block_size, micro_batch=t.micro_batch, pad_id=tok.pad_id,
                       packing=cfg.sft.packing, dp_rank=env.dp_rank, dp_size=env.dp_size, seed=t.seed)
@@ -168,11 +167,8 @@ class SFT(ChatRecipe):
         self.say(f"sft data: {stats.summary()} | {layout} | "
                  f"{int(train_loader.unit_labels.sum()):,} label tokens | {len(val_ex)} validation examples"
                  + (f" (data.val_path {cfg.data.val_path})" if cfg.data.val_path else ""))
-        self.sample_prompt = next((m["content"] for m in (val_convs or train_convs)[0] if m["role"] == "user"), None)
-        return train_loader, val_loader
-
-    def objective(self, model, tok, train_loader, val_loader):
-        return LMObjective(self.loss_impl(model))
+        prompt = next((m["content"] for m in (val_convs or train_convs)[0] if m["role"] == "user"), None)
+        return Loaders(train_loader, val_loader, sample_prompt=prompt)
 
 
 class DPO(ChatRecipe):
@@ -180,12 +176,13 @@ class DPO(ChatRecipe):
     defaults = {"train": {"out_dir": "runs/dpo", "micro_batch": 8, "lr": 2e-5, "warmup_steps": 10,
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120, "weight_decay": 0.0}}
     length = {"epochs": 1.0}
+    needs_init_from = "dpo starts from the SFT model, which is also the frozen reference"
 
-    def tokenizer(self):
-        return self.chat_tokenizer()
+    def setup(self) -> StageData:
+        return StageData(self.chat_tokenizer(), str(self.cfg.data.path))
 
-    def loaders(self, tok, mcfg):
-        cfg, env, t = self.cfg, self.env, self.cfg.train
+    def loaders(self, data: StageData, mcfg) -> Loaders:
+        cfg, env, t, tok = self.cfg, self.env, self.cfg.train, data.tokenizer
         pairs, stats = read_pairs(cfg.data.path, tok, mcfg.block_size, cfg.sft.overflow, cfg.sft.skip_bad_lines)
         if cfg.data.val_path:  # a fixed validation set: every pair of data.path trains
             train_pairs, (val_pairs, _) = pairs, read_pairs(cfg.data.val_path, tok, mcfg.block_size, cfg.sft.overflow,
@@ -200,22 +197,21 @@ class DPO(ChatRecipe):
                  f"pairs{' (data.val_path)' if cfg.data.val_path else ''} | beta {cfg.dpo.beta}, "
                  f"label smoothing {cfg.dpo.label_smoothing}, reference "
                  + ("precomputed" if cfg.dpo.precompute_ref else "live (a second model in memory)"))
-        self.n_pairs = len(pairs)
-        return train_loader, val_loader
+        return Loaders(train_loader, val_loader, examples=len(pairs))
 
-    def objective(self, model, tok, train_loader, val_loader):
+    def objective(self, model, data: StageData, loaders: Loaders):
         cfg, env = self.cfg, self.env
         ref, impl = None, self.loss_impl(model)
         if cfg.dpo.precompute_ref:
             t0 = time.perf_counter()
             ac = lambda: autocast(env.device, cfg.train.precision)  # noqa: E731
-            for loader in (train_loader, val_loader):
+            for loader in (loaders.train, loaders.val):
                 if loader is not None:
                     loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac,
                                                                 loss_impl=impl))
-            self.say(f"reference log-probs of {self.n_pairs} pairs precomputed in {time.perf_counter() - t0:.1f} s")
+            self.say(f"reference log-probs of {loaders.examples} pairs precomputed in {time.perf_counter() - t0:.1f} s")
         else:
-            ref = self.frozen_reference(tok.vocab_size)
+            ref = self.frozen_reference(data.tokenizer.vocab_size)
         return DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref, loss_impl=impl)
 
     def frozen_reference(self, vocab_size: int):
@@ -235,12 +231,11 @@ class DPO(ChatRecipe):
 def _stage(recipe: type[Recipe]):
     def command(cfg: Config) -> int:
         default_length(cfg, **recipe.length)
-        check_run_paths(cfg, needs_cache=recipe is Pretrain)
-        if recipe is not Pretrain and cfg.data.path is None:
+        check_run_paths(cfg, needs_cache=recipe.uses_cache)
+        if recipe.needs_data_path and cfg.data.path is None:
             raise UserError("give the data: --data.path=FILE_OR_DIR (JSONL; see gptforge.data.sft for the formats)")
-        if recipe is DPO and not cfg.train.init_from:
-            raise UserError("dpo starts from the SFT model, which is also the frozen reference: "
-                            "pass --init-from=RUN_OR_CHECKPOINT_DIR")
+        if recipe.needs_init_from and not cfg.train.init_from:
+            raise UserError(f"{recipe.needs_init_from}: pass --init-from=RUN_OR_CHECKPOINT_DIR")
         result = run(cfg, recipe)
         report(result, cfg, recipe.name)
         return result.get("status", 0)  # 128 + signal number after a stop signal (gptforge.train.preempt)

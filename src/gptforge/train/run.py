@@ -1,12 +1,15 @@
-"""The one run of every stage: config -> distributed env -> tokenizer -> model -> data -> objective ->
-parallelize -> Trainer. A stage (gptforge.train.recipes) supplies only its data, objective and files."""
+"""The one run of every stage: config -> distributed env -> stage data (tokenizer) -> model -> loaders ->
+objective -> parallelize -> Trainer. A stage (gptforge.train.recipes, a Recipe) supplies only its data,
+objective and files."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +22,7 @@ from gptforge.hf.init_from import init_model_config, load_init_weights
 from gptforge.model.doc_mask import resolve_attention
 from gptforge.model.gpt import build_model
 from gptforge.objectives.head import resolve_loss_impl
+from gptforge.objectives.lm import LMObjective
 from gptforge.parallel import hang
 from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, on_main, shutdown
@@ -29,13 +33,43 @@ from gptforge.train.precision import train_precision
 from gptforge.train.trainer import Trainer, autocast
 
 
+@dataclasses.dataclass
+class StageData:
+    """What a stage's setup() read, before the model exists: the tokenizer (its vocabulary sizes the model) and
+    the data as the stage holds it until the model's context is known. Each stage fills its own fields."""
+
+    tokenizer: Any
+    label: str  # the data, as the start line names it
+    data_dir: Path | None = None  # pretrain: the prepared token shards
+    val_dir: Path | None = None  # pretrain: data.val_path, prepared with the same tokenizer
+    records: list | None = None  # sft: the conversations read
+    stats: Any = None  # sft: what reading them skipped
+
+
+@dataclasses.dataclass
+class Loaders:
+    """The stage's data cut to the model's context: the loaders, and what the objective and sampler use."""
+
+    train: Any
+    val: Any | None
+    examples: int = 0  # dpo: the pairs read (said when the reference is precomputed)
+    sample_prompt: str | None = None  # chat stages: a user message from the data for the end-of-run sample
+
+
 class Recipe:
-    """One training stage. Subclasses fill in the data and the objective; run() does the rest."""
+    """One training stage; run() calls, in this order and with nothing carried on the recipe between them:
+    setup() -> StageData (tokenizer, data read), then, once the model is built, loaders(data, model_cfg) ->
+    Loaders, objective(model, data, loaders) (before parallelization: DPO scores its reference with the plain
+    model), files(tokenizer), sampler(tokenizer, loaders). The class flags say what a stage needs from the
+    command line; the stage command checks them before anything is read."""
 
     name = "train"
     defaults: dict = {}  # stage defaults, below the config file and the command line
     length: dict = {}  # training length when none of max_steps / max_tokens / epochs is given
     chat = False  # train.eval_tasks through the chat template (the chat stages)
+    needs_data_path = False  # data.path must be given (there is no built-in corpus)
+    needs_init_from: str | None = None  # why --init-from must be given (None: optional)
+    uses_cache = False  # prepares data into GPTFORGE_CACHE
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -44,16 +78,14 @@ class Recipe:
         if self.env.is_main:
             print(msg, flush=True)
 
-    def tokenizer(self):
+    def setup(self) -> StageData:
         raise NotImplementedError
 
-    def loaders(self, tok, mcfg):
-        """-> (train_loader, val_loader or None)"""
+    def loaders(self, data: StageData, mcfg) -> Loaders:
         raise NotImplementedError
 
-    def objective(self, model, tok, train_loader, val_loader):
-        """Built before the model is parallelized (DPO scores its reference with the plain model)."""
-        raise NotImplementedError
+    def objective(self, model, data: StageData, loaders: Loaders):
+        return LMObjective(self.loss_impl(model))
 
     def loss_impl(self, model) -> str:
         """train.loss_impl resolved for this model and device (gptforge.objectives.head), said once."""
@@ -67,11 +99,8 @@ class Recipe:
         """Small files saved in every checkpoint beside the config and the tokenizer."""
         return {}
 
-    def sampler(self, tok):
+    def sampler(self, tok, loaders: Loaders):
         return None
-
-    def data_label(self) -> str:
-        return str(self.cfg.data.path)
 
 
 def default_length(cfg: Config, **length) -> Config:
@@ -94,7 +123,7 @@ def restore_recipe_on_resume(cfg: Config, env: DistEnv) -> None:
     """A resume (train.resume, or a torchrun restart) trains on with the model and recipe the run started with:
     config.loader.restore_recipe from the newest checkpoint's config.json as rank 0 reads it, the same on every rank."""
     r = resume_setting(cfg.train.resume)
-    if r in ("none", "", None):
+    if r is None:
         return
     found = ckpt_mod.resume_candidates(r, Path(cfg.train.out_dir), env)
     if not found:
@@ -179,20 +208,21 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
     try:
         restore_recipe_on_resume(cfg, env)
         recipe = recipe_cls(cfg, env)
-        tok = recipe.tokenizer()
+        data = recipe.setup()
+        tok = data.tokenizer
         model, mcfg = init_model(cfg, env, tok.vocab_size)
         settle_layout(env, cfg, mcfg)  # the mesh across nodes depends on the model's size
-        recipe.say(describe_model(cfg, model, mcfg) + f" | data: {recipe.data_label()}")
+        recipe.say(describe_model(cfg, model, mcfg) + f" | data: {data.label}")
         if cfg.train.auto:
             apply_auto(cfg, mcfg, world_size=env.world_size)
         # auto on a CPU with bf16: measured for this model's shapes, the same on every rank (train.precision)
         cfg.train.precision, precision_why = train_precision(cfg.train.precision, env, mcfg, cfg.train.micro_batch)
-        train_loader, val_loader = recipe.loaders(tok, mcfg)
-        objective = recipe.objective(model, tok, train_loader, val_loader)
+        loaders = recipe.loaders(data, mcfg)
+        objective = recipe.objective(model, data, loaders)
         model = parallelize(model, env, cfg)
         files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok)
-        trainer = Trainer(cfg, env, model, objective, train_loader, val_loader, files, mcfg,
-                          sample_fn=recipe.sampler(tok), task_eval=task_evaluator(cfg, env, tok, recipe.chat))
+        trainer = Trainer(cfg, env, model, objective, loaders.train, loaders.val, files, mcfg,
+                          sample_fn=recipe.sampler(tok, loaders), task_eval=task_evaluator(cfg, env, tok, recipe.chat))
         trainer.precision_why = precision_why
         if env.is_main:
             Path(cfg.train.out_dir).mkdir(parents=True, exist_ok=True)

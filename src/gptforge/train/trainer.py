@@ -6,15 +6,14 @@ LR schedule, eval averaged over ranks, NaN/inf guard, exact-resume checkpoints, 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import torch
 
-from gptforge import checkpoint as ckpt_mod
 from gptforge.data.prefetch import Prefetcher, to_device
 from gptforge.errors import UserError
 from gptforge.hardware import device_precision, peak_flops, set_tf32
@@ -24,11 +23,11 @@ from gptforge.parallel.grad import clip_grad_norm_
 from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object, on_main
 from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
-from gptforge.train.checkpointing import Checkpointing
+from gptforge.train.checkpointing import CheckpointManager
 from gptforge.train.faults import StepGuard
-from gptforge.train.metrics import MetricsLogger, fmt_duration
+from gptforge.train.metrics import MetricsLogger, StepMeter
 from gptforge.train.optim import build_optimizer, lr_at, peak_lrs, skip_on_device
-from gptforge.train.preempt import StopSignals, check_grace, elastic_restart
+from gptforge.train.preempt import StopSignals, check_grace
 from gptforge.train.stepsync import Queued, StepSync, StepValues
 
 
@@ -48,13 +47,27 @@ def grad_sync(model, sync: bool):
     return contextlib.nullcontext()
 
 
-def bar_at(bar, step: int) -> None:
-    if bar is not None:
-        bar.n = step
-        bar.refresh()
+@dataclasses.dataclass
+class Due:
+    """What the step just taken asks of the host (each component's own "is it due?"); none: the step's values
+    are read at the end of the next step and the host does not wait for the device (train.stepsync)."""
+    log: bool
+    eval: bool
+    save: bool  # train.save_every (the CheckpointManager decides once the step is read: bad steps, a stop)
+    sync: bool  # local SGD's outer step
+    last: bool
+    stop: bool
+
+    def __bool__(self) -> bool:
+        return self.log or self.eval or self.save or self.sync or self.last or self.stop
 
 
-class Trainer(Checkpointing):
+class Trainer:
+    """Owns the loop and the training state (step, tokens, data position, scaler, NaN guard: state_dict());
+    each decision has one component: checkpoints the CheckpointManager (self.ckpt), log lines and step timing the
+    StepMeter (self.meter), metrics the MetricsLogger (self.log), stopping StopSignals, bad steps the StepGuard,
+    local SGD's outer step LocalSGD, reading the step's values StepSync."""
+
     def __init__(self, cfg, env, model, objective, train_loader, val_loader, files: dict,
                  model_cfg, sample_fn=None, task_eval=None):
         self.cfg, self.env, self.tcfg = cfg, env, cfg.train
@@ -78,9 +91,6 @@ class Trainer(Checkpointing):
         self.total_steps = self._total_steps()
         check_grace(t.grace_s)
         self.step, self.tokens_seen = 0, 0
-        # seconds spent training, across resumes: the loop's wall time less evaluations and saves (training_seconds)
-        self.train_s, self._clock, self._excluded = 0.0, (time.perf_counter(), 0.0), 0.0
-        self.shared_storage = True  # set by fit(): do all ranks see out_dir?
         p = cfg.parallel
         self.local_sgd = (LocalSGD(unwrap(model), p.sync_every, p.outer_lr, p.outer_momentum)
                           if p.sync_every > 1 and env.dp_size > 1 else None)
@@ -88,13 +98,10 @@ class Trainer(Checkpointing):
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
         self.guard = StepGuard(t, lambda msg: self.print(msg, file=sys.stderr))
-        self.run_id: str | None = None  # kept across resumes: rotation deletes only this run's checkpoints
-        self.pending = None  # a checkpoint being written in the background (train.async_save)
-        self.async_group = None
-        self.save_stalls: list[float] = []  # seconds the loop was blocked by each save
-        self.step_start, self.rolled_back_to = 0, None
-        self.flops_per_token = flops_per_token(model_cfg)
         self.stepsync = StepSync(env)
+        self.meter = StepMeter(self.print, self.log, self.tokens_per_step, flops_per_token(model_cfg), self.optimizer)
+        self.ckpt = CheckpointManager(t, env, model, self.optimizer, self, files, model_cfg, self.local_sgd,
+                                      self.log, self.print)
 
     # ---- set-up ---------------------------------------------------------------------------------
     def _total_steps(self) -> int:
@@ -120,63 +127,35 @@ class Trainer(Checkpointing):
 
             tqdm.write(" ".join(str(x) for x in a), file=kw.get("file", sys.stdout))
 
-    def maybe_resume(self) -> None:
-        r = self.resume_setting()
-        if r != self.tcfg.resume:  # torchrun restarted us (launch --max-restarts)
-            self.print(f"torchrun restart {elastic_restart()}: resuming from the newest complete checkpoint")
-        if r in ("none", "", None):
-            return
-        candidates = ckpt_mod.resume_candidates(r, self.out_dir, self.env)
-        if not candidates:
-            self.print(f"resume=auto: no checkpoint in {self.out_dir / 'checkpoints'}, starting from step 0")
-            return
-        for i, ck in enumerate(candidates):
-            self._check_compatible(ck)
-            try:
-                extra = self.local_sgd.state_dict() if self.local_sgd else None
-                state = ckpt_mod.load_checkpoint(ck, self.model, self.optimizer, self.env, extra=extra)
-                if self.local_sgd:
-                    self.local_sgd.load_state_dict(extra)
-            except UserError as e:
-                if r == "auto" and i + 1 < len(candidates):
-                    self.print(f"warning: {e}; trying the previous checkpoint", file=sys.stderr)
-                    continue
-                raise
-            self._restore(state)
-            self.train_s = float(state.get("train_s") or 0.0)
-            self.run_id = state.get("run_id")
-            self.guard.load_state_dict(state)
-            if state.get("seqs_per_step") != self.seqs_per_step:
-                self.print(f"note: global batch changed from {state.get('seqs_per_step')} to "
-                           f"{self.seqs_per_step} sequences per step since {ck.name}")
-            self.print(f"resumed from {ck} at step {self.step}")
-            return
+    # ---- the training state (the CheckpointManager saves and restores it) -----------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens_seen": self.tokens_seen, "loader": self.train_loader.state_dict(),
+                "seqs_per_step": self.seqs_per_step, "total_steps": self.total_steps,
+                "scaler": self.scaler.state_dict() if self.scaler else None,
+                "val_loss": self.last_val, "train_loss": self.history[-1] if self.history else None,
+                "train_s": self.meter.training_seconds()} | self.guard.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        """A resume: continue at the checkpoint's step, data position and training seconds."""
+        self._restore(state)
+        self.meter.train_s = float(state.get("train_s") or 0.0)
+        self.guard.load_state_dict(state)
+        if state.get("seqs_per_step") != self.seqs_per_step:
+            self.print(f"note: global batch changed from {state.get('seqs_per_step')} to "
+                       f"{self.seqs_per_step} sequences per step since this checkpoint")
+
+    def rolled_back(self, state: dict) -> None:
+        """A rollback after bad steps: back to the checkpoint's step; its losses after it are forgotten."""
+        self._restore(state)
+        self.guard.bad_in_row = 0
+        self.history = self.history[:max(0, self.step - self.meter.step_start)]
+        self.meter.at(self.step)
 
     def _restore(self, state: dict) -> None:
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.train_loader.load_state_dict(state["loader"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-
-    def _check_compatible(self, ck: Path) -> None:
-        saved = ckpt_mod.saved_model_config(ck, self.env)
-        ckpt_mod.check_same_tokenizer(ck, self.files.get("tokenizer.json"), self.env)
-        now = self.model_cfg.to_dict()
-        diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
-                if k not in ("dropout", "preset") and saved.get(k) != now[k]]
-        if diff:
-            raise UserError(f"cannot resume from '{ck}': the model differs ({'; '.join(diff[:3])}); "
-                            "use the same model config or a new train.out_dir")
-
-        def saved_optimizer() -> str:  # a checkpoint from before train.optimizer existed: AdamW
-            train = ckpt_mod.read_json(ck, "config.json").get("train") if (ck / "config.json").is_file() else None
-            return train.get("optimizer", "adamw") if isinstance(train, dict) else "adamw"
-
-        was = on_main(saved_optimizer, self.env)
-        if was != self.tcfg.optimizer:
-            raise UserError(f"cannot resume from '{ck}': it was trained with train.optimizer={was}, not "
-                            f"{self.tcfg.optimizer} (the optimizer state differs); resume with "
-                            f"--train.optimizer={was}, or start from its weights with --init-from in a new train.out_dir")
 
     # ---- the loop -------------------------------------------------------------------------------
     def train_step(self, stop=None) -> Queued:
@@ -203,7 +182,7 @@ class Trainer(Checkpointing):
         norm = clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         with stop.bounded() if stop is not None else contextlib.nullcontext():  # the step's one all-reduce
             vec = self.stepsync.reduce(loss_sum / t.grad_accum, extra, stop.signum if stop else None,
-                                       self.pending is not None and not self.pending.done())
+                                       self.ckpt.in_flight())
         finite = torch.isfinite(vec[0]) & torch.isfinite(norm.to(vec.device))
         if self.scaler:  # fp16: the scaler skips steps with inf/nan gradients and lowers its scale
             self.scaler.step(self.optimizer)
@@ -230,61 +209,52 @@ class Trainer(Checkpointing):
             return None
         return all_reduce_mean(total / n, self.env).item()
 
-    def training_seconds(self) -> float:
-        """Seconds spent training up to now (earlier invocations of a resumed run included): the loop's wall
-        time less the evaluations (val loss, train.eval_tasks) and checkpoint saves."""
-        t0, before = self._clock
-        return before + time.perf_counter() - t0 - self._excluded
-
-    def _log_step(self, loss: float, norm: float, metrics: dict, dt: float, peak: float, eta: float,
-                  wait_ms: float = 0.0) -> None:
-        tok_s = self.tokens_per_step / dt
-        mfu = self.flops_per_token * tok_s / peak if peak else 0.0
-        self.print(f"step {self.step:>{len(str(self.total_steps))}}/{self.total_steps} | loss {loss:.4f} | "
-                   f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-                   f"MFU {mfu * 100:.1f}% | data {wait_ms:.1f} ms | eta {fmt_duration(eta)}"
-                   + "".join(f" | {k} {v:.4f}" for k, v in metrics.items() if k != "lr"))
-        self.log.log(self.step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
-                                 "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
-                                 "perf/data_wait_ms": wait_ms,
-                                 "train/bad_steps": self.guard.bad_total, "train/loss_spikes": self.guard.spikes}
-                     | {f"train/{k}": v for k, v in metrics.items() if k != "lr"}
-                     | {f"train/lr_{role}": g["lr"]  # train.optimizer=muon: each group's own (MuonAdamW.roles)
-                        for role, g in zip(getattr(self.optimizer, "roles", ()), self.optimizer.param_groups)})
-
-    def _observe(self, v: StepValues, stop) -> bool:
-        """The host's side of step v.step, once its values are read: history, a finished background save, the
-        agreed stop signal, the NaN guard. True when it rolled back (the caller drops the step in flight)."""
-        self.history.append(v.loss)
-        if self.pending is not None and v.saved:
-            self.finish_pending()  # every rank has written it: complete (rename, rotate) now
-        stop.agree(v.signal)
-        action = self.guard.observe(v.step, v.loss, v.norm, v.finite)
-        if action == "stop":
-            self.finish_pending()
-            raise UserError(f"{self.tcfg.max_bad_steps} non-finite steps in a row (to step {v.step}); stopping "
-                            "(train.on_bad_steps=stop); the last checkpoint is untouched; lower train.lr, "
-                            "raise train.warmup_steps or use bf16, or set train.on_bad_steps=rollback")
-        if action == "rollback":
-            self.rollback(v.step - self.tcfg.max_bad_steps + 1)
-            return True
-        return False
-
     def fit(self) -> dict:
+        if (done := self._start()) is not None:
+            return done
+        # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit; the prefetch thread ends with the loop, errors too
+        with StopSignals(self.tcfg.grace_s, self.env) as stop, self.train_loader:
+            queued = None  # the previous step, read at the end of this one (train.stepsync)
+            while self.step < self.end:
+                hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
+                cur = self.train_step(stop)
+                self.step += 1
+                self.tokens_seen += self.tokens_per_step
+                self.meter.tick()
+                if queued is not None:  # step - 1: the device has finished it (or nearly), this step is queued
+                    v, queued = queued.read(), None
+                    if self._observe(v, stop):  # rolled back: this step's work is discarded
+                        continue
+                    self.log.log(v.step, {"train/loss": v.loss})
+                if not (due := self._due(stop)):
+                    cur.stage()  # read at the end of the next step: the host does not wait now
+                    queued = cur
+                    continue
+                v = cur.read()  # this step waits for the device anyway (log, save, eval, last, stop)
+                if self._observe(v, stop):
+                    continue
+                self._after_step(v, due, stop.agreed is not None)  # every rank stops after the same step
+                if stop.agreed is not None:
+                    break
+            self.meter.close()
+            if self.ckpt.saved_at != self.step and self.step > 0 and self.history:
+                self.ckpt.save(self.step, wait=True)
+            self.ckpt.finish_pending()
+        return self._finish(stop)
+
+    def _start(self) -> dict | None:
+        """Before the first step: checkpoints set up and loaded, the run's id, the start line. A result when
+        there is nothing left to train."""
         t, env = self.tcfg, self.env
-        self.shared_storage = ckpt_mod.storage_is_shared(self.out_dir, env)
-        if not self.shared_storage:
-            self.print(f"checkpoints: the ranks do not share {self.out_dir} (machines with disks of their own): "
-                       "node 0 keeps each full checkpoint, and a resume sends it to the other nodes")
-        self._setup_saving()
-        self.maybe_resume()
-        if self.run_id is None:
-            self.run_id = broadcast_object(uuid.uuid4().hex[:16], env)
-        end = min(self.total_steps, t.stop_after or self.total_steps)
-        if self.step >= end:  # nothing to do: say so and succeed (a requeue loop must not fail here)
-            why = "finished" if end == self.total_steps else f"train.stop_after={t.stop_after} reached"
-            self.print(f"the run in {self.out_dir} is already at step {self.step} of {end}: {why}, nothing to train "
-                       "(raise train.max_steps to train longer)")
+        self.ckpt.setup()
+        self.ckpt.load()
+        if self.ckpt.run_id is None:
+            self.ckpt.run_id = broadcast_object(uuid.uuid4().hex[:16], env)
+        self.end = min(self.total_steps, t.stop_after or self.total_steps)
+        if self.step >= self.end:  # nothing to do: say so and succeed (a requeue loop must not fail here)
+            why = "finished" if self.end == self.total_steps else f"train.stop_after={t.stop_after} reached"
+            self.print(f"the run in {self.out_dir} is already at step {self.step} of {self.end}: {why}, nothing to "
+                       "train (raise train.max_steps to train longer)")
             self.log.close()
             return {"steps": self.step, "train_loss": None, "val_loss": None, "wall_s": 0.0, "losses": [],
                     "tok_s": 0.0, "finished": True}
@@ -294,107 +264,76 @@ class Trainer(Checkpointing):
                    f"{self.tokens_per_step:,} tokens/step | precision {self.precision}"
                    + (f" ({self.precision_why})" if self.precision_why else "")
                    + (f" ({self.tf32})" if self.tf32 else "") + f" | device {self.device}")
-        bar = None
-        if env.is_main and t.progress:
-            from tqdm import tqdm
+        self.meter.start(self.step, self.end, self.total_steps, env.is_main and t.progress,
+                         peak_flops(self.device, self.precision) * env.world_size, self.device)
+        return None
 
-            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=None,
-                       file=sys.stderr)
-        peak = peak_flops(self.device, self.precision) * env.world_size
-        t_start, step_start = time.perf_counter(), self.step
-        self._clock, self._excluded = (t_start, self.train_s), 0.0
-        self.step_start = step_start
-        window_t, window_steps = time.perf_counter(), 0
-        saved_at, path = -1, None
-        # SIGTERM/SIGINT/SIGUSR1: stop after a step, save, exit; the prefetch thread ends with the loop, errors too
-        with StopSignals(t.grace_s, env) as stop, self.train_loader:
-            queued = None  # the previous step, read at the end of this one (train.stepsync)
-            while self.step < end:
-                hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
-                cur = self.train_step(stop)
-                self.step += 1
-                self.tokens_seen += self.tokens_per_step
-                if queued is not None:  # step - 1: the device has finished it (or nearly), this step is queued
-                    v, queued = queued.read(), None
-                    if self._observe(v, stop):  # rolled back: this step's work is discarded
-                        bar_at(bar, self.step)
-                        continue
-                    self.log.log(v.step, {"train/loss": v.loss})
-                last = self.step == end
-                save_at = bool(t.save_every and self.step % t.save_every == 0)
-                eval_at = bool(t.eval_every and self.step % t.eval_every == 0)
-                log_at = self.step % t.log_every == 0 or self.step == 1
-                sgd_at = self.local_sgd is not None and self.local_sgd.due(self.step)
-                window_steps += 1
-                if bar is not None:
-                    bar.update(1)
-                if not (last or save_at or eval_at or log_at or sgd_at or stop.agreed):
-                    cur.stage()  # read at the end of the next step: the host does not wait now
-                    queued = cur
-                    continue
-                v = cur.read()  # this step waits for the device anyway (log, save, eval, last, stop)
-                if self._observe(v, stop):
-                    bar_at(bar, self.step)
-                    continue
-                loss, norm, metrics = v.loss, v.norm, v.metrics
-                if bar is not None:
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                stopping = stop.agreed is not None  # every rank stops after the same step
-                save_due = (save_at and not self.guard.bad_in_row) or last or stopping
-                if self.local_sgd is not None and (sgd_at or save_due):
-                    self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
-                if log_at or last or stopping:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()
-                    now = time.perf_counter()
-                    dt = (now - window_t) / window_steps
-                    self._log_step(loss, norm, metrics, dt, peak, (now - t_start) / max(1, self.step - step_start)
-                                   * (end - self.step), self.train_loader.take_wait_s() * 1000 / window_steps)
-                    window_t, window_steps = time.perf_counter(), 0
-                else:
-                    self.log.log(self.step, {"train/loss": loss})
-                if eval_at or last:
-                    if self.device.type == "cuda":
-                        torch.cuda.synchronize()  # the step's kernels count as training, not as evaluation
-                    t_eval, train_s = time.perf_counter(), self.training_seconds()
-                    self.last_val = self.evaluate()
-                    if self.last_val is not None:  # tokens and seconds trained so far: time to a loss (bench --to-loss)
-                        self.print(f"step {self.step}: val loss {self.last_val:.4f}")
-                        self.log.log(self.step, {"val/loss": self.last_val, "train/tokens": self.tokens_seen,
-                                                 "train/seconds": train_s})
-                    if self.task_eval is not None:
-                        scores = self.task_eval(self.model)
-                        self.print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
-                        self.log.log(self.step, scores)
-                    window_t = time.perf_counter()  # keep eval out of the step time
-                    self._excluded += window_t - t_eval
-                if save_due:
-                    t_save = time.perf_counter()
-                    path = self.save(wait=stopping)  # a preemption save completes before the exit
-                    saved_at = self.step
-                    if path is not None:
-                        self.print(f"saved checkpoint {path}")
-                    window_t = time.perf_counter()
-                    self._excluded += window_t - t_save
-                if stopping:
-                    break
-            if bar is not None:
-                bar.close()
-            if saved_at != self.step and self.step > 0 and self.history:
-                path = self.save(wait=True)
-            self.finish_pending()
-        wall = time.perf_counter() - t_start
+    def _due(self, stop) -> Due:
+        t, step = self.tcfg, self.step
+        return Due(log=step % t.log_every == 0 or step == 1, eval=bool(t.eval_every and step % t.eval_every == 0),
+                   save=self.ckpt.due(step),
+                   sync=self.local_sgd is not None and self.local_sgd.due(step),
+                   last=step == self.end, stop=stop.agreed is not None)
+
+    def _after_step(self, v: StepValues, due: Due, stopping: bool) -> None:
+        """A step read on the host: each component that is due acts (local SGD, log line, evaluation, save)."""
+        self.meter.postfix(v.loss)
+        save = (due.save and not self.guard.bad_in_row) or due.last or stopping  # not while steps are failing
+        if self.local_sgd is not None and (due.sync or save):
+            self.local_sgd.sync()  # a checkpoint is always taken right after a synchronisation
+        if due.log or due.last or stopping:
+            self.meter.log_step(self.step, self.total_steps, v, self.guard, self.train_loader.take_wait_s())
+        else:
+            self.log.log(self.step, {"train/loss": v.loss})
+        if due.eval or due.last:
+            with self.meter.excluded():  # evaluation is not training time (nor step time)
+                self._evaluate_and_log()
+        if save:
+            with self.meter.excluded():
+                self.ckpt.save(self.step, wait=stopping)  # a preemption save completes before the exit
+
+    def _evaluate_and_log(self) -> None:
+        train_s = self.meter.training_seconds()
+        self.last_val = self.evaluate()
+        if self.last_val is not None:  # tokens and seconds trained so far: time to a loss (bench --to-loss)
+            self.print(f"step {self.step}: val loss {self.last_val:.4f}")
+            self.log.log(self.step, {"val/loss": self.last_val, "train/tokens": self.tokens_seen,
+                                     "train/seconds": train_s})
+        if self.task_eval is not None:
+            scores = self.task_eval(self.model)
+            self.print(f"step {self.step}: " + ", ".join(f"{k[5:]} {v:.4f}" for k, v in scores.items()))
+            self.log.log(self.step, scores)
+
+    def _finish(self, stop) -> dict:
+        wall = self.meter.wall_s()
         result = {"steps": self.step, "train_loss": self.history[-1] if self.history else None,
-                  "val_loss": self.last_val, "wall_s": wall, "train_s": self.training_seconds(),
-                  "losses": self.history, "save_stalls": self.save_stalls,
+                  "val_loss": self.last_val, "wall_s": wall, "train_s": self.meter.training_seconds(),
+                  "losses": self.history, "save_stalls": self.ckpt.stalls,
                   "bad_steps": self.guard.bad_total, "loss_spikes": self.guard.spikes,
-                  "tok_s": (self.step - step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
+                  "tok_s": (self.step - self.meter.step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
         if stop.agreed:
-            result |= {"stopped": stop.name, "status": stop.status, "checkpoint": str(path)}
-        elif self.sample_fn is not None and t.sample_tokens > 0:
+            result |= {"stopped": stop.name, "status": stop.status, "checkpoint": str(self.ckpt.last_path)}
+        elif self.sample_fn is not None and self.tcfg.sample_tokens > 0:
             text = self.sample_fn(unwrap(self.model))
             self.print("---- sample ----\n" + text + "\n----------------")
         self.log.close()
-        barrier(env)
+        barrier(self.env)
         return result
 
+    def _observe(self, v: StepValues, stop) -> bool:
+        """The host's side of step v.step, once its values are read: history, a finished background save, the
+        agreed stop signal, the NaN guard. True when it rolled back (the caller drops the step in flight)."""
+        self.history.append(v.loss)
+        if self.ckpt.pending is not None and v.saved:
+            self.ckpt.finish_pending()  # every rank has written it: complete (rename, rotate) now
+        stop.agree(v.signal)
+        action = self.guard.observe(v.step, v.loss, v.norm, v.finite)
+        if action == "stop":
+            self.ckpt.finish_pending()
+            raise UserError(f"{self.tcfg.max_bad_steps} non-finite steps in a row (to step {v.step}); stopping "
+                            "(train.on_bad_steps=stop); the last checkpoint is untouched; lower train.lr, "
+                            "raise train.warmup_steps or use bf16, or set train.on_bad_steps=rollback")
+        if action == "rollback":
+            self.ckpt.rollback(self.step, v.step - self.tcfg.max_bad_steps + 1)
+            return True
+        return False
