@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one GPU check (issue 12), under 8 minutes on one H100/H200:
+# The one GPU check, under 8 minutes on one H100/H200:
 #   1. python -m pytest -q tests/gpu   (bf16 vs the CPU fp32 loss curve, fp16 + GradScaler, compile vs eager,
 #      eval and the serve engine on the GPU == CPU,
 #      1-GPU NCCL DDP and FSDP2)

@@ -1,4 +1,4 @@
-"""Two machines that share nothing (issue 10): two network-namespace nodes, each in its own folder with its
+"""Two machines that share nothing: two network-namespace nodes, each in its own folder with its
 own copy of the data and its own GPTFORGE_CACHE, run `gptforge launch`. Save -> stop -> resume gives the
 losses of an uninterrupted run (1e-5) under DDP, HSDP, TP x replication and local SGD (per-replica optimizer states); node 0 alone holds the complete checkpoint, from
 which `generate` and `export-hf` work and on which one process and four processes resume exactly."""

@@ -1,4 +1,4 @@
-"""The link between two nodes cut mid-run (issue 10, deliverable 5).
+"""The link between two nodes cut mid-run.
 
 Two network-namespace "machines" (tests/support/netns.py), each with its own working folder (its own
 "disk": run folder, copy of the data) and its own GPTFORGE_CACHE, run `gptforge launch ... -- pretrain`

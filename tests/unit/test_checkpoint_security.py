@@ -36,7 +36,7 @@ def _glob(module: str, name: str) -> bytes:
 
 
 def dotted_system(marker: Path) -> bytes:
-    """The issue's payload: protocol 4 resolves `os.system` inside an allowed-looking module."""
+    """The payload: protocol 4 resolves `os.system` inside an allowed-looking module."""
     return (b"\x80\x04" + _glob("torch.distributed.checkpoint.filesystem", "os.system") + _s(f"touch {marker}")
             + pickle.TUPLE1 + pickle.REDUCE + pickle.STOP)
 

@@ -1,4 +1,4 @@
-"""train.optimizer=muon (issue 19): Muon's update against an independent Newton-Schulz reference (float64), which
+"""train.optimizer=muon: Muon's update against an independent Newton-Schulz reference (float64), which
 parameter gets Muon and which AdamW (by name), per-group learning rates on the schedule, the non-finite step skipped
 on the device, and an exact resume with Muon's state through the real `gptforge pretrain`."""
 

@@ -1,4 +1,4 @@
-"""The silent results of issue 11 that are not errors: generate says when the context stopped it, DPO drops
+"""Silent results that are not errors: generate says when the context stopped it, DPO drops
 (and counts) pairs whose chosen equals rejected, a JSON array skips only its non-UTF-8 records."""
 
 from __future__ import annotations

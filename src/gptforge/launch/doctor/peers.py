@@ -22,14 +22,12 @@ from gptforge.launch.doctor.report import FAIL, PASS, WARN, Report
 
 def meet(rep: Report, opts: DoctorOptions, deadline: float, iface: str | None, dev: DeviceInfo) -> bool:
     """Meet the other nodes through a TCPStore on master:port, then check clocks and measure the network."""
-    import torch
     import torch.distributed as dist
 
     if iface:
         os.environ["GLOO_SOCKET_IFNAME"] = iface
         os.environ.setdefault("NCCL_SOCKET_IFNAME", iface)
     left = max(5.0, deadline - time.monotonic())
-    t0 = time.monotonic()
     try:
         store = dist.TCPStore(opts.master_addr, opts.master_port, opts.nnodes, opts.node_rank == 0,
                               timeout=datetime.timedelta(seconds=left), wait_for_workers=False)
@@ -37,6 +35,24 @@ def meet(rep: Report, opts: DoctorOptions, deadline: float, iface: str | None, d
         rep(FAIL, "rendezvous", f"cannot open the store on {opts.master_addr}:{opts.master_port}: "
             f"{str(e).splitlines()[0][:200]}", "see the master checks above")
         return False
+    if not _join(rep, opts, deadline, iface, dev, store):
+        return False
+    ok = _measure(rep, opts, dev, store)
+    # node 0 hosts the store: let the others finish with it before this process (its server) goes away
+    try:
+        store.set(f"doctor/done/{opts.node_rank}", "1")
+        if opts.node_rank == 0:
+            store.wait([f"doctor/done/{r}" for r in range(opts.nnodes)], datetime.timedelta(seconds=15))
+    except Exception:
+        pass
+    return ok
+
+
+def _join(rep: Report, opts: DoctorOptions, deadline: float, iface: str | None, dev: DeviceInfo, store) -> bool:
+    """Every node posts who it is and waits for the others: which joined, their hosts, devices, torch versions."""
+    import torch
+
+    t0 = time.monotonic()
     me = {"host": socket.gethostname(), "addr": netutil.iface_address(iface) if iface else None,
           "torch": torch.__version__, "device": dev.describe(), "time": time.time()}
     store.set(f"doctor/node/{opts.node_rank}", json.dumps(me))
@@ -59,6 +75,13 @@ def meet(rep: Report, opts: DoctorOptions, deadline: float, iface: str | None, d
     if len(versions) > 1:
         rep(WARN, "torch versions", f"nodes run different torch versions: {sorted(versions)}",
             "use the same image / environment on every node")
+    return True
+
+
+def _measure(rep: Report, opts: DoctorOptions, dev: DeviceInfo, store) -> bool:
+    """A process group across the nodes: clock skew, all-reduce bandwidth and the accumulation it advises."""
+    import torch
+    import torch.distributed as dist
 
     backend = backend_for(opts, dev)
     device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
@@ -89,13 +112,6 @@ def meet(rep: Report, opts: DoctorOptions, deadline: float, iface: str | None, d
             dist.destroy_process_group()
         except Exception:
             pass
-    # node 0 hosts the store: let the others finish with it before this process (its server) goes away
-    try:
-        store.set(f"doctor/done/{opts.node_rank}", "1")
-        if opts.node_rank == 0:
-            store.wait([f"doctor/done/{r}" for r in range(opts.nnodes)], datetime.timedelta(seconds=15))
-    except Exception:
-        pass
     return True
 
 
