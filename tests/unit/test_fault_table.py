@@ -1,4 +1,4 @@
-"""The fault table of issue 11: every bad input a user can give (config values, flags of every command,
+"""The fault table: every bad input a user can give (config values, flags of every command,
 bad files) ends with exit code 2, exactly one line on stderr (no traceback) that names the config key,
 flag or file to fix, and no file lost: an existing run folder (a real trained checkpoint, used as
 train.out_dir and --checkpoint) and the input files keep their file listing and bytes.
@@ -44,7 +44,7 @@ def pretrain(*a: str) -> list[str]:
 
 
 CASES: list[Case] = [
-    # ---- training config values (issue: silent wrong results, tracebacks) ---------------------------------
+    # ---- training config values (silent wrong results, tracebacks) -------------------------------------------
     Case("lr=-1", pretrain("--train.lr=-1"), ["train.lr"], sub=True),
     Case("lr=0", pretrain("--train.lr=0"), ["train.lr"]),
     Case("lr=nan", pretrain("--train.lr=nan"), ["train.lr"]),
@@ -125,7 +125,7 @@ CASES: list[Case] = [
                                         "--rdzv-timeout", "10", "--", "pretrain"], ["--master-addr"], sub=True),
     Case("launch --nnodes 0", ["launch", "--nnodes", "0", "--", "pretrain"], ["--nnodes"]),
     Case("launch --rdzv-timeout 0", ["launch", "--rdzv-timeout", "0", "--", "pretrain"], ["--rdzv-timeout"]),
-    # ---- rows of the other parts of issue 11 go here ----------------------------------------------------------
+    # ---- rows of other commands go here --------------------------------------------------------------------------
     # checkpoint security (crafted .metadata, bytes entries), checkpoint configs on load (n_layer=-1), tokenizer
     # identity on resume, preemption, disk full, export-hf --out FILE / --force, finished-run resume, out_dir
     # conflicts: add Case(...) rows with the same three promises (exit 2, one line naming it, nothing lost).
