@@ -74,7 +74,7 @@ def test_bad_lines_are_named_or_skipped_and_counted(tmp_path):
     f = tmp_path / "mixed.jsonl"
     good = json.dumps({"text": "t", **CONV}).encode()
     f.write_bytes(good + b"\n\xff\xfe\n{oops\n" + good + b"\n")
-    with pytest.raises(UserError, match=rf"{f}:2: not valid UTF-8; fix the line or pass --sft.skip_bad_lines"):
+    with pytest.raises(UserError, match=rf"{f}:2: not valid UTF-8; fix the line or pass --data.skip_bad_lines"):
         read_conversations(str(f))
     convs, stats = read_conversations(str(f), skip_bad=True)
     assert len(convs) == 2 and stats.bad_lines == 2 and stats.first_bad == f"{f}:2: not valid UTF-8"

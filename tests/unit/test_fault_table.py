@@ -114,7 +114,7 @@ CASES: list[Case] = [
     Case("prepare --val-fraction 0.9", ["prepare", "--input", "{tmp}/empty.txt", "--out", "{tmp}/prep_out",
                                         "--val-fraction", "0.9"], ["--val-fraction"], absent=["{tmp}/prep_out"]),
     Case("sft non-UTF-8 JSONL", ["sft", *RUN, "--data.path={tmp}/latin1.jsonl"], ["{tmp}/latin1.jsonl:2",
-                                                                                  "--sft.skip_bad_lines"]),
+                                                                                  "--data.skip_bad_lines"]),
     Case("sft non-UTF-8 JSON array", ["sft", *RUN, "--data.path={tmp}/latin1.json"], ["{tmp}/latin1.json:3"]),
     Case("sft missing data", ["sft", *RUN, "--data.path={tmp}/nothing.jsonl"], ["{tmp}/nothing.jsonl"]),
     Case("dpo all pairs identical", ["dpo", *RUN, "--init-from={run}", "--data.path={tmp}/pairs_same.jsonl"],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,26 @@ def file_args(data: dict, where: str) -> list[str]:
     return out
 
 
+# keys that moved to another section: the old spelling (in configs, saved config.json files and command lines
+# people already have) is read as the new one, with one note on stderr
+RENAMED = {"sft.overflow": "data.overflow", "sft.skip_bad_lines": "data.skip_bad_lines"}
+
+
+def renamed_keys(args: list[str], used: list[str]) -> list[str]:
+    """--old.key[=value] -> --new.key[=value] (RENAMED); the old keys met are appended to `used`."""
+    out = []
+    for i, a in enumerate(args):
+        if a == "--":
+            return out + args[i:]
+        flag, eq, value = a.partition("=")
+        old = flag[2:].replace("-", "_") if flag.startswith("--") else ""
+        if old in RENAMED:
+            used += [old] if old not in used else []
+            a = f"--{RENAMED[old]}{eq}{value}"
+        out.append(a)
+    return out
+
+
 def _take(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
     """Remove `flag VALUE` / `flag=VALUE` (all occurrences) from argv -> (last value, rest)."""
     value, rest, i = None, [], 0
@@ -125,9 +146,12 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
     """A command line (+ stage defaults) -> Config; every user mistake raises UserError (one line)."""
     config_file, argv = _take(list(argv), "--config")
     argv = [a for a in argv]
-    fargs = []
+    fargs, renamed = [], []
     if config_file and not any(a in ("-h", "--help") for a in argv):
-        fargs = file_args(load_file(config_file), f"in {config_file}")
+        fargs = renamed_keys(file_args(load_file(config_file), f"in {config_file}"), renamed)
+    argv = renamed_keys(argv, renamed)
+    if renamed and os.environ.get("RANK", "0") == "0":  # once, not from every rank of torchrun
+        print("note: " + "; ".join(f"{k} is now {RENAMED[k]}" for k in renamed), file=sys.stderr)
     cmd_args = argv[:argv.index("--")] if "--" in argv else argv
     # "--model.preset X" -> "--model.preset=X" so that the preset is found before parsing
     joined = []

@@ -1,6 +1,8 @@
 """The one training Config. Every field is settable from a TOML/YAML/JSON file ([section] key = value)
 or the command line (--section.key=value). Its model section is the model's own GPTConfig;
---model.preset=NAME applies a named size before the other model keys (gptforge.config.presets)."""
+--model.preset=NAME applies a named size before the other model keys (gptforge.config.presets).
+Each section checks its own values (check(): the ranges and the rules between its keys, config.rules;
+the model's shape: GPTConfig.validate()); config.validate.check_config runs them all before anything is built."""
 
 from __future__ import annotations
 
@@ -10,6 +12,10 @@ from typing import Annotated, Literal, Optional
 import tyro
 
 from gptforge.config.presets import preset_model
+from gptforge.config.rules import at_least, fail, finite, in_range, positive
+from gptforge.data.prepare import check_val_fraction
+from gptforge.errors import UserError
+from gptforge.hardware import check_device_name
 from gptforge.model.gpt import GPTConfig
 
 
@@ -32,6 +38,15 @@ class DataSection:
     prepared dataset dir (its val split); tokenized with the training data's tokenizer (a char vocab's unknown
     characters: <|unk|>) and scored whole at every evaluation (train.eval_batches not used), so two runs are
     judged on the same text; all of the training data then trains. SFT/DPO: a JSONL of conversations / pairs"""
+    overflow: Literal["truncate", "drop"] = "truncate"
+    """SFT conversations and DPO pairs longer than the context: truncate or drop them (counted); was sft.overflow"""
+    skip_bad_lines: bool = False
+    """SFT/DPO: skip malformed JSONL lines (counted, the first one named) instead of stopping; was sft.skip_bad_lines"""
+
+    def check(self) -> None:
+        check_val_fraction(self.val_fraction, "config key 'data.val_fraction'")  # the rule of prepare's too
+        if self.val_path is not None and not self.val_path.strip():
+            fail("data.val_path", "a file, folder, glob or prepared dataset", self.val_path, "or leave it out")
 
 
 @dataclass
@@ -130,6 +145,48 @@ class TrainSection:
     auto: Annotated[bool, _alias("--auto")] = False
     """pick micro_batch / grad_accum / precision / checkpointing for this hardware"""
 
+    def check(self) -> None:
+        positive("train.lr", self.lr, "e.g. --train.lr=3e-4")
+        in_range("train.beta1", self.beta1, 0, 1, "e.g. 0.9")
+        in_range("train.beta2", self.beta2, 0, 1, "e.g. 0.95")
+        in_range("train.min_lr_ratio", self.min_lr_ratio, 0, 1, "0.1 decays to a tenth of train.lr", high_open=False)
+        in_range("train.decay_fraction", self.decay_fraction, 0, 1, "e.g. 0.2", high_open=False)
+        positive("train.muon_lr", self.muon_lr, "e.g. 0.02 (muon_adjust_lr=original)")
+        in_range("train.muon_momentum", self.muon_momentum, 0, 1, "e.g. 0.95")
+        finite("train.muon_weight_decay", self.muon_weight_decay)
+        at_least("train.muon_weight_decay", self.muon_weight_decay, 0, "0 turns it off")
+        in_range("train.muon_ns_steps", self.muon_ns_steps, 1, 100, "e.g. 5")
+        for key in ("embed_lr", "head_lr", "scalar_lr"):
+            if getattr(self, key) is not None:
+                positive(f"train.{key}", getattr(self, key), "or leave it unset for train.lr")
+        for key in ("weight_decay", "grad_clip"):
+            finite(f"train.{key}", getattr(self, key))
+            at_least(f"train.{key}", getattr(self, key), 0, "0 turns it off")
+        for key, low in (("micro_batch", 1), ("grad_accum", 1), ("log_every", 1), ("eval_every", 0),
+                         ("eval_batches", 1), ("save_every", 0), ("keep_last", 0), ("warmup_steps", 0),
+                         ("sample_tokens", 0), ("prefetch", 0)):
+            fix = "0 means only at the end" if low == 0 and key.endswith("_every") else ""
+            at_least(f"train.{key}", getattr(self, key), low, fix)
+        self._check_length()
+        check_device_name(self.device, "config key 'train.device'")
+        positive("train.grace_s", self.grace_s, "the seconds a stop signal leaves to save a checkpoint, "
+                 "e.g. --train.grace_s=30")
+        at_least("train.max_bad_steps", self.max_bad_steps, 1,
+                 "the number of non-finite steps in a row before train.on_bad_steps applies")
+        finite("train.spike_factor", self.spike_factor)
+        at_least("train.spike_factor", self.spike_factor, 0, "0 turns spike warnings off")
+
+    def _check_length(self) -> None:
+        """One training length at most (none: the stage's default length); each one positive."""
+        for key in ("max_steps", "max_tokens", "stop_after"):
+            if getattr(self, key) is not None:
+                at_least(f"train.{key}", getattr(self, key), 1)
+        if self.epochs is not None:
+            positive("train.epochs", self.epochs)
+        given = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise UserError(f"give only one training length, not {' and '.join('train.' + k for k in given)}")
+
 
 @dataclass
 class ParallelSection:
@@ -159,15 +216,24 @@ class ParallelSection:
     outer_momentum: float = 0.0
     """sync_every > 1: Nesterov momentum of the outer update (DiLoCo: 0.9)"""
 
+    def check(self) -> None:
+        for key, low in (("dp_replicate", 1), ("tp", 1), ("timeout_s", 1), ("powersgd_rank", 1),
+                         ("powersgd_start", 2), ("sync_every", 1)):
+            at_least(f"parallel.{key}", getattr(self, key), low)
+        if self.dp_shard != -1 and self.dp_shard < 1:
+            fail("parallel.dp_shard", ">= 1 or -1 (the rest of the world size)", self.dp_shard)
+        positive("parallel.outer_lr", self.outer_lr)
+        in_range("parallel.outer_momentum", self.outer_momentum, 0, 1)
+
 
 @dataclass
 class SFTSection:
     packing: bool = True
     """pack short conversations into one sequence with document masking"""
-    overflow: Literal["truncate", "drop"] = "truncate"
-    """conversations (and DPO pairs) longer than the context: truncate them or drop them (counted)"""
-    skip_bad_lines: bool = False
-    """skip malformed JSONL lines (counted, first one named) instead of stopping at the first (SFT and DPO)"""
+
+    def check(self) -> None:
+        """Nothing to check: packing is a bool (the parser has checked it). SFT's data keys shared with DPO
+        are in the data section (data.overflow, data.skip_bad_lines)."""
 
 
 @dataclass
@@ -178,6 +244,10 @@ class DPOSection:
     """conservative DPO: assumed fraction of flipped preference labels, in [0, 0.5)"""
     precompute_ref: bool = True
     """score the data with the reference once before training and free it (else keep a frozen copy)"""
+
+    def check(self) -> None:
+        positive("dpo.beta", self.beta, "e.g. 0.1")
+        in_range("dpo.label_smoothing", self.label_smoothing, 0, 0.5)
 
 
 # The train keys that make up a run's recipe: a resume takes them from the checkpoint's config.json unless the

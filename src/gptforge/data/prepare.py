@@ -51,6 +51,13 @@ VAL_BLOCK = 8192          # tokens per train/val routing block
 FORMAT_VERSION = 1
 
 
+def check_val_fraction(value: float, name: str) -> None:
+    """The one rule of a validation share (`prepare --val-fraction`, config key data.val_fraction): in [0, 0.5),
+    0 meaning no validation split. UserError naming it (`name`: how the user spelled it) otherwise."""
+    if not 0 <= value < 0.5:
+        raise UserError(f"{name} must be in [0, 0.5), got {value!r}; e.g. 0.01 (0: no validation split)")
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     if vocab_size <= 1 << 16:
         return np.dtype("<u2")
@@ -120,8 +127,8 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
     parallel=False: the serial reference path (data/encode.py), same bytes. `stats`, if given, receives
     the tokenizing pass' bytes, tokens and seconds. fixed_val: a validation set (module doc): every token
     to val.bin, each document preceded by eos; val_fraction is not used."""
-    if not fixed_val and not 0 <= val_fraction < 0.5:
-        raise UserError(f"{val_key} {val_fraction} must be in [0, 0.5) (e.g. 0.01; 0: no validation split)")
+    if not fixed_val:
+        check_val_fraction(val_fraction, val_key)
     sources = resolve_inputs(inputs, field=field, split=hf_split, flag="data.val_path" if fixed_val else "--input")
     total = _total_bytes(sources)
     spec = str(tokenizer)
@@ -214,7 +221,7 @@ def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str |
     final = root / "datasets" / f"{'shakespeare' if path is None else 'data'}-{spec.split('/')[-1].replace(':', '')}-" \
                                 f"{_cache_key(sources, spec, val_fraction)}"
     return _prepare_into(final, lambda tmp: prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field,
-                                                    progress=progress, val_key="data.val_fraction"))
+                                                    progress=progress, val_key="config key 'data.val_fraction'"))
 
 
 def _prepare_into(final: Path, fill) -> Path:

@@ -1,6 +1,6 @@
 """JSON records for the training stages (SFT conversations, DPO pairs): every record named by where it
 came from ('file:line', 'file[i]' in a JSON array, 'path[row i]' in a dataset), malformed ones either
-stopping the run with that name or skipped and counted (--sft.skip_bad_lines=true), and a seeded
+stopping the run with that name or skipped and counted (--data.skip_bad_lines=true), and a seeded
 held-out split. What the user may pass as --data.path is sources.py's (files, folders, globs, comma
 lists, Hugging Face datasets)."""
 
@@ -15,7 +15,7 @@ import numpy as np
 from gptforge.data.sources import RECORD_FOLDER_SUFFIXES, iter_values, resolve_inputs
 from gptforge.errors import UserError
 
-SKIP_HINT = "pass --sft.skip_bad_lines=true"
+SKIP_HINT = "pass --data.skip_bad_lines=true"
 T = TypeVar("T")
 
 

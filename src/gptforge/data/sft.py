@@ -6,7 +6,7 @@ Formats (one JSON object per line, or a JSON array of them; any source of data/s
     {"instruction": ..., "input": ..., "output": ...}                              (Alpaca, + optional "system")
 
 Loss only on assistant tokens including each turn's <|im_end|> (chat_template.encode_chat); labels are
--100 elsewhere. Examples longer than the context are truncated or dropped (sft.overflow), and counted.
+-100 elsewhere. Examples longer than the context are truncated or dropped (data.overflow), and counted.
 
 Batches (SFTLoader, same interface as data/loader.TokenLoader):
   * packing (sft.packing=true): examples are packed first-fit-decreasing into rows of block_size tokens;

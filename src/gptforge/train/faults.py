@@ -21,11 +21,7 @@ SPIKE_MIN = 10  # losses seen before spikes are judged
 
 class StepGuard:
     def __init__(self, tcfg, say):
-        if tcfg.max_bad_steps < 1:
-            raise UserError(f"train.max_bad_steps must be at least 1 (got {tcfg.max_bad_steps}): the number of "
-                            "non-finite steps in a row before train.on_bad_steps applies")
-        if not tcfg.spike_factor >= 0:
-            raise UserError(f"train.spike_factor must be >= 0 (got {tcfg.spike_factor}); 0 turns spike warnings off")
+        # train.max_bad_steps >= 1 and train.spike_factor >= 0: checked with the config (TrainSection.check)
         self.max_bad, self.action, self.factor, self.say = tcfg.max_bad_steps, tcfg.on_bad_steps, tcfg.spike_factor, say
         self.bad_total = self.bad_in_row = self.spikes = 0
         self.recent: deque[float] = deque(maxlen=SPIKE_WINDOW)

@@ -34,9 +34,6 @@ import sys
 import threading
 import time
 
-
-from gptforge.errors import UserError
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 AGREE_S = 10.0  # at most this long for the ranks' stop agreement after a signal (see the module doc)
 
@@ -44,13 +41,6 @@ AGREE_S = 10.0  # at most this long for the ranks' stop agreement after a signal
 def exit_status(signum: int) -> int:
     """The documented exit status of a run stopped by ``signum``: 128 + its number."""
     return 128 + int(signum)
-
-
-def check_grace(grace_s) -> float:
-    if not isinstance(grace_s, (int, float)) or not 0 < grace_s < float("inf"):
-        raise UserError(f"train.grace_s={grace_s} must be a positive number of seconds (the time a stop signal "
-                        "leaves to save a checkpoint), e.g. --train.grace_s=30")
-    return float(grace_s)
 
 
 def elastic_restart() -> int:
@@ -78,7 +68,7 @@ class StopSignals:
     """Catch the stop signals for the length of a training loop (``with StopSignals(grace_s, env) as stop``)."""
 
     def __init__(self, grace_s: float, env):
-        self.grace_s, self.env = check_grace(grace_s), env
+        self.grace_s, self.env = float(grace_s), env  # > 0: train.grace_s, checked with the config
         self.signum: int | None = None  # the first stop signal this process received
         self.received_at: float | None = None
         self.agreed: int | None = None  # the signal the ranks agreed to stop on (the largest number)

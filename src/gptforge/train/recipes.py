@@ -146,18 +146,18 @@ class SFT(ChatRecipe):
     length = {"epochs": 1.0}
 
     def setup(self) -> StageData:
-        convs, stats = read_conversations(self.cfg.data.path, self.cfg.sft.skip_bad_lines)
+        convs, stats = read_conversations(self.cfg.data.path, self.cfg.data.skip_bad_lines)
         return StageData(self.chat_tokenizer(_conversation_texts(convs)), str(self.cfg.data.path), records=convs,
                          stats=stats)
 
     def loaders(self, data: StageData, mcfg) -> Loaders:
         cfg, env, t, tok = self.cfg, self.env, self.cfg.train, data.tokenizer
         if cfg.data.val_path:  # a fixed validation set: every conversation of data.path trains
-            train_convs, (val_convs, _) = data.records, read_conversations(cfg.data.val_path, cfg.sft.skip_bad_lines)
+            train_convs, (val_convs, _) = data.records, read_conversations(cfg.data.val_path, cfg.data.skip_bad_lines)
         else:
             train_convs, val_convs = split_val(data.records, cfg.data.val_fraction, seed=0)
-        train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.sft.overflow, data.stats)
-        val_ex, _ = tokenize_conversations(val_convs, tok, mcfg.block_size, cfg.sft.overflow)
+        train_ex, stats = tokenize_conversations(train_convs, tok, mcfg.block_size, cfg.data.overflow, data.stats)
+        val_ex, _ = tokenize_conversations(val_convs, tok, mcfg.block_size, cfg.data.overflow)
         common = dict(block_size=mcfg.block_size, micro_batch=t.micro_batch, pad_id=tok.pad_id,
                       packing=cfg.sft.packing, dp_rank=env.dp_rank, dp_size=env.dp_size, seed=t.seed)
         train_loader = SFTLoader(train_ex, accum_steps=t.grad_accum, **common)
@@ -183,10 +183,10 @@ class DPO(ChatRecipe):
 
     def loaders(self, data: StageData, mcfg) -> Loaders:
         cfg, env, t, tok = self.cfg, self.env, self.cfg.train, data.tokenizer
-        pairs, stats = read_pairs(cfg.data.path, tok, mcfg.block_size, cfg.sft.overflow, cfg.sft.skip_bad_lines)
+        pairs, stats = read_pairs(cfg.data.path, tok, mcfg.block_size, cfg.data.overflow, cfg.data.skip_bad_lines)
         if cfg.data.val_path:  # a fixed validation set: every pair of data.path trains
-            train_pairs, (val_pairs, _) = pairs, read_pairs(cfg.data.val_path, tok, mcfg.block_size, cfg.sft.overflow,
-                                                            cfg.sft.skip_bad_lines)
+            train_pairs, (val_pairs, _) = pairs, read_pairs(cfg.data.val_path, tok, mcfg.block_size, cfg.data.overflow,
+                                                            cfg.data.skip_bad_lines)
         else:
             train_pairs, val_pairs = split_val(pairs, cfg.data.val_fraction, seed=0)
         common = dict(micro_batch=t.micro_batch, pad_id=tok.pad_id, dp_rank=env.dp_rank, dp_size=env.dp_size,

@@ -27,7 +27,7 @@ from gptforge.train.checkpointing import CheckpointManager
 from gptforge.train.faults import StepGuard
 from gptforge.train.metrics import MetricsLogger, StepMeter
 from gptforge.train.optim import build_optimizer, lr_at, peak_lrs, skip_on_device
-from gptforge.train.preempt import StopSignals, check_grace
+from gptforge.train.preempt import StopSignals
 from gptforge.train.stepsync import Queued, StepSync, StepValues
 
 
@@ -89,7 +89,6 @@ class Trainer:
         self.seqs_per_step = t.micro_batch * t.grad_accum * env.dp_size
         self.tokens_per_step = self.seqs_per_step * model_cfg.block_size
         self.total_steps = self._total_steps()
-        check_grace(t.grace_s)
         self.step, self.tokens_seen = 0, 0
         p = cfg.parallel
         self.local_sgd = (LocalSGD(unwrap(model), p.sync_every, p.outer_lr, p.outer_momentum)
@@ -106,9 +105,6 @@ class Trainer:
     # ---- set-up ---------------------------------------------------------------------------------
     def _total_steps(self) -> int:
         t = self.tcfg
-        given = [k for k in ("max_steps", "max_tokens", "epochs") if getattr(t, k) is not None]
-        if len(given) > 1:
-            raise UserError(f"give only one training length, not {' and '.join('train.' + k for k in given)}")
         if t.max_steps is not None:
             n = t.max_steps
         elif t.max_tokens is not None:
