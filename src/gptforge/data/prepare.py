@@ -131,12 +131,7 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
         check_val_fraction(val_fraction, val_key)
     sources = resolve_inputs(inputs, field=field, split=hf_split, flag="data.val_path" if fixed_val else "--input")
     total = _total_bytes(sources)
-    spec = str(tokenizer)
-    if spec == "char" or spec.startswith("bpe:"):  # built from the corpus: a first streaming pass
-        with _bar(f"building {spec} tokenizer", total, progress) as bar:
-            tok = build_tokenizer(spec, (t for t, _ in iter_texts(sources, bar.update)))
-    else:
-        tok = build_tokenizer(spec)
+    tok = _tokenizer(str(tokenizer), sources, total, progress)
     dtype = token_dtype(tok.vocab_size)
 
     out = Path(out_dir)
@@ -184,6 +179,19 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
             "val_fraction": val_fraction, "documents": n_docs}
     if fixed_val:
         meta |= {"fixed_val": True, "val_fraction": None, "unknown": unknown}
+    return _write_meta(out, meta)
+
+
+def _tokenizer(spec: str, sources, total: int, progress: bool):
+    """A named or saved tokenizer, or char / bpe:N built from the inputs in a first streaming pass."""
+    if spec == "char" or spec.startswith("bpe:"):
+        with _bar(f"building {spec} tokenizer", total, progress) as bar:
+            return build_tokenizer(spec, (t for t, _ in iter_texts(sources, bar.update)))
+    return build_tokenizer(spec)
+
+
+def _write_meta(out: Path, meta: dict) -> dict:
+    """meta.json, written last and atomically: its presence marks a complete dataset."""
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")
