@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.gpu,
 
 def test_eval_and_engine_on_gpu_equal_cpu(tmp_path, char_data):
     from gptforge.hf.inference import load_for_inference
-    from gptforge.serve.engine import Engine, Params
+    from gptforge.model.engine import Engine, Params
 
     run = tmp_path / "run"
     assert main(["pretrain", *tiny_args(run, char_data, "--train.max_steps=20")]) == 0
@@ -34,6 +34,6 @@ def test_eval_and_engine_on_gpu_equal_cpu(tmp_path, char_data):
     texts = {}
     for dev in ("cpu", "cuda"):
         model, tok, _ = load_for_inference(str(run), dev)
-        engine = Engine(model, tok, max_batch=2)
+        engine = Engine(model, tok)
         texts[dev] = engine.run(tok.encode("ROMEO:"), Params(max_tokens=20, temperature=0.0))
     assert texts["cpu"] == texts["cuda"], texts

@@ -2,7 +2,8 @@ import torch
 
 from gptforge.cli import main
 from gptforge.hf.inference import load_for_inference
-from gptforge.model.sampling import generate_text, sample_next
+from gptforge.model.engine import Engine, Params
+from gptforge.model.sampling import sample_next
 
 
 def test_generate_cli_streams_and_is_seeded(trained_run, capsys):
@@ -18,8 +19,9 @@ def test_generate_cli_streams_and_is_seeded(trained_run, capsys):
 def test_cache_and_no_cache_agree_greedy(trained_run):
     model, tok, cfg = load_for_inference(str(trained_run))
     assert cfg["train"]["max_steps"] == 40
-    a = generate_text(model, tok, "ROMEO:", 50, temperature=0)
-    b = generate_text(model, tok, "ROMEO:", 50, temperature=0, use_cache=False)
+    params, prompt = Params(50, 0.0, stop_ids=frozenset({tok.eos_id})), tok.encode("ROMEO:")
+    a = Engine(model, tok).run(prompt, params).text
+    b = Engine(model, tok, use_cache=False).run(prompt, params).text  # generate --no-cache
     assert a == b and len(a) == 50
 
 
@@ -44,3 +46,13 @@ def test_prompt_longer_than_context(trained_run, capsys):
 def test_missing_checkpoint(tmp_path, capsys):
     assert main(["generate", "--checkpoint", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_no_cache_flag_gives_the_same_seeded_text(trained_run, capsys):
+    """--no-cache recomputes the whole sequence each step through the same engine: same seed, same text."""
+    args = ["generate", "--checkpoint", str(trained_run), "--prompt", "KING", "--max-new-tokens", "30",
+            "--seed", "3", "--temperature", "1.0"]
+    assert main(args) == 0
+    cached = capsys.readouterr().out
+    assert main([*args, "--no-cache"]) == 0
+    assert capsys.readouterr().out == cached and len(cached.rstrip("\n")) == 4 + 30

@@ -296,7 +296,7 @@ def _trained(cfg: GPTConfig, tok, steps: int = 60):
 def test_qwen3_export_matches_transformers_logits_and_greedy_text(tmp_path, tok, tie):
     """arch llama + qk_norm (+ GQA, no bias, zero-initialised projections) is Qwen3's layout: exported as
     Qwen3ForCausalLM, transformers' logits and greedy text equal ours; it reads back as the same model."""
-    from gptforge.model.sampling import generate_ids
+    from gptforge.model.engine import Engine, Params
 
     cfg = GPTConfig(**(small_cfg("llama", 2, False, tie).to_dict() | {"qk_norm": True, "zero_init_proj": True}))
     ours, loss = _trained(cfg, tok)
@@ -324,7 +324,7 @@ def test_qwen3_export_matches_transformers_logits_and_greedy_text(tmp_path, tok,
     assert d < 1e-5, d
 
     prompt = tok.encode("the quick brown")
-    mine = list(generate_ids(ours, prompt, 16, temperature=0, stop_ids={tok.eos_id}))
+    mine = Engine(ours, tok).run(prompt, Params(16, 0.0, stop_ids=frozenset({tok.eos_id}))).ids
     with torch.no_grad():
         theirs = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=16,
                              pad_token_id=tok.pad_id)[0, len(prompt):].tolist()

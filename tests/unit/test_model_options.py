@@ -17,13 +17,13 @@ from gptforge.checkpoint import load_model, model_config, save_checkpoint, saved
 from gptforge.config.loader import parse_config
 from gptforge.errors import UserError
 from gptforge.model import cost
+from gptforge.model.engine import Engine, Params
 from gptforge.model.gpt import GPT, GPTConfig, build_model
-from gptforge.model.kv_cache import KVCache
-from gptforge.model.sampling import generate_ids
+from gptforge.model.kv_cache import SlotCache
 from gptforge.objectives import head as head_mod
 from gptforge.objectives.head import linear_cross_entropy, resolve_loss_impl, token_loss
 from gptforge.parallel.mesh import DistEnv
-from gptforge.serve.engine import SlotCache
+from support.decode_reference import recompute_decode
 
 V = 96
 NEW_KEYS = ("qk_norm", "mlp_act", "zero_init_proj", "logit_softcap")
@@ -206,14 +206,18 @@ def test_kv_cache_decode_equals_full_forward_with_qk_norm(arch):
     x = idx_of(2, 14)
     with torch.no_grad():
         full = m(x)
-        cache = KVCache.for_model(m, batch=2)
-        steps = [m(x[:, :6], kv_cache=cache)]
-        steps += [m(x[:, t:t + 1], kv_cache=cache) for t in range(6, 14)]
+        cache = SlotCache(m, slots=2)
+
+        def feed(chunk):
+            pos, mask = cache.select([0, 1], chunk.shape[1])
+            return m(chunk, kv_cache=cache, attn_mask=mask, positions=pos)
+
+        steps = [feed(x[:, :6])] + [feed(x[:, t:t + 1]) for t in range(6, 14)]
     assert (torch.cat(steps, 1) - full).abs().max().item() < 1e-9
 
 
 def test_serve_slot_cache_decode_equals_full_forward_with_qk_norm():
-    """Engine._forward's call: model(x, kv_cache=SlotCache, attn_mask, positions (B, T)), two rows of different
+    """The engine's call: model(x, kv_cache=SlotCache, attn_mask, positions (B, T)), two rows of different
     lengths decoded together, as the serve scheduler does."""
     m = model_of(cfg_of("llama", qk_norm=True, tie_embeddings=False))
     a, b = idx_of(1, 11, seed=5)[0].tolist(), idx_of(1, 6, seed=6)[0].tolist()
@@ -236,9 +240,9 @@ def test_serve_slot_cache_decode_equals_full_forward_with_qk_norm():
 def test_greedy_generation_with_and_without_cache_agree():
     m = model_of(cfg_of("llama", qk_norm=True, mlp_act="relu2"), dtype=torch.float32)
     prompt = idx_of(1, 5)[0].tolist()
-    cached = list(generate_ids(m, prompt, 12, temperature=0, use_cache=True))
-    plain = list(generate_ids(m, prompt, 12, temperature=0, use_cache=False))
-    assert cached == plain and len(cached) == 12
+    cached = Engine(m, None).run(prompt, Params(12, 0.0)).ids
+    plain = Engine(m, None, use_cache=False).run(prompt, Params(12, 0.0)).ids
+    assert cached == plain == recompute_decode(m, prompt, 12) and len(cached) == 12
 
 
 # ---- soft-capping on every loss path ----------------------------------------------------------

@@ -13,10 +13,11 @@ import httpx
 import openai
 import pytest
 
-from gptforge.serve.engine import Engine, Params, StopMatcher
 from gptforge.hf.inference import load_for_inference
-from gptforge.model.sampling import generate_ids
+from gptforge.model.engine import Engine, Params, Sequence, StopMatcher
+from gptforge.serve.engine import BatchEngine
 from serve_fixtures import API_KEY, get_json, running_server
+from support.decode_reference import recompute_decode
 from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
 
 CHAT_PROMPT = "<|im_start|>user\nfade<|im_end|>\n<|im_start|>assistant\n"
@@ -88,13 +89,13 @@ def test_openai_client_same_text_as_generate_and_chat(server, client, sft_revers
 
 
 def test_engine_matches_the_reference_sampler_and_batching_does_not_change_text(sft_reverse_run):
-    """The engine's slot cache (masked rows) against model.sampling.generate_ids (plain KV cache)."""
+    """The engine's slot cache (masked rows) against a plain loop recomputing the whole sequence each step."""
     model, tok, _ = load_for_inference(str(sft_reverse_run), "cpu")
     eng = Engine(model, tok)
     for prompt, seed, temp in ((CHAT_PROMPT, None, 0.0), ("ROMEO:", 3, 1.0), ("a", 11, 0.8)):
         ids = tok.encode(prompt)
-        ref = tok.decode(list(generate_ids(model, ids, 30, temp, None, None, seed)))
-        text, reason, n = eng.run(ids, Params(30, temp, None, None, seed))
+        ref = tok.decode(recompute_decode(model, ids, 30, temp, None, None, seed))
+        text, reason, n, _ = eng.run(ids, Params(30, temp, None, None, seed))
         assert (text, reason, n) == (ref, "length", 30)
     m = StopMatcher(("<|im_end|>",))
     assert [m.push(p) for p in ("ab<|im", "_e", "nd|>x")] == ["ab", "", ""] and m.hit
@@ -102,11 +103,10 @@ def test_engine_matches_the_reference_sampler_and_batching_does_not_change_text(
     prompts = [tok.encode(f"<|im_start|>user\n{w}<|im_end|>\n<|im_start|>assistant\n") for w in HELD_OUT]
     prompts[1] = tok.encode("a much longer prompt than the others")
     single = [eng.run(p, Params(25, 0.0))[0] for p in prompts]
-    batched = Engine(model, tok, max_batch=3).start()
+    batched = BatchEngine(model, tok, max_batch=3).start()
     outs = [[] for _ in prompts]
     done = threading.Semaphore(0)
     try:
-        from gptforge.serve.engine import Sequence
         for i, p in enumerate(prompts):
             batched.submit(Sequence(p, Params(25, 0.0), lambda k, v, i=i: outs[i].append(v) if k == "text"
                                     else done.release()))
@@ -165,6 +165,59 @@ def test_error_table(server, client):
     # never a crash: the server answers, the same process, after all of the above
     assert proc.poll() is None and get_json(url + "/health")["status"] == "ok"
     assert client.chat.completions.create(model="m", messages=msgs, temperature=0).choices[0].message.content == "dcba"
+
+
+def test_inputs_that_answered_500_are_400_or_served(server, client):
+    """What reached the catch-all handler (500) or failed in the engine: a lone surrogate (the tokenizer's
+    TypeError), a seed torch cannot take (ValueError), a temperature so small that logits / T overflow
+    (NaN probabilities). Now bad input is a 400 naming the field, and a tiny temperature samples greedily."""
+    url, proc, _ = server
+    chat = "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "abcd"}]
+    e = _err(_post(url, "/v1/completions", '{"prompt": "ab\\ud800cd", "max_tokens": 3}'), 400, "lone surrogate")
+    assert e["param"] == "prompt"
+    e = _err(_post(url, chat, '{"messages": [{"role": "user", "content": "\\udfff"}]}'), 400, "lone surrogate")
+    assert e["param"] == "messages.0.content"
+    _err(_post(url, chat, '{"messages": [{"role": "user", "content": "ab"}], "stop": ["\\ud800"]}'), 400,
+         "lone surrogate")
+    for seed in (1 << 64, -(1 << 63) - 1):
+        assert _err(_post(url, chat, {"messages": msgs, "seed": seed}), 400)["param"] == "seed"
+    for seed in ((1 << 64) - 1, -(1 << 63)):  # the ends of the range torch takes: served
+        assert _post(url, chat, {"messages": msgs, "seed": seed, "max_tokens": 3}).status_code == 200
+    for stream in (False, True):
+        tiny = client.chat.completions.create(model="m", messages=msgs, temperature=1e-40, stream=stream)
+        text = tiny.choices[0].message.content if not stream else \
+            "".join(c.choices[0].delta.content or "" for c in tiny)
+        assert text == "dcba"  # the greedy reply
+    assert proc.poll() is None and get_json(url + "/health")["status"] == "ok"
+
+
+def test_engine_failure_is_503_and_the_server_stays_up(sft_reverse_run, tmp_path):
+    """A checkpoint whose logits are NaN (a diverged run, exported): sampling cannot draw from them, the engine
+    fails that request. The answer is 503 engine_error (a stream ends with that error event), never a 500;
+    the slot is freed and the server answers the next request."""
+    import torch
+
+    from gptforge.checkpoint import checkpoint_dir_of
+    from gptforge.hf.export import export_model
+
+    model, _, _ = load_for_inference(str(sft_reverse_run), "cpu")
+    with torch.no_grad():
+        model.layers["0"].mlp.up_proj.weight[0, 0] = float("nan")
+    export_model(model, model.cfg, tmp_path / "hf", tokenizer_dir=checkpoint_dir_of(str(sft_reverse_run)))
+    body = {"prompt": "ROMEO:", "max_tokens": 5, "temperature": 1.0, "seed": 1}
+    with running_server(tmp_path / "hf", tmp_path / "log") as (url, proc):
+        e = _err(httpx.post(url + "/v1/completions", json=body, timeout=30), 503, "engine failed", "probability")
+        assert (e["type"], e["code"]) == ("server_error", "engine_error")
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True}, timeout=30) as r:
+            assert r.status_code == 200  # the header is out before the first step fails
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "[DONE]" and json.loads(events[-2])["error"]["code"] == "engine_error", events
+        h = get_json(url + "/health")
+        assert (h["active"], h["waiting"]) == (0, 0), h
+        greedy = httpx.post(url + "/v1/completions", json={**body, "temperature": 0}, timeout=30)
+        assert greedy.status_code == 200 and greedy.json()["usage"]["prompt_tokens"] == 6, greedy.text
+        assert proc.poll() is None
 
 
 @pytest.fixture(scope="module")

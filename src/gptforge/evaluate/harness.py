@@ -3,9 +3,9 @@
 `make_lm` builds an `lm_eval` model (a `TemplateLM`) over a loaded gptforge model: its log-likelihoods come from
 gptforge.objectives.scoring (the same pair encoding and windows as the harness's `hf` backend, so the
 numbers agree with `lm-eval --model hf` on the exported model), rolling log-likelihoods use the
-harness's own window helpers, and generation is greedy or sampled with our KV cache. Under `launch`
-(torchrun) every rank holds the whole model and the harness gives each rank its share of the examples
-(rank, world_size, all_gather, gather_object, barrier over torch.distributed).
+harness's own window helpers, and generation goes through the one decode engine (model/engine.py).
+Under `launch` (torchrun) every rank holds the whole model and the harness gives each rank its share of
+the examples (rank, world_size, all_gather, gather_object, barrier over torch.distributed).
 
 `run_harness(model, tok, ["hellaswag", "arc_easy"], ...)` runs harness tasks (by name, or your own task
 YAML under include_path) and returns {task: {"examples", "metrics": {name: (value, stderr)}, ...}} on rank 0.
@@ -39,7 +39,7 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
 
     from gptforge.data.chat_template import CHATML_JINJA, render_chat
     from gptforge.data.chat_template import stop_ids as chat_stop_ids
-    from gptforge.model.sampling import generate_ids
+    from gptforge.model.engine import Engine, Params
     from gptforge.objectives.scoring import loglikelihoods
 
     class GptforgeLM(TemplateLM):
@@ -52,6 +52,7 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
             self._device = next(model.parameters()).device
             self.max_length = model.cfg.block_size
             self.stop_ids = chat_stop_ids(tok) if turn_end else {tok.eos_id}
+            self.engine = Engine(model, tok)
 
         @property
         def eot_token_id(self) -> int:
@@ -100,16 +101,9 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
                 sample = bool(kw.pop("do_sample", False))
                 temperature = float(kw.pop("temperature", 1.0)) if sample else 0.0
                 ids = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-                new: list[int] = []
-                text = ""
-                for t in generate_ids(self.model, ids, max_new, temperature=temperature, top_k=None,
-                                      top_p=kw.pop("top_p", None), seed=1234, stop_ids=self.stop_ids):
-                    if t in self.stop_ids:
-                        break
-                    new.append(t)
-                    text = self.tok.decode(new, skip_special=True)  # as the hf backend decodes
-                    if any(u and u in text for u in until):
-                        break
+                params = Params(max_new, temperature, None, kw.pop("top_p", None), 1234, frozenset(self.stop_ids),
+                                tuple(until), skip_special=True)  # special tokens left out, as the hf backend
+                text = self.engine.run(ids, params).text
                 for u in until:
                     if u:
                         text = text.split(u)[0]

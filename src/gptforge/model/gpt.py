@@ -189,11 +189,6 @@ class Attention(nn.Module):
         drop = self.dropout if self.training else 0.0
         if attn_mask is not None:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop)
-        elif kv_cache is not None and T != k.shape[2]:
-            # new tokens attend to the whole cache and causally among themselves
-            Tk = k.shape[2]
-            mask = torch.ones(T, Tk, dtype=torch.bool, device=x.device).tril(diagonal=Tk - T)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
         else:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, dropout_p=drop)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
@@ -281,7 +276,8 @@ class GPT(nn.Module):
 
     # ---- forward --------------------------------------------------------------------------------
     def forward(self, idx: torch.Tensor, kv_cache=None, attn_mask=None, positions=None, doc_ids=None, head=None):
-        """idx: (B, T) token ids -> logits (B, T, vocab). With kv_cache, idx holds only the new tokens.
+        """idx: (B, T) token ids -> logits (B, T, vocab). With kv_cache (model.kv_cache.SlotCache), idx holds only
+        the new tokens, and positions and attn_mask are the ones kv_cache.select(rows, T) returned.
         attn_mask (optional, bool (B, 1, T, T)) overrides the causal mask; doc_ids (optional, (B, T)) instead
         mask by document, causal within each (packing; as self.attention says: dense mask or FlexAttention);
         positions (optional, (T,) or (B, T)) overrides 0..T-1 (restarts per packed document).
@@ -290,6 +286,8 @@ class GPT(nn.Module):
         where FSDP2 holds lm_head's unsharded weight. With model.logit_softcap > 0 the head is called with
         softcap=c too (it must soft-cap its logits: soft_cap), and the logits returned are soft-capped fp32."""
         B, T = idx.shape
+        if kv_cache is not None and (attn_mask is None or positions is None):
+            raise ValueError("a kv_cache needs the positions and attn_mask of kv_cache.select(rows, T)")
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.cfg.block_size:
             raise ValueError(f"sequence of {start + T} tokens is longer than the context ({self.cfg.block_size})")

@@ -1,20 +1,21 @@
-"""Sampling with a KV cache: temperature, top-k, top-p, seed, streaming (the library under `gptforge generate`
-and `gptforge chat`; the training loop's text samples use it too)."""
+"""Choosing the next token (temperature, top-k, top-p, a seeded generator) and the checks of the sampling flags.
+The decode loop that calls it, with the KV cache, stop tokens and streaming, is model.engine.Engine."""
 
 from __future__ import annotations
-
-from typing import Callable, Iterator
 
 import torch
 
 from gptforge.errors import UserError
-from gptforge.model.kv_cache import KVCache
+
+
+GREEDY_BELOW = 1e-5  # as vLLM's _SAMPLING_EPS
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
                 gen: torch.Generator | None) -> torch.Tensor:
-    """logits (B, V) -> next ids (B, 1). temperature 0 = greedy."""
-    if temperature <= 0:
+    """logits (B, V) -> next ids (B, 1). temperature below GREEDY_BELOW = greedy (its limit; dividing by a
+    smaller one overflows float32 into NaN probabilities)."""
+    if temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature
     if top_k:
@@ -47,75 +48,3 @@ def check_prompt(n_tokens: int, block_size: int) -> None:
         raise UserError("the prompt is empty; give at least one token of text")
     if n_tokens >= block_size:
         raise UserError(f"the prompt is {n_tokens} tokens but the context is {block_size}; shorten the prompt")
-
-
-@torch.no_grad()
-def generate_ids(model, prompt_ids: list[int], max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
-                 use_cache: bool = True, stop_ids: set[int] | None = None) -> Iterator[int]:
-    """Yields new token ids one at a time. Stops at max_new_tokens, a stop id, or the context end."""
-    block = model.cfg.block_size
-    check_prompt(len(prompt_ids), block)
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    gen = torch.Generator().manual_seed(seed) if seed is not None else None
-    ids = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    cache = KVCache.for_model(model) if use_cache else None
-    max_new_tokens = min(max_new_tokens, block - len(prompt_ids))
-    x = ids
-    try:
-        for _ in range(max_new_tokens):
-            logits = model(x, kv_cache=cache)[:, -1, :]
-            nxt = sample_next(logits, temperature, top_k, top_p, gen)
-            tok = int(nxt.item())
-            yield tok
-            if stop_ids and tok in stop_ids:
-                return
-            if cache is not None:
-                x = nxt
-            else:
-                ids = torch.cat([ids, nxt], dim=1)
-                x = ids
-    finally:
-        model.train(was_training)
-
-
-class StreamDecoder:
-    """Turns a stream of ids into text pieces; holds back bytes of an unfinished UTF-8 character."""
-
-    def __init__(self, tokenizer):
-        self.tok, self.ids, self.emitted = tokenizer, [], ""
-
-    def push(self, tid: int) -> str:
-        self.ids.append(tid)
-        text = self.tok.decode(self.ids)
-        if text.endswith("\ufffd"):
-            return ""
-        piece, self.emitted = text[len(self.emitted):], text
-        return piece
-
-
-def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-                  top_k: int | None = 200, top_p: float | None = None, seed: int | None = None,
-                  on_text: Callable[[str], None] | None = None, use_cache: bool = True,
-                  info: dict | None = None) -> str:
-    """`info` (optional) is filled with new_tokens and stopped: 'eos', 'max_new_tokens' or 'context'."""
-    ids = tokenizer.encode(prompt)
-    dec = StreamDecoder(tokenizer)
-    stop = {tokenizer.eos_id} if getattr(tokenizer, "eos_id", None) is not None else None
-    out = []
-    info = {} if info is None else info
-    info.update(new_tokens=0, stopped="max_new_tokens")
-    for tid in generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed, use_cache, stop):
-        if stop and tid in stop:
-            info["stopped"] = "eos"
-            break
-        info["new_tokens"] += 1
-        piece = dec.push(tid)
-        out.append(piece)
-        if on_text and piece:
-            on_text(piece)
-    if info["stopped"] != "eos" and info["new_tokens"] < max_new_tokens:
-        info["stopped"] = "context"
-    return "".join(out)

@@ -21,8 +21,8 @@ from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, encode_chat, stop_id
 from gptforge.errors import UserError
 from gptforge.hf.inference import load_for_inference
 from gptforge.hardware import check_device_name
+from gptforge.model.engine import Engine, Params
 from gptforge.model.sampling import check_sampling
-from gptforge.serve.engine import Engine, Params
 
 HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit, /help"
 

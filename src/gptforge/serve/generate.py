@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
 from gptforge.hf.inference import load_for_inference
-from gptforge.model.sampling import check_prompt, check_sampling, generate_text
-from gptforge.serve.engine import Engine, Params
+from gptforge.model.engine import Engine, Params
+from gptforge.model.sampling import check_prompt, check_sampling
 
 
 @dataclass
@@ -51,26 +51,19 @@ def main(opts: GenerateOptions) -> int:
     model, tok, _ = load_for_inference(opts.checkpoint, opts.device)
     n_prompt = len(tok.encode(opts.prompt))
     check_prompt(n_prompt, model.cfg.block_size)
-    engine = Engine(model, tok)
+    engine = Engine(model, tok, use_cache=not opts.no_cache)  # the engine of chat and serve: same seed, same text
+    stop = frozenset({tok.eos_id}) if getattr(tok, "eos_id", None) is not None else frozenset()
     for i in range(opts.num_samples):
         if i:
             print("\n---")
         sys.stdout.write(opts.prompt)
         seed = None if opts.seed is None else opts.seed + i
         out = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-        info: dict = {}
-        if opts.no_cache:
-            generate_text(model, tok, opts.prompt, opts.max_new_tokens, opts.temperature, opts.top_k, opts.top_p,
-                          seed, on_text=out, use_cache=False, info=info)
-        else:  # the engine of chat and serve: the same seed gives the same text
-            stop = frozenset({tok.eos_id}) if getattr(tok, "eos_id", None) is not None else frozenset()
-            _, reason, n_new = engine.run(tok.encode(opts.prompt), Params(
-                opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.top_p, seed, stop), out)
-            info = {"new_tokens": n_new,
-                    "stopped": "context" if reason == "length" and n_new < opts.max_new_tokens else reason}
+        _, reason, n_new, _ = engine.run(tok.encode(opts.prompt), Params(
+            opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.top_p, seed, stop), out)
         print()
-        if info["stopped"] == "context":
+        if reason == "length" and n_new < opts.max_new_tokens:
             print(f"note: sample {i + 1} stopped at the context of {model.cfg.block_size} tokens after "
-                  f"{info['new_tokens']} new tokens (--max-new-tokens {opts.max_new_tokens}; the prompt is "
+                  f"{n_new} new tokens (--max-new-tokens {opts.max_new_tokens}; the prompt is "
                   f"{n_prompt} tokens)", file=sys.stderr, flush=True)
     return 0

@@ -4,8 +4,9 @@
     gptforge serve --checkpoint hf_out/ --port 9000 --api-key sk-local --max-batch 16
 
 C is a run folder, a checkpoint folder or an exported Hugging Face folder. Requests are batched on the
-device by the engine (serve/engine.py: continuous batching, one KV cache row per sequence); the routes
-and the error table are in serve/api.py. Ctrl-C stops cleanly.
+device by the scheduler (serve/engine.py: continuous batching over the one decode engine, model/engine.py,
+one KV cache row per sequence); the routes and the error table are in serve/api.py, the request and
+response bodies in serve/protocol.py, the answers in serve/serving.py. Ctrl-C stops cleanly.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ def main(opts: ServeOptions) -> int:
     import uvicorn
 
     from gptforge.serve.api import build_app
-    from gptforge.serve.engine import Engine
+    from gptforge.serve.engine import BatchEngine
 
     model, tok, chat = load_any(opts.checkpoint, opts.device)
     cap = opts.max_tokens_cap or model.cfg.block_size
     name = opts.model_name or Path(opts.checkpoint).resolve().name
-    engine = Engine(model, tok, opts.max_batch, opts.max_queue).start()
+    engine = BatchEngine(model, tok, opts.max_batch, opts.max_queue).start()
     app = build_app(engine, name, api_key=opts.api_key, max_tokens_cap=cap,
                     default_max_tokens=min(opts.default_max_tokens, cap), chat_ok=chat or opts.allow_base,
                     max_body_bytes=opts.max_body_bytes)

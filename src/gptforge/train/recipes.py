@@ -26,7 +26,7 @@ from gptforge.parallel.mesh import barrier
 from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.parallelize import parallelize
 from gptforge.parallel.tp import apply_tp
-from gptforge.model.sampling import generate_ids, generate_text
+from gptforge.model.engine import Engine, Params
 from gptforge.train.run import Loaders, Recipe, StageData, default_length, init_model, report, run
 from gptforge.train.trainer import autocast
 
@@ -92,7 +92,8 @@ class Pretrain(Recipe):
 
         def sample(model) -> str:
             prompt = t.sample_prompt or "\n"
-            return prompt + generate_text(model, tok, prompt, t.sample_tokens, temperature=0.8, top_k=50, seed=t.seed)
+            params = Params(t.sample_tokens, 0.8, 50, None, t.seed, frozenset({tok.eos_id}))
+            return prompt + Engine(model, tok).run(tok.encode(prompt), params).text
 
         return sample
 
@@ -124,9 +125,9 @@ class ChatRecipe(Recipe):
             ids, _ = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)
             if len(ids) >= model.cfg.block_size - 1:
                 return f"user: {text[:200]}\n(the prompt does not fit the context; no sample)"
-            stops = stop_ids(tok)
-            out = [i for i in generate_ids(model, ids, t.sample_tokens, temperature=0.7, top_k=50, seed=t.seed,
-                                           stop_ids=stops) if i not in stops]
+            stops = frozenset(stop_ids(tok))
+            r = Engine(model, tok).run(ids, Params(t.sample_tokens, 0.7, 50, None, t.seed, stops))
+            out = [i for i in r.ids if i not in stops]
             return f"user: {text[:200]}\nassistant: {tok.decode(out)}"
 
         return sample
