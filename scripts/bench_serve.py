@@ -25,8 +25,8 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "unit"))
-from serve_fixtures import running_server  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from support.serve_fixtures import running_server  # noqa: E402
 
 WORDS = ("abcd", "fedc", "cafe", "bead", "face", "deaf", "bade", "aced")
 

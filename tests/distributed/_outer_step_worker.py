@@ -8,15 +8,11 @@ test_local_sgd.py computes the outer step from these in float64 and compares."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 
-from gptforge.config.schema import Config
-from gptforge.parallel.exit import run_main
 from gptforge.parallel.localsgd import LocalSGD
-from gptforge.parallel.mesh import init_distributed, shutdown
+
+from _cases_worker import run_cases
 
 SETTINGS = {"average": (1.0, 0.0), "outer_lr": (0.7, 0.0), "diloco": (0.7, 0.9)}
 ROUNDS = 3
@@ -41,13 +37,5 @@ def rounds(env, outer_lr: float, momentum: float) -> dict:
     return out
 
 
-def main() -> int:
-    env = init_distributed(Config().parallel, "cpu")
-    result = {name: rounds(env, *setting) for name, setting in SETTINGS.items()}
-    torch.save(result, Path(sys.argv[1]) / f"rank{env.rank}.pt")
-    shutdown(env)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    run_cases(SETTINGS, rounds)

@@ -12,17 +12,14 @@ test_grad_compression compares in float64."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as psgd
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from gptforge.config.schema import Config
 from gptforge.parallel.compress import register_compression
-from gptforge.parallel.exit import run_main
-from gptforge.parallel.mesh import init_distributed, shutdown
+
+from _cases_worker import run_cases
 
 CASES = {"exact": (2, 1, True), "lossy": (1, 8, False)}  # PowerSGD rank, samples per rank, the same inputs each step
 START, STEPS = 2, 6  # parallel.powersgd_start: the first 2 steps are exact all-reduces
@@ -75,13 +72,5 @@ def steps(env, rank: int, batch: int, fixed_inputs: bool) -> list[dict]:
     return out
 
 
-def main() -> int:
-    env = init_distributed(Config().parallel, "cpu")
-    result = {name: steps(env, *case) for name, case in CASES.items()}
-    torch.save(result, Path(sys.argv[1]) / f"rank{env.rank}.pt")
-    shutdown(env)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(run_main(main))
+    run_cases(CASES, steps)

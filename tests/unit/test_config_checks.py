@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_args
 from gptforge.cli import main
 from gptforge.config.loader import parse_config
-from stage_fixtures import reverse_conversations, sft_args, write_jsonl
+from support.stage_fixtures import reverse_conversations, sft_args, write_jsonl
 
 # (stage, flags, what the one line says): the checks that used to run only once the model existed (in the step
 # guard, the stop signals' grace period, the trainer's length, the DPO objective), and the validation share

@@ -17,7 +17,7 @@ from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.objectives.dpo import DPOObjective, precompute_reference, sequence_logps
 from gptforge.parallel.mesh import DistEnv
-from stage_fixtures import LETTERS, sft_args, sft_reverse_run, write_jsonl  # noqa: F401
+from support.stage_fixtures import LETTERS, sft_args, sft_reverse_run, write_jsonl  # noqa: F401
 
 LN2 = math.log(2)
 

@@ -14,7 +14,7 @@ from gptforge.model.engine import Engine, Params
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.train.recipes import SFT, Pretrain
 from gptforge.train.run import Loaders
-from stage_fixtures import sft_reverse_run  # noqa: F401
+from support.stage_fixtures import sft_reverse_run  # noqa: F401
 from support.decode_reference import recompute_decode
 
 SMALL = dict(n_layer=2, n_head=4, d_model=64, d_ff=128, block_size=32, vocab_size=97, init_std=0.2)

@@ -10,12 +10,12 @@ import math
 import pytest
 import torch
 
-from eval_fixtures import reverse_task, sort_task
+from support.eval_fixtures import reverse_task, sort_task
 from gptforge.cli import main
 from gptforge.data.tasks import load_task
 from gptforge.hf.inference import load_for_inference
 from gptforge.objectives.scoring import encode_pair, loglikelihoods, rolling_logprob, score_task
-from stage_fixtures import sft_args, sft_reverse_run, write_jsonl, reverse_conversations  # noqa: F401
+from support.stage_fixtures import sft_args, sft_reverse_run, write_jsonl, reverse_conversations  # noqa: F401
 
 
 def _direct(model, ctx, cont):

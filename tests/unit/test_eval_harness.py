@@ -9,9 +9,9 @@ import json
 
 import pytest
 
-from eval_fixtures import reverse_task, sort_task
+from support.eval_fixtures import reverse_task, sort_task
 from gptforge.cli import main
-from stage_fixtures import sft_reverse_run  # noqa: F401
+from support.stage_fixtures import sft_reverse_run  # noqa: F401
 from support.harness_tasks import write_gen_task_yaml, write_task_yaml
 
 lm_eval = pytest.importorskip("lm_eval")

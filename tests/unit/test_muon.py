@@ -16,7 +16,7 @@ from gptforge.config.loader import parse_config
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
-from gptforge.train.optim import Muon, MuonAdamW, build_optimizer, muon_roles, newton_schulz, skip_on_device
+from gptforge.train.optim import Muon, build_optimizer, muon_roles, newton_schulz, skip_on_device
 
 COEFFS = (3.4445, -4.7750, 2.0315)
 MUON = ["--train.optimizer=muon", "--train.muon_lr=0.02"]

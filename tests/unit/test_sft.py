@@ -21,7 +21,7 @@ from gptforge.errors import UserError
 from gptforge.model.doc_mask import dense_document_mask
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.objectives.lm import LMObjective
-from stage_fixtures import HELD_OUT, reverse_conversations, sft_reverse_run, write_jsonl  # noqa: F401
+from support.stage_fixtures import HELD_OUT, reverse_conversations, sft_reverse_run, write_jsonl  # noqa: F401
 
 TWO_TURNS = [{"role": "system", "content": "Be brief."},
              {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello!"},

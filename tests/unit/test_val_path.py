@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
 
@@ -22,7 +21,7 @@ from gptforge.errors import UserError
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.objectives.lm import LMObjective
 from gptforge.objectives.scoring import rolling_logprob
-from stage_fixtures import reverse_conversations, sft_args, write_jsonl
+from support.stage_fixtures import reverse_conversations, sft_args, write_jsonl
 
 BLOCK = 64
 VAL_CHARS = 13 * BLOCK + 21  # not a multiple of the context: the last window is a partial one

@@ -30,7 +30,7 @@ residual stream (always 4: the weights, hence the residual adds, stay fp32 under
   runtime        = 1 GiB on a GPU (context, library workspaces), 0.3 GiB on a CPU
 
 This is the Korthikanti et al. (2022) activation count adapted to fused attention, GQA and SwiGLU;
-``tests/unit/test_cost.py`` checks it against the bytes autograd really saves for the nano model.
+``tests/unit/test_hardware.py`` checks it against the bytes autograd really saves (nano and minimind, fp32 and bf16).
 The fit budget leaves 12% for allocator fragmentation (``FIT_FRACTION``).
 """
 

@@ -20,7 +20,7 @@ from gptforge.hardware import device_precision, peak_flops, set_tf32
 from gptforge.model.cost import flops_per_token
 from gptforge.parallel import hang
 from gptforge.parallel.grad import clip_grad_norm_
-from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object, on_main
+from gptforge.parallel.mesh import all_reduce_mean, barrier, broadcast_object
 from gptforge.parallel.localsgd import LocalSGD
 from gptforge.parallel.parallelize import unwrap
 from gptforge.train.checkpointing import CheckpointManager

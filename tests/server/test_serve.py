@@ -16,9 +16,9 @@ import pytest
 from gptforge.hf.inference import load_for_inference
 from gptforge.model.engine import Engine, Params, Sequence, StopMatcher
 from gptforge.serve.engine import BatchEngine
-from serve_fixtures import API_KEY, get_json, running_server
+from support.serve_fixtures import API_KEY, get_json, running_server
 from support.decode_reference import recompute_decode
-from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
+from support.stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
 
 CHAT_PROMPT = "<|im_start|>user\nfade<|im_end|>\n<|im_start|>assistant\n"
 

@@ -15,7 +15,7 @@ import pytest
 from gptforge.serve.chat import ChatSession
 from gptforge.errors import UserError
 from gptforge.hf.inference import load_for_inference
-from stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
+from support.stage_fixtures import HELD_OUT, sft_reverse_run  # noqa: F401
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\r")
 

@@ -6,7 +6,7 @@ import itertools
 import random
 from pathlib import Path
 
-from stage_fixtures import HELD_OUT, LETTERS, write_jsonl
+from support.stage_fixtures import HELD_OUT, LETTERS, write_jsonl
 
 
 def _others(w: str, r: random.Random, exclude: set[str], k: int) -> list[str]:

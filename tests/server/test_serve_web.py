@@ -7,8 +7,8 @@ import shutil
 
 import pytest
 
-from serve_fixtures import API_KEY, running_server
-from stage_fixtures import sft_reverse_run  # noqa: F401
+from support.serve_fixtures import API_KEY, running_server
+from support.stage_fixtures import sft_reverse_run  # noqa: F401
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright = pytest.importorskip("playwright.sync_api")
