@@ -12,14 +12,14 @@ residual stream (always 4: the weights, hence the residual adds, stay fp32 under
                  + 4P DDP gradient buckets      when world > 1 and shard == 1 (DDP)
   weight copies  = 2P / shard autocast bf16/fp16 weights (+ 2 gathered layers under FSDP), kept until backward ends
   activations    per layer (tensors saved for backward, dropout 0, fused/flash SDPA):
-                   s*b*( 2r*h            two norm inputs (Llama's RMSNorm: 4r*h, it keeps x and x*rstd)
-                       + e*(c*h          norm outputs as the projections save them: c=2 in fp32; under
-                                         autocast each projection keeps its own cast, c=3+1 (up), 3+2 (SwiGLU: up, gate)
+                   s*b*( 2r*h            two norm inputs (RMSNorm keeps x and rstd: model.gpt._RMSNormFn on a
+                                         CPU, the fused kernel elsewhere; LayerNorm x, mean and rstd)
+                       + e*(2h           the two norm outputs, cast once to e by the norm and shared by the
+                                         projections that read them (q, k, v; up and gate)
                           + 2h + 2h_kv   q, k, v and the attention output (input of the out-projection)
-                          + m*f)         MLP: GELU m=2 (fc out, gelu out), ReLU^2 m=2 (relu out, its square),
+                          + m*f          MLP: GELU m=2 (fc out, gelu out), ReLU^2 m=2 (relu out, its square),
                                          SwiGLU m=4 (gate, up, silu, product)
-                       + 2r(h + h_kv))   model.qk_norm: q and k before and after their RMSNorm (measured: 4 bytes
-                                         an element under bf16 autocast too)
+                          + h + h_kv))   model.qk_norm: q and k as their RMSNorm keeps them (its input)
                    + 2*e*a*s*s*b        only without a fused attention kernel (scores + softmax)
                  + one layer's activations as backward working set (activation gradients)
                  with activation checkpointing: L * r*s*b*h (block inputs) + two layers' worth (recompute + grads)
@@ -86,14 +86,12 @@ def activation_bytes(c: GPTConfig, micro_batch: int, seq_len: int, precision: st
     e, r = elem_bytes(precision), 4
     h, h_kv = c.d_model, c.head_dim * c.kv_heads
     sb = seq_len * micro_batch
-    llama, half = c.arch == "llama", e == 2
     gated = c.activation == "swiglu"
     m = 4 if gated else 2
-    norms = (4 if llama else 2) * r * h  # RMSNorm as written keeps its input and the normalised input
-    # under autocast every projection saves its own bf16 cast of the norm output (q, k, v; up and gate)
-    casts = (3 + (2 if gated else 1)) * h if half else 2 * h
-    qk = 2 * r * (h + h_kv) if c.qk_norm else 0
-    per_layer = sb * (norms + qk + e * (casts + 2 * h + 2 * h_kv + m * c.d_ff))
+    norms = 2 * r * h  # each norm keeps its fp32 input (and a per-row rstd)
+    casts = 2 * h  # each norm's output, cast once to the activation dtype and shared by its projections
+    qk = (h + h_kv) if c.qk_norm else 0  # q and k as their HeadNorm keeps them, in the activation dtype
+    per_layer = sb * (norms + e * (casts + qk + 2 * h + 2 * h_kv + m * c.d_ff))
     if not flash:
         per_layer += 2 * e * c.n_head * seq_len * seq_len * micro_batch
     # + one layer's worth of working memory in backward (activation gradients, recomputation)

@@ -123,18 +123,71 @@ def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.tanh(x / cap) * cap
 
 
-def _norm(cfg: GPTConfig) -> nn.Module:
-    if cfg.arch == "llama":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+class _RMSNormFn(torch.autograd.Function):
+    """x * rsqrt(mean(x^2) + eps) * weight, computed in fp32, returned in `out_dtype`. Autograd keeps x (in its own
+    dtype) and rstd only; torch's CPU rms_norm is a composite that keeps x and x * rstd in fp32: 4x the bytes for
+    bf16 q and k under autocast (model.qk_norm), 2x for the fp32 residual stream."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float, out_dtype: torch.dtype):
+        acc = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        xf = x.to(acc)
+        rstd = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return (xf * rstd * weight.to(acc)).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        acc = rstd.dtype
+        xhat, g = x.to(acc) * rstd, dy.to(acc) * weight.to(acc)
+        dx = rstd * (g - xhat * (g * xhat).mean(-1, keepdim=True))
+        dw = (dy.to(acc) * xhat).flatten(0, -2).sum(0) if ctx.needs_input_grad[1] else None
+        return dx.to(x.dtype), None if dw is None else dw.to(weight.dtype), None, None
 
 
-class HeadNorm(nn.RMSNorm):
-    """RMSNorm over head_dim (model.qk_norm). Its gain is cast to the input's dtype: under autocast q and k
-    arrive in bf16, and an fp32 gain would send torch.rms_norm down its slow unfused path."""
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    t = x.device.type
+    return torch.get_autocast_dtype(t) if torch.is_autocast_enabled(t) else None
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose output is cast once to the autocast dtype (bf16/fp16) when autocast is on: the q, k, v (or
+    up and gate) projections then share one low-precision copy instead of each keeping its own cast. On a CPU
+    (plain tensors) through _RMSNormFn; elsewhere (CUDA's fused kernel, DTensors under TP) torch's rms_norm."""
+
+    cast_output = True  # HeadNorm: the output keeps the input's dtype (q and k are already bf16 there)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
+        out = (_autocast_dtype(x) if self.cast_output else None) or x.dtype
+        if x.device.type == "cpu" and type(x) is torch.Tensor and type(self.weight.data) is torch.Tensor:
+            return _RMSNormFn.apply(x, self.weight, self.eps or torch.finfo(torch.float32).eps, out)
+        w = self.weight.to(x.dtype) if not self.cast_output else self.weight
+        return F.rms_norm(x, self.normalized_shape, w, self.eps).to(out)
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm with its output cast once to the autocast dtype (as RMSNorm above)."""
+
+    cast_output = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        out = _autocast_dtype(x) if self.cast_output else None
+        return y.to(out) if out is not None else y
+
+
+def _norm(cfg: GPTConfig) -> nn.Module:
+    if cfg.arch == "llama":
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class HeadNorm(RMSNorm):
+    """RMSNorm over head_dim (model.qk_norm); the output keeps q's / k's dtype (bf16 under autocast). Off the CPU
+    its gain is cast to the input's dtype: an fp32 gain would send torch.rms_norm down its slow unfused path."""
+
+    cast_output = False
 
 
 def rope_cache(cfg: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,6 +291,7 @@ class GPT(nn.Module):
         # a ModuleDict keyed "0".."n-1" keeps FQNs stable when layers are wrapped or sharded
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
         self.norm = _norm(cfg)
+        self.norm.cast_output = False  # the head's input stays fp32 (objectives/head.py casts it per chunk)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
