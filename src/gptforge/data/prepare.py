@@ -124,10 +124,9 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "ch
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
     tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs), a tokenizer path, or a Tokenizer (e.g. the one
-    of the model a run starts from). Returns meta.json's dict.
-    parallel=False: the serial reference path (data/encode.py), same bytes. `stats`, if given, receives
-    the tokenizing pass' bytes, tokens and seconds. fixed_val: a validation set (module doc): every token
-    to val.bin, each document preceded by eos; val_fraction is not used."""
+    of the model a run starts from). Returns meta.json's dict. parallel=False: the serial reference path
+    (data/encode.py), same bytes. `stats`, if given, receives the tokenizing pass' bytes, tokens and seconds.
+    fixed_val: a validation set (module doc): every token to val.bin, each document preceded by eos."""
     if not fixed_val:
         check_val_fraction(val_fraction, val_key)
     sources = resolve_inputs(inputs, field=field, split=hf_split, flag="data.val_path" if fixed_val else "--input")
