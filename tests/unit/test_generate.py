@@ -17,8 +17,8 @@ def test_generate_cli_streams_and_is_seeded(trained_run, capsys):
 
 
 def test_cache_and_no_cache_agree_greedy(trained_run):
-    model, tok, cfg = load_for_inference(str(trained_run))
-    assert cfg["train"]["max_steps"] == 40
+    model, tok, chat = load_for_inference(str(trained_run))
+    assert chat is False  # a pretrain run: no chat template
     params, prompt = Params(50, 0.0, stop_ids=frozenset({tok.eos_id})), tok.encode("ROMEO:")
     a = Engine(model, tok).run(prompt, params).text
     b = Engine(model, tok, use_cache=False).run(prompt, params).text  # generate --no-cache

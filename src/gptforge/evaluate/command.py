@@ -176,12 +176,12 @@ def _json_ready(results: list[dict]) -> list[dict]:
 def main(opts: EvalOptions) -> int:
     check_options(opts)
     from gptforge.config.schema import ParallelSection
-    from gptforge.hf.inference import load_any
+    from gptforge.hf.inference import load_for_inference
     from gptforge.parallel.mesh import init_distributed, shutdown
 
     env = init_distributed(ParallelSection(), opts.device)
     try:
-        model, tok, has_template = load_any(opts.checkpoint, str(env.device))
+        model, tok, has_template = load_for_inference(opts.checkpoint, str(env.device))
         chat = has_template if opts.chat == "auto" else opts.chat == "true"
         run_dir, step = _where(opts.checkpoint)
         t0 = time.perf_counter()

@@ -1,9 +1,10 @@
 """`--init-from PATH`: start training from a gptforge checkpoint / run dir, or a local Hugging Face folder
 (GPT-2, Llama or Qwen3 family, safetensors).
 
-For a Hugging Face model the vocabulary is padded up to a multiple of 64 that also covers the chat special
-tokens our tokenizer reserves (GPT-2's 50257 -> 50304); the new embedding rows start as the mean of the
-pretrained rows, so new tokens begin with ordinary, not extreme, logits.
+For a Hugging Face model to train, the vocabulary is padded up to a multiple of 64 that also covers the chat
+special tokens our tokenizer reserves (GPT-2's 50257 -> 50304); the new embedding rows start as the mean of the
+pretrained rows, so new tokens begin with ordinary, not extreme, logits. Inference (gptforge.hf.inference)
+keeps the folder's own vocabulary.
 """
 
 from __future__ import annotations
@@ -29,14 +30,15 @@ def _kind(path: str | Path) -> str:
     return "hf" if is_hf_folder(p) else "gptforge"
 
 
-def init_model_config(path: str | Path):
-    """The GPTConfig of the model to start from."""
+def init_model_config(path: str | Path, pad: bool = True):
+    """The GPTConfig of the model to start from. pad=False (inference): a Hugging Face folder's vocabulary is
+    kept as it is, grown only to hold the ids its tokenizer adds (gptforge.hf.inference masks their logits)."""
     if _kind(path) == "hf":
         conf = read_hf_config(path)
         V = int(conf.get("vocab_size", 0))
         tok = hf_tokenizer(path)
         need = max(V, tok.vocab_size if tok is not None else 0)
-        return gpt_config_from_hf(conf, vocab_size=round_vocab(need))
+        return gpt_config_from_hf(conf, vocab_size=round_vocab(need) if pad else need)
     return model_config(checkpoint_dir_of(path))
 
 

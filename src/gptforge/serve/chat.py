@@ -16,10 +16,9 @@ from typing import Annotated, Callable
 
 import tyro
 
-from gptforge.checkpoint import checkpoint_dir_of
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE, encode_chat, stop_ids
 from gptforge.errors import UserError
-from gptforge.hf.inference import load_for_inference
+from gptforge.hf.inference import has_chat_template, load_for_inference
 from gptforge.hardware import check_device_name
 from gptforge.model.engine import Engine, Params
 from gptforge.model.sampling import check_sampling
@@ -154,7 +153,7 @@ class ChatOptions:
     """Chat with a fine-tuned checkpoint."""
 
     checkpoint: str
-    """checkpoint dir or run dir (latest checkpoint)"""
+    """checkpoint dir, run dir (latest checkpoint) or Hugging Face folder (e.g. an export-hf output)"""
     message: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
     """non-interactive: send this message (repeat for several turns), print each reply, exit"""
     system: str | None = None
@@ -177,11 +176,10 @@ class ChatOptions:
 
 def check_chat_checkpoint(checkpoint: str, allow_base: bool) -> None:
     """A checkpoint without the chat template was never fine-tuned for chat: refuse (one line), unless allowed."""
-    ck = checkpoint_dir_of(checkpoint)
-    if not (ck / CHAT_TEMPLATE_FILE).is_file() and not allow_base:
-        raise UserError(f"checkpoint '{ck}' was never fine-tuned for chat (no {CHAT_TEMPLATE_FILE}: a pretrain "
-                        f"checkpoint); fine-tune it first (gptforge sft --init-from {checkpoint} ...), sample it "
-                        f"with gptforge generate, or pass --allow-base to chat anyway")
+    if not has_chat_template(checkpoint) and not allow_base:
+        raise UserError(f"checkpoint '{checkpoint}' was never fine-tuned for chat (no {CHAT_TEMPLATE_FILE}: a "
+                        f"pretrain checkpoint); fine-tune it first (gptforge sft --init-from {checkpoint} ...), "
+                        f"sample it with gptforge generate, or pass --allow-base to chat anyway")
 
 
 def main(opts: ChatOptions) -> int:

@@ -17,7 +17,7 @@ class GenerateOptions:
     """Sample text from a checkpoint."""
 
     checkpoint: str
-    """checkpoint dir or run dir (latest checkpoint)"""
+    """checkpoint dir, run dir (latest checkpoint) or Hugging Face folder (e.g. an export-hf output)"""
     prompt: str = "\n"
     """the text to continue"""
     max_new_tokens: int = 200

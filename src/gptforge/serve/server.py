@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
-from gptforge.hf.inference import load_any
+from gptforge.hf.inference import load_for_inference
 
 
 @dataclass
@@ -77,7 +77,7 @@ def main(opts: ServeOptions) -> int:
     from gptforge.serve.api import build_app
     from gptforge.serve.engine import BatchEngine
 
-    model, tok, chat = load_any(opts.checkpoint, opts.device)
+    model, tok, chat = load_for_inference(opts.checkpoint, opts.device)
     cap = opts.max_tokens_cap or model.cfg.block_size
     name = opts.model_name or Path(opts.checkpoint).resolve().name
     engine = BatchEngine(model, tok, opts.max_batch, opts.max_queue).start()
