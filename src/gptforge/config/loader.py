@@ -16,7 +16,7 @@ from typing import Any
 from gptforge.config.presets import preset_model, preset_recipe
 from gptforge.config.schema import RECIPE_KEYS, Config
 from gptforge.config.validate import check_config
-from gptforge.errors import UserError
+from gptforge.errors import UserError, show_value
 from gptforge.model.gpt import GPTConfig
 from gptforge.options import parse_options
 
@@ -64,8 +64,7 @@ def load_file(path: str | Path) -> dict:
 
 
 def _short(value: Any) -> str:
-    r = " ".join(repr(value).split())
-    return r if len(r) <= 80 else r[:77] + "..."
+    return show_value(value)  # bounded: never the full repr of a YAML alias bomb
 
 
 def _as_arg(key: str, value: Any, where: str) -> str:

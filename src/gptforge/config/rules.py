@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import math
 
-from gptforge.errors import UserError
+from gptforge.errors import UserError, show_value
 
 
 def fail(key: str, rule: str, value, fix: str = "") -> None:
-    raise UserError(f"config key '{key}' must be {rule}, got {value!r}" + (f"; {fix}" if fix else ""))
+    raise UserError(f"config key '{key}' must be {rule}, got {show_value(value)}" + (f"; {fix}" if fix else ""))
 
 
 def positive(key: str, v, fix: str = "") -> None:

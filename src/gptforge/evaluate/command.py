@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from gptforge.errors import UserError
+from gptforge.fileio import write_file_atomic
 
 
 @dataclass
@@ -193,8 +194,10 @@ def main(opts: EvalOptions) -> int:
             out = Path(opts.out) if opts.out else (run_dir / "eval" / f"step_{step:07d}.json" if run_dir
                                                    else Path(opts.checkpoint) / "eval.json")
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"checkpoint": str(opts.checkpoint), "step": step, "chat": chat,
-                                       "ranks": env.world_size, "results": _json_ready(results)}, indent=1) + "\n")
+            # the folder may come from elsewhere: a link planted at `out` is replaced, its target never written
+            write_file_atomic(out, json.dumps({"checkpoint": str(opts.checkpoint), "step": step, "chat": chat,
+                                               "ranks": env.world_size, "results": _json_ready(results)},
+                                              indent=1) + "\n")
             print(f"eval: results in {out}")
             if opts.tensorboard and run_dir is not None:
                 from torch.utils.tensorboard import SummaryWriter

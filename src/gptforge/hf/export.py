@@ -27,6 +27,7 @@ from gptforge.checkpoint import checkpoint_dir_of, load_model, model_config
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE
 from gptforge.data.tokenizer import EOS, IM_END, IM_START, PAD, UNK, load_tokenizer
 from gptforge.errors import UserError
+from gptforge.fileio import replace_file, write_file_atomic
 from gptforge.hf.mapping import DTYPE_NAMES, check_exportable, hf_config, to_hf_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -56,19 +57,20 @@ def save_safetensors(tensors: dict[str, torch.Tensor], out_dir: Path, dtype: tor
     meta = {"format": "pt"}  # transformers checks this
     if len(shards) == 1:
         f = out_dir / "model.safetensors"
-        save_file({k: prep(tensors[k]) for k in shards[0]}, str(f), metadata=meta)
+        whole = {k: prep(tensors[k]) for k in shards[0]}
+        replace_file(f, lambda tmp: save_file(whole, str(tmp), metadata=meta))  # never through a link
         return [f]
     files, weight_map, total = [], {}, 0
     for i, keys in enumerate(shards):
         f = out_dir / f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         part = {k: prep(tensors[k]) for k in keys}
         total += sum(t.numel() * t.element_size() for t in part.values())
-        save_file(part, str(f), metadata=meta)
+        replace_file(f, lambda tmp, part=part: save_file(part, str(tmp), metadata=meta))
         weight_map.update({k: f.name for k in keys})
         files.append(f)
         del part
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_file_atomic(out_dir / "model.safetensors.index.json", json.dumps(index, indent=2) + "\n")
     return files
 
 
@@ -93,7 +95,7 @@ def export_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[st
     """Write tokenizer.json, tokenizer_config.json, special_tokens_map.json (+ chat template).
     Returns the special ids {"bos", "eos", "pad"}."""
     tok = load_tokenizer(src)  # reserves the chat special tokens exactly as training did
-    tok.hf.save(str(out_dir / "tokenizer.json"))
+    replace_file(out_dir / "tokenizer.json", lambda tmp: tok.hf.save(str(tmp)))
     vocab = tok.hf.get_vocab(with_added_tokens=True)
     specials = {"bos_token": EOS, "eos_token": EOS, "pad_token": PAD}
     if UNK in vocab:
@@ -105,9 +107,9 @@ def export_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[st
     template = find_chat_template(src)
     if template is not None:
         tcfg["chat_template"] = template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
+    write_file_atomic(out_dir / "tokenizer_config.json", json.dumps(tcfg, indent=2, ensure_ascii=False) + "\n")
     smap = dict(specials) | ({"additional_special_tokens": extra} if extra else {})
-    (out_dir / "special_tokens_map.json").write_text(json.dumps(smap, indent=2) + "\n")
+    write_file_atomic(out_dir / "special_tokens_map.json", json.dumps(smap, indent=2) + "\n")
     # a chat model ends its turn with <|im_end|>: transformers' generate must stop there too
     stops = [vocab.get(EOS)] + ([vocab[IM_END]] if template is not None and IM_END in vocab else [])
     return {"bos": vocab.get(EOS), "eos": vocab.get(EOS), "pad": vocab.get(PAD), "stops": stops}
@@ -131,11 +133,11 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
         tensors = to_hf_state_dict(model.state_dict(), cfg)
     save_safetensors(tensors, out, dt or torch.float32, max_shard_bytes)
     conf = hf_config(cfg, dt or torch.float32, ids["bos"], ids["eos"], ids["pad"])
-    (out / "config.json").write_text(json.dumps(conf, indent=2) + "\n")
+    write_file_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
     stops = ids["stops"]
     gen = {"_from_model_config": len(stops) == 1, "bos_token_id": ids["bos"],
            "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": ids["pad"]}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    write_file_atomic(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     return out
 
 
