@@ -4,41 +4,18 @@ is one line and keeps the previous checkpoint, and async saves resume exactly li
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import read_losses, tiny_args
-from gptforge.checkpoint import STATE_FILE, list_checkpoints, load_model, save_checkpoint
+from support.checks import assert_same_weights, one_line_error, tree_digest, weights  # noqa: F401
+from gptforge.checkpoint import STATE_FILE, list_checkpoints, save_checkpoint
 from gptforge.cli import main
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import DistEnv
-
-
-def tree_digest(root: Path) -> dict[str, str]:
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
-def one_line_error(err: str) -> str:
-    lines = [x for x in err.strip().splitlines() if x.startswith("gptforge: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
-
-
-def weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return load_model(Path(ckpt)).state_dict()
-
-
-def assert_same_weights(a: Path, b: Path) -> None:
-    wa, wb = weights(a), weights(b)
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
 
 
 # ---- (a) another run's out_dir, rotation -------------------------------------------------------------

@@ -12,7 +12,7 @@ import pytest
 from conftest import read_losses, tiny_args
 from gptforge.checkpoint import STATE_FILE
 from gptforge.cli import main
-from test_checkpoint_safety import assert_same_weights, one_line_error, tree_digest
+from support.checks import assert_same_weights, one_line_error, tree_digest
 
 
 OPTIMIZERS = {"adamw": [], "muon": ["--train.optimizer=muon"]}  # muon: its own step skipped on the device too

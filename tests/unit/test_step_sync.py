@@ -82,7 +82,7 @@ def test_non_log_steps_never_read_the_device(tmp_path, char_data):
 def test_lagged_losses_equal_the_every_step_reads(tmp_path, char_data):
     """The same seed with a read on every step (log_every=1) and one step late (log_every=5): same losses, bit
     for bit, and the same weights at the end."""
-    from test_checkpoint_safety import assert_same_weights
+    from support.checks import assert_same_weights
 
     a, b = tmp_path / "a", tmp_path / "b"
     assert main(["pretrain", *tiny_args(a, char_data, "--train.max_steps=8", "--train.log_every=1")]) == 0

@@ -1,0 +1,32 @@
+"""Assertions shared by test files: a folder's file digests, the one-line error of a command, equal weights."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from gptforge.checkpoint import load_model
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def one_line_error(err: str) -> str:
+    lines = [x for x in err.strip().splitlines() if x.startswith("gptforge: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_model(Path(ckpt)).state_dict()
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
