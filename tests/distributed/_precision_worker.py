@@ -15,6 +15,7 @@ import torch.distributed as dist
 from gptforge.model.gpt import GPTConfig
 from gptforge.parallel.mesh import DistEnv
 from gptforge.train import precision as prec
+from gptforge.parallel.exit import hard_exit
 
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
@@ -32,3 +33,4 @@ for i, case in enumerate(json.loads(sys.argv[2])):
     print(json.dumps([*got, prec.measurements - before]), flush=True)
 dist.barrier()
 dist.destroy_process_group()
+hard_exit(0)  # no interpreter finalization after a gloo group (gptforge.parallel.exit)

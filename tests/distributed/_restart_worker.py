@@ -11,22 +11,30 @@ import torch
 import torch.distributed as dist
 
 from gptforge.config.schema import ParallelSection
-from gptforge.parallel.mesh import init_distributed
+from gptforge.parallel.exit import run_main
+from gptforge.parallel.mesh import init_distributed, shutdown
 
-attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
-env = init_distributed(ParallelSection(strategy="ddp", timeout_s=30), "cpu")
-x = torch.ones(1)
-dist.all_reduce(x)
-print(f"attempt {attempt} rank {env.rank} sum {x.item():g}", flush=True)
-if attempt == 0:
-    if env.rank == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    try:
-        for _ in range(600):
-            dist.all_reduce(x)
-            time.sleep(0.05)
-    finally:
-        os._exit(1)
-dist.barrier()
-dist.destroy_process_group()
-sys.exit(0)
+
+def main() -> int:
+    attempt = int(os.environ["TORCHELASTIC_RESTART_COUNT"])
+    env = init_distributed(ParallelSection(strategy="ddp", timeout_s=30), "cpu")
+    x = torch.ones(1)
+    dist.all_reduce(x)
+    print(f"attempt {attempt} rank {env.rank} sum {x.item():g}", flush=True)
+    if attempt == 0:
+        if env.rank == 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            for _ in range(600):
+                dist.all_reduce(x)
+                time.sleep(0.05)
+        finally:
+            os._exit(1)
+    shutdown(env)
+    return 0
+
+
+# ends as `python -m gptforge` does (run_main: no interpreter finalization after a gloo group, see
+# gptforge.parallel.exit): a plain sys.exit here aborted now and then with "terminate called without an
+# active exception" (SIGABRT) after both ranks had finished attempt 1
+sys.exit(run_main(main))
