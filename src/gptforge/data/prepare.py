@@ -42,6 +42,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gptforge.data.corpus import checked_cache_dir, shakespeare_path
+from gptforge.fileio import write_file_atomic
 from gptforge.data.encode import encode_stream
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
 from gptforge.data.tokenizer import UNK, Tokenizer, build_tokenizer, load_tokenizer
@@ -177,9 +178,9 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "ch
     meta = {"format": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tok.vocab_size, "tokenizer": "tokenizer.json",
             "kind": tok.kind, "splits": counts, "sources": [s.path for s in sources], "eos_id": tok.eos_id,
             "val_fraction": val_fraction, "documents": n_docs}
-    if fixed_val:
-        meta |= {"fixed_val": True, "val_fraction": None, "unknown": unknown}
-    return _write_meta(out, meta)
+    meta |= {"fixed_val": True, "val_fraction": None, "unknown": unknown} if fixed_val else {}
+    write_file_atomic(out / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: marks a complete dataset
+    return meta
 
 
 def _tokenizer(spec: str, sources, total: int, progress: bool):
@@ -188,14 +189,6 @@ def _tokenizer(spec: str, sources, total: int, progress: bool):
         with _bar(f"building {spec} tokenizer", total, progress) as bar:
             return build_tokenizer(spec, (t for t, _ in iter_texts(sources, bar.update)))
     return build_tokenizer(spec)
-
-
-def _write_meta(out: Path, meta: dict) -> dict:
-    """meta.json, written last and atomically: its presence marks a complete dataset."""
-    tmp = out / "meta.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    os.replace(tmp, out / "meta.json")
-    return meta
 
 
 def _cache_key(sources: list[Source], tokenizer: str, val_fraction: float) -> str:
