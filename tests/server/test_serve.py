@@ -26,8 +26,9 @@ CHAT_PROMPT = "<|im_start|>user\nfade<|im_end|>\n<|im_start|>assistant\n"
 @pytest.fixture(scope="module")
 def server(sft_reverse_run, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    with running_server(sft_reverse_run, log, "--api-key", API_KEY, "--max-batch", "4", "--max-body-bytes",
-                        "4096", "--max-tokens-cap", "40") as (url, proc):
+    (log.parent / "key").write_text(API_KEY + "\n")  # the key from a file: not on the command line
+    with running_server(sft_reverse_run, log, "--api-key-file", str(log.parent / "key"), "--max-batch", "4",
+                        "--max-body-bytes", "4096", "--max-tokens-cap", "40") as (url, proc):
         yield url, proc, log
 
 
@@ -50,12 +51,13 @@ def test_openai_client_same_text_as_generate_and_chat(server, client, sft_revers
                    "--max-new-tokens", "12")
     r = client.completions.create(model="m", prompt=CHAT_PROMPT, max_tokens=12, temperature=0)
     assert want == CHAT_PROMPT + r.choices[0].text + "\n"
-    assert r.choices[0].text.startswith("edaf<|im_end|>")  # the model learned the task: 'fade' reversed
-    assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 12
+    assert r.choices[0].text == "edaf"  # the model learned the task: 'fade' reversed, then its turn ends
+    # a chat model's text ends at <|im_end|> (as its export's generation_config says); the stop is counted
+    assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 5
     stream = client.completions.create(model="m", prompt=CHAT_PROMPT, max_tokens=12, temperature=0, stream=True)
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text and len(chunks) > 3
-    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].finish_reason == "stop"
     # chat, greedy: the replies of `gptforge chat --message` (a fresh conversation per word)
     for w in HELD_OUT[:2]:
         want = cli_out("chat", "--checkpoint", ck, "--message", w, "--temperature", "0").strip()
@@ -84,7 +86,7 @@ def test_openai_client_same_text_as_generate_and_chat(server, client, sft_revers
     assert client.chat.completions.create(model="m", messages=msgs, temperature=0).choices[0].message.content == "daeb"
     r = client.chat.completions.create(model="m", messages=msgs, temperature=0, stop=["e"])
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == ("da", "stop")
-    s = client.completions.create(model="m", prompt=CHAT_PROMPT, temperature=0, stop="af<", stream=True)
+    s = client.completions.create(model="m", prompt=CHAT_PROMPT, temperature=0, stop="af", stream=True)
     assert "".join(c.choices[0].text for c in s) == "ed"
 
 
@@ -95,7 +97,7 @@ def test_engine_matches_the_reference_sampler_and_batching_does_not_change_text(
     for prompt, seed, temp in ((CHAT_PROMPT, None, 0.0), ("ROMEO:", 3, 1.0), ("a", 11, 0.8)):
         ids = tok.encode(prompt)
         ref = tok.decode(recompute_decode(model, ids, 30, temp, None, None, seed))
-        text, reason, n, _ = eng.run(ids, Params(30, temp, None, None, seed))
+        text, reason, n = eng.run(ids, Params(30, temp, None, None, seed))[:3]
         assert (text, reason, n) == (ref, "length", 30)
     m = StopMatcher(("<|im_end|>",))
     assert [m.push(p) for p in ("ab<|im", "_e", "nd|>x")] == ["ab", "", ""] and m.hit
@@ -145,6 +147,11 @@ def test_error_table(server, client):
     _err(_post(url, chat, {"messages": msgs, "top_p": 0}), 400, "top_p")
     _err(_post(url, chat, {"messages": msgs, "n": 2}), 400, "n must be 1")
     _err(_post(url, chat, {"messages": msgs, "stop": ["a", "b", "c", "d", "e"]}), 400, "at most 4")
+    # a stop string's length is bounded (the text held back for it is): 1,000 characters
+    assert _err(_post(url, chat, {"messages": msgs, "stop": ["e", "x" * 1001]}), 400,
+                "at most 1000 characters", "1001")["param"] == "stop"
+    r = _post(url, chat, {"messages": msgs, "stop": ["x" * 999 + "d", "y" * 1000], "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "dcba", r.text
     e = _err(_post(url, "/v1/completions", {"prompt": "abcdef" * 20}), 400, "120 tokens", "context is 64")
     assert (e["param"], e["code"]) == ("prompt", "context_length_exceeded")
     _err(_post(url, chat, {"messages": [{"role": "user", "content": "ab" * 40}]}), 400, "context is 64")

@@ -28,12 +28,14 @@ def get_json(url: str, timeout: float = 5) -> dict:
 
 
 @contextlib.contextmanager
-def running_server(checkpoint: Path, log: Path, *extra: str, timeout: float = 90):
-    """Yields the base URL (http://127.0.0.1:PORT) once /health answers; stops the server by PID after."""
+def running_server(checkpoint: Path, log: Path, *extra: str, timeout: float = 90, env: dict | None = None):
+    """Yields the base URL (http://127.0.0.1:PORT) once /health answers; stops the server by PID after.
+    env: variables added to this process's environment for the server."""
     port = free_port()
     cmd = [sys.executable, "-m", "gptforge", "serve", "--checkpoint", str(checkpoint), "--port", str(port), *extra]
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, **env} if env else None)
     url = f"http://127.0.0.1:{port}"
     try:
         t0 = time.monotonic()

@@ -8,6 +8,8 @@ Sampling (model.sampling.sample_next), stop tokens, stop strings, streaming text
 
     r = Engine(model, tok).run(tok.encode("ROMEO:"), Params(max_tokens=40, temperature=0.8, seed=1))
     r.text, r.finish_reason, r.ids      # "stop" (a stop id or string) or "length" (max_tokens or the context)
+    Engine(model, tok, slots=N).run_batch(prompts, params)   # N sequences decoded together (GRPO's rollouts);
+                                        # Params(logprobs=True): r.logprobs, log p of each sampled token
 
 Every sequence has its own row (slot) of the cache, with its own length; a step feeds one token per row at
 that row's position. Each sequence samples with its own torch.Generator (seeded when Params.seed is given),
@@ -37,6 +39,8 @@ class Params:
     stop_ids: frozenset = frozenset()  # ending tokens (counted in n_new, never in the text)
     stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first one
     skip_special: bool = False  # leave special tokens out of the text (the eval harness, as HF's decode)
+    logprobs: bool = False  # record log p(token) of each sampled token under the model's own distribution
+    # (temperature 1, no top-k/top-p: what GRPO's ratio compares with) in Sequence.logprobs
 
 
 class StreamDecoder:
@@ -55,21 +59,59 @@ class StreamDecoder:
         return piece
 
 
+def _borders(s: str) -> list[int]:
+    """Knuth-Morris-Pratt's table: b[k] is the length of the longest proper prefix of s[:k] that also ends it."""
+    b, k = [0] * (len(s) + 1), 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = b[k]
+        if s[i] == s[k]:
+            k += 1
+        b[i + 1] = k
+    return b
+
+
 class StopMatcher:
-    """Cuts the text at the first stop string; holds back a tail that could still become one."""
+    """Cuts the text at the first stop string; holds back the tail that could still become one.
+
+    Linear in the text, whatever the stop strings' lengths: each stop follows the text with a KMP automaton
+    (its state: the longest prefix of the stop that ends the text so far), so a piece costs O(len(piece))
+    steps per stop, amortized, and the tail held back is at most the longest stop. When stops complete in the
+    same piece, the text is cut before the one that starts first. `examined` counts the steps (for tests)."""
 
     def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.pending, self.hit = tuple(s for s in stops if s), "", False
+        self.stops = tuple(dict.fromkeys(s for s in stops if s))
+        self.borders = [_borders(s) for s in self.stops]
+        self.state = [0] * len(self.stops)
+        self.pending, self.hit, self.examined = "", False, 0
 
     def push(self, piece: str) -> str:
-        text = self.pending + piece
-        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        text, cut = self.pending + piece, self._scan(piece, len(self.pending))
+        if cut is not None:
             self.hit, self.pending = True, ""
             return text[:cut]
-        hold = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        hold = max(self.state, default=0)
         self.pending = text[len(text) - hold:] if hold else ""
         return text[:len(text) - hold]
+
+    def _scan(self, piece: str, base: int) -> int | None:
+        """Feed `piece` (starting at `base` in pending + piece) to every automaton; the earliest start of a
+        stop that completes in it, or None."""
+        cut = None
+        for j, (s, b) in enumerate(zip(self.stops, self.borders)):
+            q, steps = self.state[j], 0
+            for i, c in enumerate(piece):
+                while q and c != s[q]:
+                    q, steps = b[q], steps + 1
+                q += c == s[q]
+                steps += 1
+                if q == len(s):
+                    start = base + i + 1 - q
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self.state[j] = q
+            self.examined += steps
+        return cut
 
     def flush(self) -> str:
         out, self.pending = self.pending, ""
@@ -85,6 +127,7 @@ class Sequence:
     params: Params
     emit: Callable[[str, object], None]
     ids: list[int] = field(default_factory=list)  # every sampled token, a final stop id included
+    logprobs: list[float] = field(default_factory=list)  # Params.logprobs: log p of each of ids
     finish_reason: str | None = None
     slot: int = -1
     cancelled: bool = False
@@ -110,6 +153,7 @@ class Result(NamedTuple):
     finish_reason: str
     n_new: int
     ids: list[int]
+    logprobs: list[float] = []  # Params.logprobs: log p of each of ids
 
 
 class Engine:
@@ -131,9 +175,12 @@ class Engine:
     # ---- the steps (run() below; serve's scheduler calls them for many sequences) ----------------------------
     def _begin(self, s: Sequence, slot: int) -> None:
         """Prefill s into `slot` and sample its first token."""
+        self._assign(s, slot)
+        self._forward([s], [s.prompt])
+
+    def _assign(self, s: Sequence, slot: int) -> None:
         s.slot = slot
         self._decoders[id(s)] = (StreamDecoder(self.tok, s.params.skip_special), StopMatcher(s.params.stop))
-        self._forward([s], [s.prompt])
 
     def _decode(self, seqs: list[Sequence]) -> None:
         """One decode step: the last token of each sequence in, the next one sampled."""
@@ -148,6 +195,8 @@ class Engine:
         for i, s in enumerate(seqs):
             p = s.params
             s.ids.append(int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.gen).item()))
+            if p.logprobs:
+                s.logprobs.append(float(logits[i].float().log_softmax(-1)[s.ids[-1]]))
             self._take(s)
 
     def _take(self, s: Sequence) -> None:
@@ -208,4 +257,33 @@ class Engine:
         finally:
             self._release(s, "cancelled")  # a no-op when it ended normally
             self.model.train(was_training)
-        return Result("".join(pieces), s.finish_reason, s.n_new, s.ids)
+        return Result("".join(pieces), s.finish_reason, s.n_new, s.ids, s.logprobs)
+
+    def run_batch(self, prompts: list[list[int]], params: list[Params]) -> list[Result]:
+        """Decode len(prompts) sequences together (the Engine needs that many slots): prompts of one length
+        prefilled together, each in its own row, then one batched decode step for all unfinished rows at a time. Each sequence samples with its own
+        generator, so with seeds its tokens are those run() gives it alone (up to the float rounding of batched
+        matmuls). The model is in eval mode meanwhile."""
+        if len(prompts) > len(self._cache.lengths):
+            raise ValueError(f"{len(prompts)} sequences but the engine has {len(self._cache.lengths)} slots")
+        for p in prompts:
+            self.check(p)
+        texts: list[list[str]] = [[] for _ in prompts]
+        seqs = [Sequence(list(p), q, lambda kind, v, out=out: out.append(v) if kind == "text" else None)
+                for p, q, out in zip(prompts, params, texts)]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            by_length: dict[int, list[Sequence]] = {}  # prompts of one length prefill in one forward
+            for slot, s in enumerate(seqs):
+                self._assign(s, slot)
+                by_length.setdefault(len(s.prompt), []).append(s)
+            for group in by_length.values():
+                self._forward(group, [s.prompt for s in group])
+            while live := [s for s in seqs if s.finish_reason is None]:
+                self._decode(live)
+        finally:
+            for s in seqs:
+                self._release(s, "cancelled")
+            self.model.train(was_training)
+        return [Result("".join(t), s.finish_reason, s.n_new, s.ids, s.logprobs) for s, t in zip(seqs, texts)]

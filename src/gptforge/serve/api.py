@@ -7,18 +7,21 @@
     GET  /                     the web chat page (web/index.html, self-contained)
 
 Three modules, as vLLM's entrypoints: the bodies (serve/protocol.py), the answers (serve/serving.py), and
-here only the wiring: routes, the error handlers, the middleware for the body limit and the API key.
+here only the wiring: routes, the error handlers, the middleware for the Host allow-list, the body limit and
+the API key (connections: serve/connections.py).
 
 Every error answers {"error": {"message", "type", "param", "code"}}. Bad input: 400 (malformed JSON or
-fields, text that is not valid Unicode, prompt longer than the context, max_tokens above the cap, n != 1),
-401 (--api-key), 404/405 (no such route), 413 (body too large), 429 (queue full). 503 (code engine_error):
-the engine failed on this request (out of memory, a checkpoint whose logits are not finite); a stream that
-has begun ends with that error as its last event instead. Nothing a client sends answers 500: only a bug
+fields, text that is not valid Unicode, prompt longer than the context, max_tokens above the cap, n != 1,
+a stop string over 1000 characters, a Host header not allowed (code invalid_host)), 401 (the API key),
+404/405 (no such route), 413 (body too large), 429 (queue full). 503 (code engine_error): the engine failed
+on this request (out of memory, a checkpoint whose logits are not finite); a stream that has begun ends with
+that error as its last event instead. Nothing a client sends answers 500: only a bug
 (an exception no check foresaw) does, still in this shape, and the server stays up.
 """
 
 from __future__ import annotations
 
+import hmac
 import time
 from importlib import resources
 
@@ -78,10 +81,37 @@ class ApiKey:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"].startswith("/v1/") and \
-                dict(scope["headers"]).get(b"authorization", b"") != self.expected:
+                not hmac.compare_digest(dict(scope["headers"]).get(b"authorization", b""), self.expected):
             return await error_response(401, "missing or wrong API key: send the header 'Authorization: Bearer "
                                              "KEY' with the --api-key the server was started with",
                                         code="invalid_api_key")(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
+def host_name(header: str) -> str:
+    """The name in a Host header, without the port and the brackets of an IPv6 address, in lower case."""
+    h = header.strip().lower()
+    if h.startswith("["):
+        return h[1:h.index("]")] if "]" in h else h
+    return (h.rsplit(":", 1)[0] if h.count(":") == 1 else h).rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: 400 unless the Host header names one of `hosts` (any port). Against DNS rebinding: a
+    page on attacker.example, its name then pointed at 127.0.0.1, reaching a loopback server from the user's
+    browser, which still sends 'Host: attacker.example'."""
+
+    def __init__(self, app, hosts: list[str]):
+        self.app, self.hosts = app, frozenset(hosts)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.hosts:
+                shown = host if len(host) <= 80 else host[:80] + "..."
+                return await error_response(400, f"the Host header {shown!r} is not a name this server answers to "
+                                                 f"({', '.join(sorted(self.hosts))}); add it with --allowed-hosts",
+                                            code="invalid_host")(scope, receive, send)
         return await self.app(scope, receive, send)
 
 
@@ -115,7 +145,9 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def build_app(engine: BatchEngine, name: str, *, api_key: str | None = None, max_tokens_cap: int = 1024,
-              default_max_tokens: int = 256, chat_ok: bool = True, max_body_bytes: int = 1 << 20) -> FastAPI:
+              default_max_tokens: int = 256, chat_ok: bool = True, max_body_bytes: int = 1 << 20,
+              allowed_hosts: list[str] | None = None) -> FastAPI:
+    """allowed_hosts: the names the Host header may give (None: any)."""
     app = FastAPI(title="gptforge serve", docs_url=None, redoc_url=None, openapi_url=None)
     add_error_handlers(app)
     serving = Serving(engine, name, max_tokens_cap, default_max_tokens, chat_ok)
@@ -146,5 +178,7 @@ def build_app(engine: BatchEngine, name: str, *, api_key: str | None = None, max
 
     if api_key:
         app.add_middleware(ApiKey, key=api_key)
-    app.add_middleware(BodyLimit, limit=max_body_bytes)  # outermost: before the body is parsed
+    app.add_middleware(BodyLimit, limit=max_body_bytes)  # before the body is parsed
+    if allowed_hosts is not None:
+        app.add_middleware(HostCheck, hosts=allowed_hosts)  # outermost: a foreign Host gets nothing else
     return app

@@ -49,18 +49,20 @@ def check_options(opts: GenerateOptions) -> None:
 def main(opts: GenerateOptions) -> int:
     check_options(opts)
     model, tok, _ = load_for_inference(opts.checkpoint, opts.device)
-    n_prompt = len(tok.encode(opts.prompt))
+    prompt = tok.encode_prompt(opts.prompt)  # with the BOS a Llama-style tokenizer adds, as transformers
+    n_prompt = len(prompt)
     check_prompt(n_prompt, model.cfg.block_size)
     engine = Engine(model, tok, use_cache=not opts.no_cache)  # the engine of chat and serve: same seed, same text
-    stop = frozenset({tok.eos_id}) if getattr(tok, "eos_id", None) is not None else frozenset()
+    stop = frozenset(tok.end_ids)  # the folder's eos ids; a chat checkpoint's <|im_end|> too
     for i in range(opts.num_samples):
         if i:
             print("\n---")
         sys.stdout.write(opts.prompt)
         seed = None if opts.seed is None else opts.seed + i
         out = lambda s: (sys.stdout.write(s), sys.stdout.flush())  # noqa: E731
-        _, reason, n_new, _ = engine.run(tok.encode(opts.prompt), Params(
-            opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.top_p, seed, stop), out)
+        r = engine.run(prompt, Params(opts.max_new_tokens, opts.temperature, opts.top_k or None, opts.top_p, seed,
+                                      stop), out)
+        reason, n_new = r.finish_reason, r.n_new
         print()
         if reason == "length" and n_new < opts.max_new_tokens:
             print(f"note: sample {i + 1} stopped at the context of {model.cfg.block_size} tokens after "

@@ -28,6 +28,9 @@ from gptforge.serve.protocol import (APIError, ChatChoice, ChatChunkChoice, Chat
                                      error_response)
 
 
+MAX_STOPS, MAX_STOP_CHARS = 4, 1000  # per request (OpenAI's count); the length bounds the text held back
+
+
 def sse(body: BaseModel) -> str:
     return f"data: {body.model_dump_json()}\n\n"
 
@@ -75,7 +78,7 @@ class Serving:
         self.max_tokens_cap, self.default_max_tokens, self.chat_ok = max_tokens_cap, default_max_tokens, chat_ok
         tok = engine.tok
         self.chat_stops = stop_ids(tok) if chat_ok else set()
-        self.eos = {tok.eos_id} if getattr(tok, "eos_id", None) is not None else set()
+        self.eos = set(tok.end_ids)  # the folder's eos ids; a chat checkpoint's <|im_end|> too
 
     # ---- requests -----------------------------------------------------------------------------------------
     def chat_prompt(self, req: ChatRequest) -> tuple[list[int], Params]:
@@ -95,8 +98,8 @@ class Serving:
             if len(prompt) != 1:
                 raise APIError(400, f"prompt must be one string (a list of {len(prompt)} was given)", "prompt")
             prompt = prompt[0]
-        ids = self.engine.tok.encode(prompt)
-        if not ids:
+        ids = self.engine.tok.encode_prompt(prompt)
+        if not prompt or not ids:
             raise APIError(400, "the prompt is empty; give at least one token of text", "prompt")
         return ids, self.params(req, len(ids), req.max_tokens, self.eos, "prompt")
 
@@ -111,8 +114,11 @@ class Serving:
             raise APIError(400, f"max_tokens is {max_tokens} but this server allows at most {self.max_tokens_cap} "
                                 f"(--max-tokens-cap)", "max_tokens")
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-        if len(stop) > 4:
-            raise APIError(400, f"stop takes at most 4 strings, got {len(stop)}", "stop")
+        if len(stop) > MAX_STOPS:
+            raise APIError(400, f"stop takes at most {MAX_STOPS} strings, got {len(stop)}", "stop")
+        if max(map(len, stop), default=0) > MAX_STOP_CHARS:
+            raise APIError(400, f"a stop string may be at most {MAX_STOP_CHARS} characters, got one of "
+                                f"{max(map(len, stop))}", "stop")
         return Params(max_tokens or self.default_max_tokens, req.temperature, req.top_k or None,
                       None if req.top_p >= 1 else req.top_p, req.seed,
                       frozenset() if req.ignore_eos else frozenset(stops), tuple(stop))
