@@ -137,6 +137,15 @@ def _cpu_memory() -> int:
         return 8 * GiB
 
 
+def memory_for_weights() -> int:
+    """Bytes this process can fill now: the memory available (MemAvailable), capped by its address-space limit."""
+    import resource
+
+    have = _cpu_memory()
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    return min(have, soft) if soft != resource.RLIM_INFINITY else have
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:

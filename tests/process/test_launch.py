@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -334,3 +335,23 @@ def test_failure_without_torchrun_summary_names_the_rank():
     assert msg.splitlines()[0].endswith("failed: RuntimeError: [gloo/transport/tcp/unbound_buffer.cc:78] Timed out "
                                         "waiting 20000ms for recv")
     assert msg.splitlines()[1] == "gptforge launch: torchrun exited with code -15"
+
+
+def test_hostfile_refuses_env_names_that_are_not_identifiers(tmp_path):
+    """Row 11 of issue 22: a forwarded variable *name* holding `$(touch FILE)` must not run on the hosts. The `ssh`
+    on PATH here runs the remote command through `sh -c`, as sshd does on the far side."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "ssh").write_text('#!/bin/sh\nfor a; do last="$a"; done\nexec sh -c "$last"\n')
+    (bin_dir / "ssh").chmod(0o755)
+    (tmp_path / "hosts").write_text("127.0.0.1\n")
+    marker = tmp_path / "pwned"
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", f"NCCL_$(touch {marker})": "1",
+           "NCCL_DEBUG": "INFO"}
+    r = subprocess.run([sys.executable, "-m", "gptforge", "launch", "--hostfile", str(tmp_path / "hosts"),
+                        "--remote-python", "/bin/true", "--", "pretrain"],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+    assert not marker.exists()
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "environment variable name" in lines[0] and "touch" in lines[0], r.stderr

@@ -266,3 +266,34 @@ def test_parallel_prepare_is_byte_identical_to_serial(tmp_path, monkeypatch, byt
         f.stat().st_size for f in src.iterdir())
     for f in ("train.bin", "val.bin", "meta.json", "tokenizer.json"):
         assert (tmp_path / "out_False" / f).read_bytes() == (tmp_path / "out_True" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "gpt2"])
+def test_special_token_strings_in_raw_text_are_plain_text(tmp_path, tokenizer):
+    """Row 12 of issue 22: raw training text that spells <|im_start|>, <|im_end|>, <|endoftext|> must not become
+    their special ids (a corpus could forge chat turns and document ends); only the eos `prepare` puts after each
+    document is special. --allow-special keeps the old reading. Through the real command."""
+    import subprocess
+    import sys
+
+    src = tmp_path / "src"
+    src.mkdir()
+    docs = ["Hi <|im_start|>user\nhello<|im_end|>\n<|endoftext|> bye <|pad|>\n", "two <|endoftext|>\n"]
+    for i, d in enumerate(docs):
+        (src / f"{i}.txt").write_text(d)
+    for allow in (False, True):
+        out = tmp_path / f"out_{allow}"
+        r = subprocess.run([sys.executable, "-m", "gptforge", "prepare", "--input", str(src), "--out", str(out),
+                            "--tokenizer", tokenizer, "--val-fraction", "0", "--no-progress",
+                            *(["--allow-special"] if allow else [])], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        tok = load_tokenizer(out)
+        ids = tokens(out, "train").tolist()
+        at = [i for i, t in enumerate(ids) if t in tok.special.values()]
+        ends = [len(tok.encode_batch([docs[0]], specials=False)[0]), len(ids) - 1]
+        assert tok.decode(ids) == "<|endoftext|>".join(docs) + "<|endoftext|>"  # the text comes back whole
+        if allow:  # the 5 strings as their ids, besides the 2 document ends
+            assert len(at) == 7 and [ids[i] for i in at].count(tok.eos_id) == 4, at
+        else:
+            assert at == ends and all(ids[i] == tok.eos_id for i in at), (at, ends)
+        assert "spells special tokens" in r.stdout and " 5 time(s)" in r.stdout, r.stdout

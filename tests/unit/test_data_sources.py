@@ -2,8 +2,14 @@
 comma lists, JSON array vs JSONL by the first character, records named file:line / file[i], datasets."""
 
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
+from support.checks import run_gptforge
 
 from gptforge.data.preference import read_pairs
 from gptforge.data.records import DataStats, iter_records
@@ -100,3 +106,58 @@ def test_datasets_feed_sft_and_prepare_alike(tmp_path):
         assert convs == [CONV["messages"]] * 3 and stats.records == 3
         assert texts(spec) == ["t0", "t1", "t2"]
     assert where(str(tmp_path / "saved"))[2] == f"{tmp_path / 'saved'}[row 2]"
+
+
+def test_a_dataset_loading_script_is_never_run(tmp_path):
+    """Row 13 of issue 22: `prepare --input hf:FOLDER` on a folder with a loading script (FOLDER/FOLDER.py) is
+    refused in one line and the script does not run, even with HF_DATASETS_TRUST_REMOTE_CODE=1 (which turned
+    scripts on in datasets 2.20-3.x unless the caller passes trust_remote_code=False)."""
+    pytest.importorskip("datasets")
+    evil, marker = tmp_path / "evil", tmp_path / "ran"
+    evil.mkdir()
+    (evil / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\nimport datasets\n"
+                                  "class Evil(datasets.GeneratorBasedBuilder):\n    pass\n")
+    env = {**os.environ, "HF_DATASETS_TRUST_REMOTE_CODE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_DATASETS_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "gptforge", "prepare", "--input", f"hf:{evil}", "--out",
+                        str(tmp_path / "out"), "--no-progress"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=env)
+    assert not marker.exists()
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("gptforge: error:")]
+    assert len(errors) == 1 and "cannot load dataset" in errors[0] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_datasets_floor_has_scripts_off_by_default():
+    """datasets 2.20 stopped running loading scripts by default (before it they ran with only a warning)."""
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    for extra in ("hf", "dev"):
+        spec = next(d for d in project["optional-dependencies"][extra] if d.startswith("datasets"))
+        floor = tuple(int(x) for x in spec.split(">=")[1].split(",")[0].split(".")[:2])
+        assert floor >= (2, 20), spec
+
+
+def test_links_loops_and_duplicates_read_each_file_once(tmp_path):
+    """Row 6 of issue 22: a `**` glob followed folder links around loops (two loops: an endless walk; one loop:
+    the same file read 41 times). Now each real folder is walked once and each real file read once."""
+    d = tmp_path / "d"
+    (d / "a" / "b").mkdir(parents=True)
+    (d / "a" / "x.txt").write_text("hello\n")
+    (d / "a" / "b" / "y.txt").write_text("world\n")
+    (d / "t.txt").write_text("top\n")
+    (d / "a" / "b" / "up").symlink_to("..")  # loop to the parent
+    (d / "a" / "root").symlink_to(d)  # loop to the top
+    (d / "a" / "dup.txt").symlink_to("x.txt")  # the same file under a second name
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "e.txt").write_text("linked\n")
+    (d / "linked").symlink_to(tmp_path / "elsewhere")  # a linked folder is still read, once
+    want = sorted(str(p) for p in (d / "a" / "x.txt", d / "a" / "b" / "y.txt", d / "t.txt",
+                                   tmp_path / "elsewhere" / "e.txt"))
+    # first in a child under a time and memory limit, so that a regression fails rather than hangs
+    r = run_gptforge("prepare", "--input", f"{d}/**/*.txt", "--out", str(tmp_path / "out"), "--val-fraction", "0",
+                     "--no-progress", timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["documents"] == 4 and meta["splits"]["train"] == len("hello\nworld\ntop\nlinked\n") + 4, meta
+    for spec in (f"{d}/**/*.txt", str(d), [f"{d}/**", str(d / "a" / "dup.txt"), str(d / "t.txt")]):
+        assert sorted(os.path.realpath(s.path) for s in resolve_inputs(spec)) == want, spec

@@ -59,7 +59,7 @@ def test_export_force_replaces_planted_links_and_keeps_their_targets(tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
 
 
-def test_eval_replaces_a_planted_eval_json_link(tmp_path):
+def test_eval_writes_nothing_into_the_folder_and_replaces_a_planted_link(tmp_path, monkeypatch, capsys):
     ck = _checkpoint(tmp_path)
     folder = tmp_path / "downloaded"
     assert main(["export-hf", "--checkpoint", str(ck), "--out", str(folder)]) == 0
@@ -67,11 +67,26 @@ def test_eval_replaces_a_planted_eval_json_link(tmp_path):
     (folder / "eval.json").symlink_to(victim)
     text = tmp_path / "text.txt"
     text.write_text(TEXT * 4)
+    before = sorted(p.name for p in folder.iterdir())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    # by default the results go to runs/eval/NAME.json here, never into the evaluated folder (issue 22, row 4)
     assert main(["eval", "--checkpoint", str(folder), "--text", str(text), "--device", "cpu"]) == 0
+    assert "eval: results in runs/eval/downloaded.json" in capsys.readouterr().out
+    assert sorted(p.name for p in folder.iterdir()) == before and (folder / "eval.json").is_symlink()
+    res = json.loads((tmp_path / "runs" / "eval" / "downloaded.json").read_text())["results"][0]
+    assert res["tokens"] > 0 and res["metrics"]["loss"]["value"] > 0
+    # run from inside the folder, the default would land in it: refused, naming --out
+    monkeypatch.chdir(folder)
+    assert main(["eval", "--checkpoint", str(folder), "--text", str(text), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "into the evaluated folder" in err and "--out" in err and len(err.splitlines()) == 1, err
+    # an --out that is a planted link: the link is replaced, its target never written
+    assert main(["eval", "--checkpoint", str(folder), "--text", str(text), "--device", "cpu",
+                 "--out", str(folder / "eval.json")]) == 0
     assert victim.read_bytes() == SECRET  # before the fix: the results were written into the victim
     assert not (folder / "eval.json").is_symlink()
-    res = json.loads((folder / "eval.json").read_text())["results"][0]
-    assert res["tokens"] > 0 and res["metrics"]["loss"]["value"] > 0
+    assert json.loads((folder / "eval.json").read_text())["results"][0] == res
 
 
 def test_write_file_atomic_mode_and_failure_leaves_nothing(tmp_path):

@@ -202,3 +202,10 @@ def describe(e: BaseException) -> str:
     if isinstance(e, (UnsafeCheckpoint, DamagedCheckpoint)):
         return str(e)
     return f"{type(e).__name__}: {_first_line(e)}"
+
+
+def tensor_shapes(ckpt: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape as the checkpoint's .metadata records them, read through SafeUnpickler
+    and checked (no tensor data is read): to compare a model config with the weights before building it."""
+    md = SafeFileSystemReader(str(ckpt)).check()
+    return {fqn: tuple(m.size) for fqn, m in md.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}

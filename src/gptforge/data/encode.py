@@ -56,16 +56,16 @@ def _join(batch: list[list[int]], ends: list[bool], eos: int) -> tuple[np.ndarra
     return np.array(flat, dtype=np.int64), sum(ends)
 
 
-def _serial(tok: Tokenizer, pieces: Iterable[tuple[str, bool]]) -> Iterator[tuple[np.ndarray, int]]:
+def _serial(tok: Tokenizer, pieces: Iterable[tuple[str, bool]], specials: bool) -> Iterator[tuple[np.ndarray, int]]:
     """The reference: whole pieces, encoded one batch at a time in this thread."""
     batch: list[tuple[str, bool]] = []
     chars = 0
 
     def flush():
         if tok.kind == "char":
-            encoded = [tok.encode_array(t) for t, _ in batch]
+            encoded = [tok.encode_array(t, specials) for t, _ in batch]
         else:
-            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([t for t, _ in batch])]
+            encoded = [np.asarray(ids, dtype=np.int64) for ids in tok.encode_batch([t for t, _ in batch], specials)]
         parts = []
         for ids, (_, doc_end) in zip(encoded, batch):
             parts.append(ids)
@@ -99,18 +99,20 @@ def _batches(pieces: Iterable[tuple[str, bool]], size: int | None) -> Iterator[t
         yield texts, ends
 
 
-def encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]],
-                  parallel: bool = True) -> Iterator[tuple[np.ndarray, int]]:
-    """Yield (token ids with eos after each document, number of documents) per batch, in input order."""
+def encode_stream(tok: Tokenizer, pieces: Iterable[tuple[str, bool]], parallel: bool = True,
+                  specials: bool = False) -> Iterator[tuple[np.ndarray, int]]:
+    """Yield (token ids with eos after each document, number of documents) per batch, in input order.
+    specials=False: special-token strings in the text ("<|endoftext|>") are plain text, so the only special
+    ids are the eos tokens put between documents here."""
     if not parallel or tok.kind == "char":  # char: a vectorised lookup, already far faster than any BPE
-        yield from _serial(tok, pieces)
+        yield from _serial(tok, pieces, specials)
         return
     size = CHUNK_CHARS if tok.cuts_before_newlines() else None
     pool = ThreadPoolExecutor(1, thread_name_prefix="gptforge-encode")
     pending: deque = deque()
     try:
         for texts, ends in _batches(pieces, size):
-            pending.append((pool.submit(tok.encode_batch, texts), ends))
+            pending.append((pool.submit(tok.encode_batch, texts, specials), ends))
             if len(pending) > IN_FLIGHT:
                 future, ends = pending.popleft()
                 yield _join(future.result(), ends, tok.eos_id)

@@ -10,6 +10,10 @@ Output directory:
                         "sources", "eos_id", "val_fraction", "documents"}; written last, so its presence
                        means the directory is complete.
 
+Special tokens: the text is data, so strings such as "<|endoftext|>" or "<|im_start|>" in it are encoded as
+plain text (as tiktoken refuses them by default); the only special ids are the eos tokens put between documents.
+`--allow-special` encodes them as their special ids instead. The summary says how many there were.
+
 Streaming: the input is read in pieces and tokens are appended to the .bin files as they come, so a
 corpus larger than memory works; the pieces are encoded on all cores a few batches ahead (data/encode.py),
 with the same bytes as the serial path. The validation split is taken deterministically from the token stream:
@@ -45,11 +49,12 @@ from gptforge.data.corpus import checked_cache_dir, shakespeare_path
 from gptforge.fileio import write_file_atomic
 from gptforge.data.encode import encode_stream
 from gptforge.data.sources import Source, iter_texts, resolve_inputs
-from gptforge.data.tokenizer import UNK, Tokenizer, build_tokenizer, load_tokenizer
+from gptforge.data.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer, build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 
 VAL_BLOCK = 8192          # tokens per train/val routing block
 FORMAT_VERSION = 1
+SPECIALS_AS_TEXT = "specials-as-text"  # in the cache keys: datasets cached before this rule are not reused
 
 
 def check_val_fraction(value: float, name: str) -> None:
@@ -81,6 +86,8 @@ class _Splitter:
     """Appends tokens to train/val files, routing whole VAL_BLOCK-token blocks to val (see module doc)."""
 
     def __init__(self, out: Path, dtype: np.dtype, val_fraction: float, block: int = VAL_BLOCK):
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
         self.files = {"train": open(out / "train.bin.tmp", "wb"), "val": open(out / "val.bin.tmp", "wb")}
         self.counts = {"train": 0, "val": 0}
         self.dtype, self.frac, self.block = dtype, val_fraction, block
@@ -117,16 +124,31 @@ class _Splitter:
             f.close()
         return dict(self.counts)
 
+    def discard(self) -> None:
+        """Close and remove the unfinished files (an error, an interrupt)."""
+        for f in self.files.values():
+            f.close()
+            Path(f.name).unlink(missing_ok=True)
+
+
+def _counting_specials(pieces, seen: list[int]):
+    """The (text, ends_document) pieces as they come; seen[1] += the special-token strings they spell."""
+    for text, end in pieces:
+        if "<|" in text:
+            seen[1] += sum(text.count(s) for s in SPECIAL_TOKENS)
+        yield text, end
+
 
 def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "char", val_fraction: float = 0.01,
             field: str = "text", hf_split: str = "train", progress: bool = True,
             val_key: str = "--val-fraction", parallel: bool = True, stats: dict | None = None,
-            fixed_val: bool = False) -> dict:
+            fixed_val: bool = False, allow_special: bool = False) -> dict:
     """Tokenize `inputs` (files, folders, globs, comma lists, HF datasets; see data/sources.py) into `out_dir`.
 
     tokenizer: "char", "gpt2", "bpe:N" (trained on the inputs), a tokenizer path, or a Tokenizer (e.g. the one
     of the model a run starts from). Returns meta.json's dict. parallel=False: the serial reference path
-    (data/encode.py), same bytes. `stats`, if given, receives the tokenizing pass' bytes, tokens and seconds.
+    (data/encode.py), same bytes. `stats`, if given, receives the tokenizing pass' bytes, tokens, seconds and
+    special_strings (how often the text spells a special token: plain text unless allow_special; module doc).
     fixed_val: a validation set (module doc): every token to val.bin, each document preceded by eos."""
     if not fixed_val:
         check_val_fraction(val_fraction, val_key)
@@ -134,15 +156,12 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "ch
     total = _total_bytes(sources)
     tok = tokenizer if isinstance(tokenizer, Tokenizer) else _tokenizer(str(tokenizer), sources, total, progress)
     dtype = token_dtype(tok.vocab_size)
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "meta.json").unlink(missing_ok=True)  # the directory is incomplete until meta.json is back
     splitter = _Splitter(out, dtype, 1.0 if fixed_val else val_fraction)  # fraction 1: every block to val
     n_docs = n_tokens = unknown = 0
     unk_id = tok.hf.token_to_id(UNK) if fixed_val and tok.kind == "char" else None
     held = np.array([tok.eos_id], dtype=np.int64)  # fixed_val: eos first; each chunk's last token waits
-    seen = [0]  # input bytes read
+    seen = [0, 0]  # input bytes read, special-token strings seen
 
     def read(n: int) -> None:
         seen[0] += n
@@ -150,8 +169,8 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "ch
 
     try:
         t0 = time.perf_counter()
-        with _bar("tokenizing", total, progress) as bar, closing(encode_stream(tok, iter_texts(sources, read),
-                                                                              parallel)) as stream:
+        with _bar("tokenizing", total, progress) as bar, closing(encode_stream(
+                tok, _counting_specials(iter_texts(sources, read), seen), parallel, allow_special)) as stream:
             for ids, docs in stream:  # closing: an error here stops the encoding thread at once
                 if fixed_val:  # the stream's very last token (the last document's eos) is never written
                     ids, held = np.concatenate([held, ids]), ids[-1:] if len(ids) else held
@@ -162,15 +181,13 @@ def prepare(inputs, out_dir: str | Path, tokenizer: str | Path | Tokenizer = "ch
                 bar.set_postfix_str(f"{n_tokens / max(time.perf_counter() - t0, 1e-9):,.0f} tok/s", refresh=False)
         counts = splitter.finish()
         if stats is not None:
-            stats.update(bytes=seen[0], tokens=n_tokens, seconds=time.perf_counter() - t0)
+            stats.update(bytes=seen[0], tokens=n_tokens, seconds=time.perf_counter() - t0,
+                         special_strings=seen[1])
         if n_tokens <= n_docs:  # nothing but eos tokens
             raise UserError(f"no text found in {', '.join(map(str, [inputs] if isinstance(inputs, (str, Path)) else inputs))}; "
                             "check that the files are not empty (and --field for JSONL)")
     except BaseException:
-        for f in splitter.files.values():
-            f.close()
-        for s in ("train", "val"):
-            (out / f"{s}.bin.tmp").unlink(missing_ok=True)
+        splitter.discard()
         raise
     for s in ("train", "val"):
         os.replace(out / f"{s}.bin.tmp", out / f"{s}.bin")
@@ -193,7 +210,7 @@ def _tokenizer(spec: str, sources, total: int, progress: bool):
 
 def _cache_key(sources: list[Source], tokenizer: str, val_fraction: float) -> str:
     """Hash of what the prepared data depends on: paths, sizes, mtimes, tokenizer, split settings."""
-    parts: list = [FORMAT_VERSION, val_fraction]
+    parts: list = [FORMAT_VERSION, SPECIALS_AS_TEXT, val_fraction]
     for s in sources:
         p = Path(s.path)
         files = sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else [p] if p.exists() else []
@@ -292,7 +309,8 @@ def ensure_val_prepared(val_path: str, data_dir: str | Path, cache: str | Path |
     except UserError as e:
         raise UserError(f"config key 'data.val_path': {e}") from None
     tok_hash = hashlib.sha256(tok_file.read_bytes()).hexdigest()
-    key = hashlib.sha256(json.dumps([FORMAT_VERSION, "fixed_val", tok_hash, _content_hash(sources)]).encode())
+    key = hashlib.sha256(json.dumps([FORMAT_VERSION, SPECIALS_AS_TEXT, "fixed_val", tok_hash,
+                                     _content_hash(sources)]).encode())
     name = Path(parts[0] if len(parts) == 1 else "multi").name.replace(":", "")
     final = Path(cache or checked_cache_dir()) / "datasets" / f"val-{name}-{key.hexdigest()[:16]}"
 
@@ -323,15 +341,23 @@ class PrepareOptions:
     """split of a Hugging Face dataset"""
     no_progress: bool = False
     """no progress bar"""
+    allow_special: bool = False
+    """special-token strings in the text (<|endoftext|>, <|im_start|>, ...) become their special ids; by default
+    they are plain text, so that a corpus cannot forge document or chat-turn boundaries"""
 
 
 def main(opts: PrepareOptions) -> int:
     stats: dict = {}
     meta = prepare(opts.input, opts.out, opts.tokenizer, opts.val_fraction, opts.field, opts.hf_split,
-                   progress=not opts.no_progress, stats=stats)
+                   progress=not opts.no_progress, stats=stats, allow_special=opts.allow_special)
     s = max(stats["seconds"], 1e-9)
     print(f"wrote {opts.out}: {meta['splits']['train']:,} train + {meta['splits']['val']:,} val tokens "
           f"({meta['kind']} tokenizer, vocab {meta['vocab_size']}, {meta['dtype']}, {meta['documents']:,} documents)"
           f"; tokenized {stats['bytes'] / 1e6:,.1f} MB in {s:.1f} s: {stats['bytes'] / 1e6 / s:.2f} MB/s, "
           f"{stats['tokens'] / s:,.0f} tokens/s")
+    if stats["special_strings"]:
+        how = "as their special ids (--allow-special)" if opts.allow_special else \
+            "as plain text (--allow-special: as their special ids)"
+        print(f"the text spells special tokens ({', '.join(SPECIAL_TOKENS)}) {stats['special_strings']:,} "
+              f"time(s): encoded {how}")
     return 0

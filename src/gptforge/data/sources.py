@@ -8,7 +8,9 @@ Each input item (``--input`` of prepare, ``--data.path`` of the training stages)
   a glob            (holds * ? or [) the files and folders it matches, sorted (** recurses)
   a comma list      "a.jsonl,b.jsonl": split at commas, each part read by these rules
 ``~`` is expanded in every item. Names starting with "." (hidden files and folders) are skipped in
-folder walks, as globs skip them. A file's kind comes from its suffix: .jsonl/.json JSON, .parquet/.csv/
+folder walks, as globs skip them. Folder walks and ``**`` follow links to folders but visit each real
+folder once (a link loop ends), and each real file is read once however many links, globs and list items
+name it. A file's kind comes from its suffix: .jsonl/.json JSON, .parquet/.csv/
 .arrow a Hugging Face builder, anything else plain UTF-8 text (the record readers read it as JSONL).
 A JSON file whose first non-blank character is "[" is one JSON array (read whole; records named
 ``file[i]``); any other JSON file is JSONL, one value per line, blank lines skipped (records ``file:line``).
@@ -21,9 +23,11 @@ file in memory (a text file comes in ~1 MiB pieces cut after a newline; JSONL on
 from __future__ import annotations
 
 import codecs
+import fnmatch
 import glob
 import json
 import os
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,10 +72,72 @@ def _file_source(p: Path, field: str, split: str) -> Source:
     return Source(kind, str(p), field, split)
 
 
+def _entries(folder: str, hidden: bool = False) -> list[os.DirEntry]:
+    """The folder's entries (those named ".*" only if `hidden`), sorted by name ([] if it cannot be listed)."""
+    try:
+        with os.scandir(folder or ".") as it:
+            return sorted((e for e in it if hidden or not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError:
+        return []
+
+
+def _folders(top: str, seen: set) -> Iterator[str]:
+    """`top` and every folder below it, hidden names skipped. Links to folders are followed, but each real folder
+    (device, inode) is visited once per `seen`, so a link loop ends and a linked folder is not walked twice."""
+    stack = [top]
+    while stack:  # depth first, without recursion (a deep tree is no error)
+        d = stack.pop()
+        try:
+            st = os.stat(d or ".")
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield d
+        stack += reversed([os.path.join(d, e.name) for e in _entries(d) if e.is_dir()])
+
+
 def _walk(folder: Path, suffixes: tuple[str, ...]) -> list[Path]:
     """The folder's files with those suffixes, recursively, sorted, hidden names skipped."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in suffixes
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+    return sorted(Path(d, e.name) for d in _folders(str(folder), set()) for e in _entries(d)
+                  if e.is_file() and Path(e.name).suffix.lower() in suffixes)
+
+
+def _glob(pattern: str) -> list[str]:
+    """glob.glob(pattern, recursive=True) without its endless walks: `**` visits each real folder once (see
+    _folders). Names starting with "." match only a pattern part that starts with "." too."""
+    parts = pattern.split(os.sep)
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    top = os.sep.join(parts[:first]) if first else ""
+    if pattern.startswith(os.sep) and not top:
+        top = os.sep
+    found: set[str] = set()
+    _match(top, parts[first:], 0, {}, found)
+    return sorted(found - {""})
+
+
+def _match(d: str, parts: list[str], depth: int, seen: dict[int, set], found: set[str]) -> None:
+    """Add to `found` what parts[depth:] matches below folder `d`; seen: the folders each `**` (by depth) walked."""
+    if depth == len(parts):
+        found.add(d)
+        return
+    part, last = parts[depth], depth == len(parts) - 1
+    if part == "**":
+        for sub in _folders(d, seen.setdefault(depth, set())):
+            if last:
+                found.update(os.path.join(sub, e.name) for e in _entries(sub))
+            _match(sub, parts, depth + 1, seen, found)
+        return
+    if not glob.has_magic(part):
+        path = os.path.join(d, part)
+        if os.path.lexists(path) and (last or os.path.isdir(path)):
+            _match(path, parts, depth + 1, seen, found)
+        return
+    for name in fnmatch.filter([e.name for e in _entries(d, hidden=part.startswith("."))], part):
+        path = os.path.join(d, name)
+        if last or os.path.isdir(path):
+            _match(path, parts, depth + 1, seen, found)
 
 
 def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text", split: str = "train",
@@ -100,7 +166,7 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text
         elif p.is_file():
             sources.append(_file_source(p, field, split))
         elif any(c in item for c in "*?["):
-            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+            matches = _glob(os.path.expanduser(item))
             if not matches:
                 raise UserError(f"input glob '{item}' matches no files; check the pattern (quote it in the shell)")
             sources += resolve_inputs(matches, field, split, suffixes, flag)
@@ -109,7 +175,20 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text
         else:
             raise UserError(f"input '{item}' not found; give an existing file, folder or glob "
                             f"(or hf:NAME for a Hugging Face hub dataset)")
-    return sources
+    return _unique(sources)
+
+
+def _unique(sources: list[Source]) -> list[Source]:
+    """Each file once, at its first place, however many links, globs and folders reach it (a file read twice
+    would weigh double, or land in both train and val)."""
+    seen: set[str] = set()
+    out = []
+    for src in sources:
+        key = src.path if src.kind == "hf_hub" else os.path.realpath(src.path)
+        if key not in seen:
+            seen.add(key)
+            out.append(src)
+    return out
 
 
 # ---- plain text -------------------------------------------------------------------------------------
@@ -225,6 +304,15 @@ def _has_surrogates(value) -> bool:
 
 
 # ---- Hugging Face datasets ----------------------------------------------------------------------------
+def _no_remote_code(datasets) -> dict[str, bool]:
+    """`trust_remote_code=False` where `load_dataset` still has that switch (datasets 2.16 to 3.x, where the
+    HF_DATASETS_TRUST_REMOTE_CODE variable could turn loading scripts on); from 4.0 scripts never run."""
+    import inspect
+
+    has_switch = "trust_remote_code" in inspect.signature(datasets.load_dataset).parameters
+    return {"trust_remote_code": False} if has_switch else {}
+
+
 def _load_hf(src: Source):
     try:
         import datasets  # heavy and optional: only when a dataset is read
@@ -240,11 +328,12 @@ def _load_hf(src: Source):
                                     f"choose one with --hf-split")
                 ds = ds[src.split]
             return ds
+        no_code = _no_remote_code(datasets)
         if src.kind == "hf_files":
             builder = HF_FILE_SUFFIXES[Path(src.path).suffix.lower()]
-            return datasets.load_dataset(builder, data_files=src.path, split="train")
+            return datasets.load_dataset(builder, data_files=src.path, split="train", **no_code)
         name, _, config = src.path.partition(":")
-        return datasets.load_dataset(name, config or None, split=src.split, streaming=True)
+        return datasets.load_dataset(name, config or None, split=src.split, streaming=True, **no_code)
     except UserError:
         raise
     except Exception as e:

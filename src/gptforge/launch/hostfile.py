@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import shlex
 import socket
 import subprocess
@@ -15,6 +16,7 @@ from gptforge.launch.options import LaunchOptions
 from gptforge.launch.process import first_failure, start_pump, stop_all
 
 FORWARD_ENV_PREFIXES = ("NCCL_", "GLOO_", "GPTFORGE_", "HSA_", "HIP_", "TORCH_", "HF_", "PYTORCH_")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 @dataclasses.dataclass
@@ -80,12 +82,22 @@ def node_launch_args(opts: LaunchOptions, hosts: list[Host], i: int) -> list[str
     return [*la, "--watch-stdin"]
 
 
+def forwarded_env() -> dict[str, str]:
+    """The variables every host gets (by prefix); a name that is not a shell identifier is refused, since the
+    remote side reads the command through a shell."""
+    fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
+    for k in fwd:
+        if not _ENV_NAME.fullmatch(k):
+            raise UserError(f"environment variable name {k[:80]!r} is not [A-Za-z_][A-Za-z0-9_]* and would be "
+                            "forwarded to every host: unset it before `launch --hostfile`")
+    return fwd
+
+
 def hostfile_commands(opts: LaunchOptions, hosts: list[Host]) -> list[list[str]]:
     """The ssh argv for every host: `cd CWD && env ... python -m gptforge launch ... --node-rank=i ...`."""
     python = opts.remote_python or sys.executable
     cwd = opts.remote_cwd or os.getcwd()
-    fwd = {k: v for k, v in os.environ.items() if k.startswith(FORWARD_ENV_PREFIXES)}
-    envs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(fwd.items()))
+    envs = " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(forwarded_env().items()))
     ssh = ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
     if opts.ssh_config:
         ssh += ["-F", opts.ssh_config]
