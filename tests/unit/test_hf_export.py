@@ -77,15 +77,16 @@ def test_export_matches_transformers_and_round_trips(tmp_path, tok, case):
     ours, ck = make_checkpoint(tmp_path / "run", cfg, tok, TEMPLATE)
     out = export_hf(tmp_path / "run", tmp_path / "hf")  # a run dir -> its latest checkpoint
     conf = json.loads((out / "config.json").read_text())
-    assert conf["vocab_size"] == VOCAB and conf["tie_word_embeddings"] == tie
+    V = tok.vocab_size  # the padded rows (VOCAB - V) are no token's: export leaves them out
+    assert conf["vocab_size"] == V and conf["tie_word_embeddings"] == tie
     assert conf["eos_token_id"] == tok.eos_id and conf["pad_token_id"] == tok.pad_id
     cls = transformers.GPT2LMHeadModel if arch == "gpt2" else transformers.LlamaForCausalLM
     hf = cls.from_pretrained(out).eval()
     auto = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(auto) is cls and hf.dtype == torch.float32
-    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = ours(x)
+        ref = ours(x)[..., :V]
         d_hf, d_auto = max_diff(hf(x).logits, ref), max_diff(auto(x).logits, ref)
     assert d_hf < 1e-4 and d_auto < 1e-4, (d_hf, d_auto)
 
@@ -95,7 +96,7 @@ def test_export_matches_transformers_and_round_trips(tmp_path, tok, case):
     assert {k: v for k, v in bcfg.to_dict().items() if k not in unused} == \
         {k: v for k, v in cfg.complete().to_dict().items() if k not in unused}
     with torch.no_grad():
-        assert torch.equal(back(x), ref)
+        assert torch.equal(back(x)[..., :V], ref)
     assert btok.encode(TEXT + IM_START + EOS) == tok.encode(TEXT + IM_START + EOS)
 
 
@@ -129,12 +130,14 @@ def test_export_cli_bf16_and_shards(tmp_path, tok):
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert hf.dtype == torch.bfloat16
     back, _, _ = import_hf(out)  # sharded import, upcast to fp32
-    x = torch.randint(0, VOCAB, (1, 16))
+    V = tok.vocab_size
+    x = torch.randint(0, V, (1, 16))
     with torch.no_grad():
-        assert max_diff(back(x), hf(x).logits) < 0.1
+        assert max_diff(back(x)[..., :V], hf(x).logits) < 0.1
         sd = ours.state_dict()
-        for k, v in back.state_dict().items():
-            assert torch.equal(v, sd[k].to(torch.bfloat16).float()), k
+        for k, v in back.state_dict().items():  # the vocabulary's rows: the tokenizer's only (padding dropped)
+            n = V if k in ("tok_emb.weight", "lm_head.weight") else len(v)
+            assert torch.equal(v[:n], sd[k][:n].to(torch.bfloat16).float()), k
 
 
 def _hf_random(kind: str, path: Path):
@@ -317,9 +320,10 @@ def test_qwen3_export_matches_transformers_logits_and_greedy_text(tmp_path, tok,
     hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf) is transformers.Qwen3ForCausalLM
     assert hf.model.layers[0].self_attn.q_norm.weight.shape == (16,)
-    x = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    V = tok.vocab_size  # export leaves out the padded rows
+    x = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ref = ours(x)
+        ref = ours(x)[..., :V]
         d = max_diff(hf(x).logits, ref)
     assert d < 1e-5, d
 
@@ -337,7 +341,7 @@ def test_qwen3_export_matches_transformers_logits_and_greedy_text(tmp_path, tok,
     assert {k: v for k, v in bcfg.to_dict().items() if k != "zero_init_proj"} == \
         {k: v for k, v in cfg.complete().to_dict().items() if k != "zero_init_proj"}
     with torch.no_grad():
-        assert torch.equal(back(x), ref)
+        assert torch.equal(back(x)[..., :V], ref)
 
 
 @pytest.mark.parametrize("arch,opts,key", [
@@ -371,9 +375,9 @@ def test_zero_init_and_explicit_default_activation_export(tmp_path, tok):
         ours, _ = make_checkpoint(tmp_path / arch, cfg, tok)
         out = export_hf(tmp_path / arch, tmp_path / f"hf-{arch}")
         hf = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-        x = torch.randint(0, VOCAB, (1, 12))
+        x = torch.randint(0, tok.vocab_size, (1, 12))
         with torch.no_grad():
-            assert max_diff(hf(x).logits, ours(x)) < 1e-5
+            assert max_diff(hf(x).logits, ours(x)[..., :tok.vocab_size]) < 1e-5
 
 
 def test_qwen3_import_refusals():

@@ -94,7 +94,7 @@ def test_eval_text_equals_transformers_loss(tmp_path, bpe, kind):
     model, tok, _ = load_for_inference(str(folder), "cpu")
     assert model.cfg.vocab_size == V  # the folder's vocabulary, not rounded up to 320
     ours = _eval_loss(folder, tmp_path / "t.txt", tmp_path / "eval.json")
-    ids = [tok.eos_id, *tok.encode(TEXT * 2)]
+    ids = [tok.doc_end, *tok.encode(TEXT * 2)]  # the folder's end token first (LlamaConfig's default eos: 2)
     assert len(ids) > 3 * T  # several windows
     theirs = _hf_loss(hf, ids)
     assert abs(ours - theirs) < 1e-5, (ours, theirs)
@@ -111,6 +111,9 @@ def test_ids_the_tokenizer_adds_are_never_predicted(tmp_path):
     folder = tmp_path / "hf"
     hf = _hf_model("llama", len(vocab))
     hf.save_pretrained(folder, safe_serialization=True)
+    for name in ("config.json", "generation_config.json"):  # a folder without an end token: ours is the prefix
+        f = folder / name
+        f.write_text(json.dumps({k: v for k, v in json.loads(f.read_text()).items() if k != "eos_token_id"}))
     htok.save(str(folder / "tokenizer.json"))
     (tmp_path / "t.txt").write_text(TEXT * 2)
     model, tok, _ = load_for_inference(str(folder), "cpu")

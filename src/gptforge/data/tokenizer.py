@@ -2,7 +2,8 @@
 
 Every kind is saved as a standard `tokenizer.json` (so `PreTrainedTokenizerFast(tokenizer_file=...)` loads
 it and the HF export just copies it) plus `tokenizer_meta.json` holding the kind. Every kind reserves the
-special tokens chat needs (SPECIAL_TOKENS); their literal strings in text encode to their single ids.
+special tokens chat needs (SPECIAL_TOKENS); their literal strings in text encode to their single ids, except
+where the text is data (`encode_batch(..., specials=False)`: chat content, raw training text in `prepare`).
 
     gptforge train-tokenizer --input data/ --vocab-size 8192 --out my_tok/
 """
@@ -41,12 +42,22 @@ class Tokenizer:
         self.special = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
         self.eos_id, self.pad_id = self.special[EOS], self.special[PAD]
         self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
+        self.bos_ids = _start_ids(hf)
+        # How the model is prompted at inference; gptforge.hf.inference sets them from the checkpoint or folder.
+        self.end_ids: frozenset[int] = frozenset({self.eos_id})  # ids that end a generated text
+        self.doc_end: int = self.eos_id  # the token between documents (and before a text) in eval --text
+        self.chat_template = None  # a folder's own chat template (data.chat_template.FolderTemplate); None: ChatML
 
         self._char_table: tuple[np.ndarray, np.ndarray] | None = None
         self._cuts: bool | None = None
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """The ids of a prompt, as transformers' tokenizer(text) gives them: with the start tokens (BOS) the
+        tokenizer's post-processor puts before a text (Llama-style tokenizers; none for ours or GPT-2's)."""
+        return self.bos_ids + self.encode(text)
 
     def encode_batch(self, texts: list[str], specials: bool = True) -> list[list[int]]:
         """specials=False: special-token strings in the text are plain text (user content in a chat must
@@ -59,10 +70,11 @@ class Tokenizer:
         finally:
             self.hf.encode_special_tokens = False
 
-    def encode_array(self, text: str) -> np.ndarray:
-        """encode() as an int64 array; for the char kind a vectorised lookup (~50x faster, same ids)."""
+    def encode_array(self, text: str, specials: bool = True) -> np.ndarray:
+        """encode_batch([text], specials)[0] as an int64 array; for the char kind a vectorised lookup (~50x
+        faster, same ids)."""
         if self.kind != "char" or "<|" in text:  # special-token strings: leave them to HF
-            return np.asarray(self.encode(text), dtype=np.int64)
+            return np.asarray(self.encode_batch([text], specials)[0], dtype=np.int64)
         if self._char_table is None:
             pairs = sorted((ord(t), i) for t, i in self.hf.get_vocab(with_added_tokens=False).items() if len(t) == 1)
             self._char_table = (np.array([c for c, _ in pairs], np.int64), np.array([i for _, i in pairs], np.int64))
@@ -103,6 +115,17 @@ class Tokenizer:
 def _add_specials(hf: HFTokenizer) -> None:
     """Reserve the chat special tokens (no-op for those already present: GPT-2's <|endoftext|> keeps 50256)."""
     hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+
+
+def _start_ids(hf: HFTokenizer) -> list[int]:
+    """The ids the post-processor puts before every text (e.g. [<s>] from a TemplateProcessing "<s> $A"); end
+    tokens it would append (T5-style) are left out: a prompt must not end its own text."""
+    plain = hf.encode("a", add_special_tokens=False).ids
+    full = hf.encode("a", add_special_tokens=True).ids
+    for at in range(len(full) - len(plain) + 1):
+        if full[at:at + len(plain)] == plain:
+            return full[:at]
+    return []
 
 
 def _byte_level(hf: HFTokenizer) -> HFTokenizer:

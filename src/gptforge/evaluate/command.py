@@ -9,7 +9,8 @@ A task is a local JSONL file (gptforge.data.tasks: ours, HellaSwag's or ARC's ow
 log-likelihood of each choice, acc and acc_norm as the harness computes them) or the name of a harness task
 (gptforge.evaluate.harness, run on our model directly, no export). Chat checkpoints (with a chat template)
 are evaluated through it (each context a user turn, each choice the reply) unless --chat false. Results:
-one line per task and metric on screen, JSON in the run folder (eval/step_N.json) or --out, and
+one line per task and metric on screen, JSON in the run folder (eval/step_N.json; a Hugging Face folder:
+runs/eval/NAME.json in the current directory, never in the folder) or --out, and
 TensorBoard scalars eval/<task>/<metric> at the checkpoint's step.
 """
 
@@ -50,7 +51,8 @@ class EvalOptions:
     """score through the chat template (auto: when the checkpoint has one)"""
     batch_size: int = 16
     out: str | None = None
-    """the JSON results (default: RUN/eval/step_N.json; for a Hugging Face folder FOLDER/eval.json)"""
+    """the JSON results (default: RUN/eval/step_N.json; for a Hugging Face folder runs/eval/FOLDER_NAME.json here,
+    never inside the folder, which may come from elsewhere)"""
     tensorboard: bool = True
     """also write the results as TensorBoard scalars to RUN/tb (not for a Hugging Face folder)"""
     device: str = "auto"
@@ -67,6 +69,21 @@ def _where(checkpoint: str) -> tuple[Path | None, int]:
     state = ck / "trainer_state.json"
     step = int(json.loads(state.read_text()).get("step", 0)) if state.is_file() else 0
     return (ck.parent.parent if ck.parent.name == "checkpoints" else ck.parent), step
+
+
+def _out_path(opts: EvalOptions, run_dir: Path | None, step: int) -> Path:
+    """--out, else the run folder's eval/step_N.json, else (a Hugging Face folder, an input that may come from
+    elsewhere) runs/eval/NAME.json in the current directory, which must not be inside that folder."""
+    if opts.out:
+        return Path(opts.out)
+    if run_dir is not None:
+        return run_dir / "eval" / f"step_{step:07d}.json"
+    folder = Path(opts.checkpoint).resolve()
+    out = Path("runs", "eval", f"{folder.name}.json")
+    if out.resolve().is_relative_to(folder):
+        raise UserError(f"eval would write its results into the evaluated folder {opts.checkpoint}; run it from "
+                        "another directory or choose the file with --out")
+    return out
 
 
 def check_options(o: EvalOptions) -> None:
@@ -88,29 +105,34 @@ def _text_ids(spec: str, tok, max_tokens: int) -> tuple[list[int], int]:
     from gptforge.data.sources import iter_texts, resolve_inputs
     from gptforge.data.tokenizer import load_tokenizer
 
+    docs, n = [""], 0
     if (Path(spec) / "meta.json").is_file():  # a prepared dataset: its validation split
         toks = open_tokens(spec, "val")
         toks = toks[:max_tokens] if max_tokens else toks
-        text = load_tokenizer(spec).decode(toks.tolist())
+        docs = [load_tokenizer(spec).decode(toks.tolist())]
     else:
-        pieces, n = [], 0
-        for piece, _ in iter_texts(resolve_inputs(spec)):
-            pieces.append(piece)
+        for piece, ends in iter_texts(resolve_inputs(spec)):
+            docs[-1] += piece
             n += len(piece)
             if max_tokens and n > 8 * max_tokens:  # enough text for max_tokens tokens of any tokenizer
                 break
-        text = "".join(pieces)
-    if not text:
+            if ends:
+                docs.append("")
+    docs = [d for d in docs if d]
+    if not docs:
         raise UserError(f"--text {spec} holds no text")
-    ids = tok.encode(text)
+    ids: list[int] = []
+    for i, part in enumerate(tok.encode_batch(docs)):  # documents apart: the model's end token between them
+        ids += ([tok.doc_end] if i else []) + part
     if max_tokens and len(ids) > max_tokens:
         ids = ids[:max_tokens]
-        text = tok.decode(ids)
-    return ids, len(text.encode("utf-8"))
+        return ids, len(tok.decode([i for i in ids if i != tok.doc_end]).encode("utf-8"))
+    return ids, sum(len(d.encode("utf-8")) for d in docs)
 
 
 def perplexity(model, tok, spec: str, max_tokens: int, stride: int, env, batch_size: int) -> dict:
-    """Rolling log-likelihood of --text after an end-of-text token: every token is predicted. Data-parallel:
+    """Rolling log-likelihood of --text after the model's start token (a folder's BOS, else its end token):
+    every token of the text is predicted, and the end token between documents. Data-parallel:
     rank r scores windows r, r + world, ... and the sums are added over ranks."""
     import torch
 
@@ -118,7 +140,8 @@ def perplexity(model, tok, spec: str, max_tokens: int, stride: int, env, batch_s
 
     ids, n_bytes = _text_ids(spec, tok, max_tokens)
     rank, world = (env.rank, env.world_size) if env.distributed else (0, 1)
-    logp, count = rolling_logprob(model, [tok.eos_id, *ids], stride or None, batch_size, rank, world)
+    start = tok.bos_ids or [tok.doc_end]
+    logp, count = rolling_logprob(model, [*start, *ids], stride or None, batch_size, rank, world)
     if env.distributed:
         import torch.distributed as dist
 
@@ -185,14 +208,13 @@ def main(opts: EvalOptions) -> int:
         model, tok, has_template = load_for_inference(opts.checkpoint, str(env.device))
         chat = has_template if opts.chat == "auto" else opts.chat == "true"
         run_dir, step = _where(opts.checkpoint)
+        out = _out_path(opts, run_dir, step)  # before the work: a refused default costs nothing
         t0 = time.perf_counter()
         results = evaluate(model, tok, opts, chat, env, has_template)
         if env.is_main:
             print(f"eval: {opts.checkpoint} (step {step}{', chat template' if chat else ''}) in "
                   f"{time.perf_counter() - t0:.1f} s")
             print(format_table(results))
-            out = Path(opts.out) if opts.out else (run_dir / "eval" / f"step_{step:07d}.json" if run_dir
-                                                   else Path(opts.checkpoint) / "eval.json")
             out.parent.mkdir(parents=True, exist_ok=True)
             # the folder may come from elsewhere: a link planted at `out` is replaced, its target never written
             write_file_atomic(out, json.dumps({"checkpoint": str(opts.checkpoint), "step": step, "chat": chat,

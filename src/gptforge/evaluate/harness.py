@@ -51,21 +51,27 @@ def make_lm(model, tok, batch_size: int = 16, rank: int = 0, world: int = 1, tur
             self._rank, self._world_size = rank, world
             self._device = next(model.parameters()).device
             self.max_length = model.cfg.block_size
-            self.stop_ids = chat_stop_ids(tok) if turn_end else {tok.eos_id}
+            self.stop_ids = chat_stop_ids(tok) if turn_end else set(tok.end_ids)
             self.engine = Engine(model, tok)
 
         @property
         def eot_token_id(self) -> int:
-            return self.tok.eos_id
+            return self.tok.doc_end
+
+        @property
+        def prefix_token_id(self) -> int:  # as the hf backend: the BOS when the tokenizer has one
+            return self.tok.bos_ids[0] if self.tok.bos_ids else self.tok.doc_end
 
         @property
         def tokenizer_name(self) -> str:
             return "gptforge-chatml"
 
         def chat_template(self, chat_template=False) -> str:
-            return CHATML_JINJA
+            return self.tok.chat_template.text if self.tok.chat_template is not None else CHATML_JINJA
 
         def apply_chat_template(self, chat_history, add_generation_prompt: bool = True) -> str:
+            if self.tok.chat_template is not None:  # a Hugging Face folder's own template (sandboxed)
+                return self.tok.chat_template.render(chat_history, add_generation_prompt)
             return render_chat(chat_history, add_generation_prompt)
 
         def tok_encode(self, string: str, add_special_tokens=None, **kwargs) -> list[int]:

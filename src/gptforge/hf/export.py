@@ -9,25 +9,28 @@ The folder holds model.safetensors (or shards + model.safetensors.index.json), c
 generation_config.json and the tokenizer (tokenizer.json, tokenizer_config.json with the chat template
 when the checkpoint has one, special_tokens_map.json), so `AutoModelForCausalLM.from_pretrained(out)` and
 `AutoTokenizer.from_pretrained(out)` load it. transformers itself is not needed to export.
-A padded vocabulary (rounded up to a multiple of 64) is kept: config.vocab_size is the model's size.
+A padded vocabulary (rounded up to a multiple of 64 for speed) is cut back to the tokenizer's: config.vocab_size
+is the tokenizer's size (gptforge's own inference masks those rows too: gptforge.hf.inference).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from gptforge.checkpoint import checkpoint_dir_of, load_model, model_config
+from gptforge.checkpoint import checkpoint_dir_of, model_config
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE
 from gptforge.data.tokenizer import EOS, IM_END, IM_START, PAD, UNK, load_tokenizer
 from gptforge.errors import UserError
 from gptforge.fileio import replace_file, write_file_atomic
+from gptforge.hf.init_from import load_checkpoint_model
 from gptforge.hf.mapping import DTYPE_NAMES, check_exportable, hf_config, to_hf_state_dict
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -112,7 +115,8 @@ def export_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[st
     write_file_atomic(out_dir / "special_tokens_map.json", json.dumps(smap, indent=2) + "\n")
     # a chat model ends its turn with <|im_end|>: transformers' generate must stop there too
     stops = [vocab.get(EOS)] + ([vocab[IM_END]] if template is not None and IM_END in vocab else [])
-    return {"bos": vocab.get(EOS), "eos": vocab.get(EOS), "pad": vocab.get(PAD), "stops": stops}
+    return {"bos": vocab.get(EOS), "eos": vocab.get(EOS), "pad": vocab.get(PAD), "stops": stops,
+            "vocab": tok.vocab_size}
 
 
 # ---- export -------------------------------------------------------------------------------------
@@ -131,6 +135,7 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
               file=sys.stderr)
     with torch.no_grad():
         tensors = to_hf_state_dict(model.state_dict(), cfg)
+    tensors, cfg = drop_padded_rows(tensors, cfg, ids.get("vocab"))
     save_safetensors(tensors, out, dt or torch.float32, max_shard_bytes)
     conf = hf_config(cfg, dt or torch.float32, ids["bos"], ids["eos"], ids["pad"])
     write_file_atomic(out / "config.json", json.dumps(conf, indent=2) + "\n")
@@ -139,6 +144,16 @@ def export_model(model, cfg, out_dir: str | Path, dtype: str | torch.dtype | Non
            "eos_token_id": stops[0] if len(stops) == 1 else stops, "pad_token_id": ids["pad"]}
     write_file_atomic(out / "generation_config.json", json.dumps(gen, indent=2) + "\n")
     return out
+
+
+def drop_padded_rows(tensors: dict[str, torch.Tensor], cfg, n: int | None):
+    """The rows past the tokenizer's `n` ids (the vocabulary rounded up to a multiple of 64 for speed) are no
+    token's: without them config.vocab_size is the tokenizer's, and no loader can score or sample them."""
+    if n is None or n >= cfg.vocab_size:
+        return tensors, cfg
+    rows = ("wte.weight", "embed_tokens.weight", "lm_head.weight")
+    return ({k: t[:n] if k.endswith(rows) else t for k, t in tensors.items()},
+            dataclasses.replace(cfg, vocab_size=n))
 
 
 def check_out_dir(out: Path, force: bool) -> None:
@@ -163,7 +178,7 @@ def export_hf(ckpt_dir: str | Path, out_dir: str | Path, dtype: str | torch.dtyp
     cfg = model_config(ck)
     check_exportable(cfg)  # before spending time on loading
     dt = _dtype(dtype)
-    model = load_model(ck, "cpu", cfg)
+    model = load_checkpoint_model(ck, "cpu", cfg)  # a LoRA checkpoint: adapters merged into the weights
     return export_model(model, cfg, out, dt, tokenizer_dir=ck, max_shard_bytes=max_shard_bytes)
 
 
@@ -192,12 +207,21 @@ class ExportOptions:
     """split model.safetensors into shards of at most this size in GB"""
     force: bool = False
     """write into a non-empty --out folder (its model files are replaced)"""
+    peft_adapter: Optional[str] = None
+    """a LoRA checkpoint: also write its adapters alone in PEFT's format to this folder (adapter_config.json,
+    adapter_model.safetensors) for peft.PeftModel.from_pretrained onto its base exported with export-hf"""
 
 
 def main(opts: ExportOptions) -> int:
+    if opts.peft_adapter:  # before the export: a clear refusal costs nothing
+        check_out_dir(Path(opts.peft_adapter), opts.force)
     out = export_hf(opts.checkpoint, opts.out, opts.dtype, max_shard_bytes=int(opts.max_shard_gb * 1024**3),
                     force=opts.force)
     conf = json.loads((out / "config.json").read_text())
+    if opts.peft_adapter:
+        from gptforge.hf.peft_export import export_peft_adapter
+
+        print(f"wrote the LoRA adapters in PEFT's format to {export_peft_adapter(opts.checkpoint, opts.peft_adapter)}")
     print(f"wrote {conf['architectures'][0]} ({conf['dtype']}, vocab {conf['vocab_size']}) to {out}; load it with "
           f"transformers.AutoModelForCausalLM.from_pretrained('{out}')")
     return 0

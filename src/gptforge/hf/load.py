@@ -17,6 +17,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
+from gptforge.data.chat_template import CHAT_TEMPLATE_FILE
 from gptforge.data.tokenizer import Tokenizer, load_tokenizer
 from gptforge.errors import UserError
 
@@ -89,6 +90,21 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = torch.float3
     return out
 
 
+def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's name and shape (only the headers are read): a config can be checked against the weights
+    before anything is allocated."""
+    out: dict[str, tuple[int, ...]] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    out[k] = tuple(st.get_slice(k).get_shape())
+        except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+            raise UserError(f"'{f}' is not a readable safetensors file ({str(e).splitlines()[0][:150]}); "
+                            "re-download it") from None
+    return out
+
+
 def hf_tokenizer(folder: str | Path):
     """Our Tokenizer from a Hugging Face folder (tokenizer.json, or GPT-2's vocab.json + merges.txt);
     None when it has neither."""
@@ -101,3 +117,49 @@ def hf_tokenizer(folder: str | Path):
         hf.decoder = decoders.ByteLevel()
         return Tokenizer(hf, "bpe")
     return None
+
+
+def _json_file(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text()) if path.is_file() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"'{path}' is not valid JSON; re-download the model") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value) -> str | None:
+    """A tokenizer_config.json special token: a string or {"content": ...}."""
+    value = value.get("content") if isinstance(value, dict) else value
+    return value if isinstance(value, str) and value else None
+
+
+def folder_eos_ids(folder: str | Path, tok) -> list[int]:
+    """The folder's end token(s), where transformers' generate finds them: generation_config.json's
+    eos_token_id (an id or a list), else config.json's, else tokenizer_config.json's eos_token. [] if none."""
+    p = Path(folder)
+    for conf in (_json_file(p / "generation_config.json"), _json_file(p / "config.json")):
+        ids = conf.get("eos_token_id")
+        ids = [ids] if isinstance(ids, int) else ids
+        if isinstance(ids, list) and ids and all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids):
+            return list(dict.fromkeys(ids))
+    text = _token_text(_json_file(p / "tokenizer_config.json").get("eos_token"))
+    i = tok.hf.token_to_id(text) if text else None
+    return [i] if i is not None else []
+
+
+def folder_chat_template(folder: str | Path) -> str | None:
+    """The folder's chat template (chat_template.jinja, else tokenizer_config.json's chat_template; of a list
+    of named templates, the "default" one), as transformers reads it."""
+    p = Path(folder)
+    if (p / CHAT_TEMPLATE_FILE).is_file():
+        return (p / CHAT_TEMPLATE_FILE).read_text()
+    t = _json_file(p / "tokenizer_config.json").get("chat_template")
+    if isinstance(t, list):
+        t = next((x.get("template") for x in t if isinstance(x, dict) and x.get("name") == "default"), None)
+    return t if isinstance(t, str) and t else None
+
+
+def folder_special_tokens(folder: str | Path) -> dict:
+    """bos_token, eos_token, unk_token, pad_token (strings) of tokenizer_config.json: what a chat template sees."""
+    conf = _json_file(Path(folder) / "tokenizer_config.json")
+    return {k: _token_text(conf.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}

@@ -109,8 +109,8 @@ def from_hf_state_dict(hf: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tens
             sd.update(zip(e.ours, (c.contiguous() for c in t.chunk(len(e.ours), 0))))
     if cfg.tie_embeddings:
         head = src.get("lm_head.weight")  # some tied checkpoints store it anyway: then it must equal the embedding
-        if head is not None and not (head.shape == sd["tok_emb.weight"].shape
-                                     and torch.equal(head, sd["tok_emb.weight"])):
+        if head is not None and not (head.shape == sd["tok_emb.weight"].shape  # meta tensors: shapes only
+                                     and (head.is_meta or torch.equal(head, sd["tok_emb.weight"]))):
             raise UserError("Hugging Face weights hold an lm_head.weight that differs from the embedding, but "
                             "config.json says tie_word_embeddings=true; set it to false if the model has its own "
                             "output head, or remove lm_head.weight")

@@ -24,12 +24,14 @@ import torch.nn.functional as F
 
 
 def encode_pair(tok, context: str, continuation: str, prefix_id: int | None = None) -> tuple[list[int], list[int]]:
-    """-> (context ids, continuation ids). An empty context becomes [prefix_id] (the end-of-text token)."""
+    """-> (context ids, continuation ids). An empty context becomes [prefix_id] (default: the model's start
+    token, as the harness's hf backend: the BOS, else the end-of-text token)."""
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation, context = context[-n_spaces:] + continuation, context[:-n_spaces]
-    if not context:
-        prefix = tok.eos_id if prefix_id is None else prefix_id
+    if not context:  # the model's start token: a BOS its tokenizer adds, else its end token
+        start = getattr(tok, "bos_ids", None) or [getattr(tok, "doc_end", tok.eos_id)]
+        prefix = start[0] if prefix_id is None else prefix_id
         return [prefix], tok.encode(continuation)
     whole, ctx = tok.encode(context + continuation), tok.encode(context)
     return ctx, whole[len(ctx):]
