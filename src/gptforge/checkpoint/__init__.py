@@ -5,6 +5,7 @@ kept. Loading never runs code from the checkpoint (gptforge.checkpoint.safe_load
 from __future__ import annotations
 
 import base64
+import importlib
 import hashlib
 import json
 import secrets
@@ -16,25 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    get_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-    set_state_dict,
-)
 
 from gptforge.checkpoint.commit import (  # noqa: F401
     STATE_FILE, PendingSave, list_checkpoints, rotate, run_checkpoints, state_nbytes)
 from gptforge.errors import UserError
+from gptforge.lora import has_lora
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
-from gptforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe, failure_of
 
 
 
@@ -42,7 +32,37 @@ from gptforge.checkpoint.safe_load import SafeFileSystemReader, SafeLoadPlanner,
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 
+class _Lazy:
+    """A module imported on first use. torch.distributed.checkpoint brings DTensor, FSDP and sympy: ~45 MiB that a
+    fresh single-process run need not hold while it trains (it is imported at the first save)."""
+
+    def __init__(self, name: str):
+        self._name = name
+
+    def __getattr__(self, attr: str):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+dcp = _Lazy("torch.distributed.checkpoint")
+_sd = _Lazy("torch.distributed.checkpoint.state_dict")
+_api = _Lazy("torch.distributed.checkpoint.api")
+
+
 # ---- helpers ----------------------------------------------------------------------------------
+def _sd_options(model, **kw):
+    """The state-dict options of every save and load: a model with LoRA adapters (gptforge.lora) saves and loads
+    only its trainable parameters, the adapters; its frozen base comes from the base its lora.json names."""
+    if has_lora(model):
+        kw |= {"ignore_frozen_params": True, "strict": False}
+    return _sd.StateDictOptions(**kw)
+
+
+def _adapters_only(model, msd: dict) -> dict:
+    """A LoRA model's state dict cut to its adapters: torch's ignore_frozen_params keeps a frozen weight that is
+    tied (lm_head.weight, the embedding: the largest matrix of the base)."""
+    return {k: v for k, v in msd.items() if ".lora_" in k} if has_lora(model) else msd
+
+
 def rng_state() -> dict:
     st = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
     if torch.cuda.is_available():
@@ -159,7 +179,7 @@ def begin_save(out_dir, step, model, optimizer, trainer_state, env, files, keep_
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             pending.future = _write_tensors(pending, model, optimizer, fmt, replicas, extra or {}, async_group)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException; all ranks agree below
+    except (Exception, _api.CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException; all ranks agree below
         pending.error = e
     if pending.future is None:
         pending.agree()
@@ -171,7 +191,10 @@ def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: b
     if replicas:
         _save_replicas(partial, model, optimizer, env, fmt, extra)
     elif fmt == "sharded":
-        msd, osd = get_state_dict(model, optimizer) if optimizer is not None else (get_model_state_dict(model), None)
+        opts = _sd_options(model)
+        msd, osd = (_sd.get_state_dict(model, optimizer, options=opts) if optimizer is not None
+                    else (_sd.get_model_state_dict(model, options=opts), None))
+        msd = _adapters_only(model, msd)
         state = {"model": msd} | ({"optim": osd} if osd is not None else {})
         pending.nbytes = state_nbytes(state)
         if async_group is not None:
@@ -181,7 +204,8 @@ def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: b
             return dcp.async_save(state, checkpoint_id=str(partial), process_group=pg)
         dcp.save(state, checkpoint_id=str(partial))
     else:
-        msd, osd = get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        msd, osd = _sd.get_state_dict(model, optimizer, options=_sd_options(model, full_state_dict=True, cpu_offload=True))
+        msd = _adapters_only(model, msd)
         pending.nbytes = state_nbytes({"model": msd, "optim": osd})
         if env.is_main:
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(partial), no_dist=True)
@@ -199,6 +223,8 @@ def _write_tensors(pending: PendingSave, model, optimizer, fmt: str, replicas: b
 # ---- load -------------------------------------------------------------------------------------
 def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
     """Every load of tensors goes through here: gptforge.checkpoint.safe_load's reader and planner (no code runs)."""
+    from gptforge.checkpoint.safe_load import (SafeFileSystemReader, SafeLoadPlanner, UnsafeCheckpoint, describe,
+                                               failure_of)
     try:
         reader = SafeFileSystemReader(str(ckpt))
         reader.check()
@@ -206,7 +232,7 @@ def _dcp_load(state: dict, ckpt: Path, no_dist: bool = False) -> None:
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=reader, planner=SafeLoadPlanner(),
                      no_dist=no_dist)
-    except (Exception, CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
+    except (Exception, _api.CheckpointException) as e:  # noqa: BLE001 - all mean an unusable checkpoint
         if isinstance(failure := failure_of(e), UnsafeCheckpoint):
             raise UserError(f"checkpoint '{ckpt}' is refused: {failure}; gptforge never writes that, so it was "
                             "crafted or altered: nothing from it was loaded or run") from None
@@ -233,9 +259,11 @@ def load_checkpoint(ckpt: Path, model, optimizer, env, extra: dict | None = None
         if not ts.get("replicas"):
             if env.distributed:
                 require_everywhere(ckpt, env)
-            msd, osd = get_state_dict(model, optimizer)
+            opts = _sd_options(model)
+            msd, osd = _sd.get_state_dict(model, optimizer, options=opts)
+            msd = _adapters_only(model, msd)
             _dcp_load({"model": msd, "optim": osd}, ckpt)
-            set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+            _sd.set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
         p = ckpt / f"rng_{env.rank}.json"
         rng = json.loads(p.read_text()) if ts.get("world_size") == env.world_size and p.is_file() else None
     if rng:
@@ -245,12 +273,13 @@ def load_checkpoint(ckpt: Path, model, optimizer, env, extra: dict | None = None
 
 def _load_full(ckpt: Path, model, optimizer, env) -> None:
     """Rank 0 reads the full state from its disk; the others receive it over the network."""
-    offload = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    msd, osd = get_state_dict(model, optimizer, options=offload if env.is_main else StateDictOptions(full_state_dict=True))
+    offload = _sd_options(model, full_state_dict=True, cpu_offload=True)
+    msd, osd = _sd.get_state_dict(model, optimizer, options=offload if env.is_main else _sd_options(model, full_state_dict=True))
+    msd = _adapters_only(model, msd)
     on_main(lambda: _dcp_load({"model": msd, "optim": osd}, ckpt, no_dist=True), env)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=env.distributed)
+    opts = _sd_options(model, full_state_dict=True, broadcast_from_rank0=env.distributed)
     # DDP's wrapper does not take broadcast state dicts: load into the module it wraps (same parameters)
-    set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
+    _sd.set_state_dict(unwrap(model), optimizer, model_state_dict=msd, optim_state_dict=osd, options=opts)
 
 
 def _cpu(tree):
@@ -266,15 +295,15 @@ def _cpu(tree):
 
 def _save_replicas(partial: Path, model, optimizer, env, fmt: str, extra: dict) -> None:
     """Local SGD: the (synchronised) model once, each rank's own optimizer state as optim_rank{r}."""
-    osd = get_optimizer_state_dict(model, optimizer)
+    osd = _sd.get_optimizer_state_dict(model, optimizer)
     if fmt == "sharded":
-        dcp.save({"model": get_model_state_dict(model), f"optim_rank{env.rank}": osd, "extra": extra},
+        dcp.save({"model": _sd.get_model_state_dict(model), f"optim_rank{env.rank}": osd, "extra": extra},
                  checkpoint_id=str(partial))
         return
     osds = [None] * env.world_size if env.is_main else None
     dist.gather_object(_cpu(osd), osds, dst=0)
     if env.is_main:
-        state = {"model": _cpu(get_model_state_dict(model)), "extra": _cpu(extra)}
+        state = {"model": _cpu(_sd.get_model_state_dict(model)), "extra": _cpu(extra)}
         dcp.save(state | {f"optim_rank{r}": o for r, o in enumerate(osds)}, checkpoint_id=str(partial), no_dist=True)
 
 
@@ -282,7 +311,7 @@ def _load_replicas(ckpt: Path, model, optimizer, env, ts: dict, extra: dict) -> 
     """Inverse of _save_replicas; a rank beyond the saved number of replicas starts from rank 0's optimizer."""
     saved = int(ts.get("world_size", 1))
     own = lambda r: f"optim_rank{r if r < saved else 0}"  # noqa: E731
-    msd, osd = get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)
+    msd, osd = _sd.get_model_state_dict(model), _sd.get_optimizer_state_dict(model, optimizer)
     if ts.get("format") != "full":
         state = {"model": msd, own(env.rank): osd, "extra": extra}
         _dcp_load(state, ckpt)
@@ -301,15 +330,16 @@ def _load_replicas(ckpt: Path, model, optimizer, env, ts: dict, extra: dict) -> 
         msd, osd = common["model"], mine[0]
         for k, v in common["extra"].items():
             extra[k].copy_(v)
-    set_model_state_dict(model, msd)
-    set_optimizer_state_dict(model, optimizer, osd)
+    _sd.set_model_state_dict(model, msd)
+    _sd.set_optimizer_state_dict(model, optimizer, osd)
 
 
 def load_model_weights(ckpt: Path, model) -> None:
     """Weights only (inference, init_from) into a plain, unwrapped model."""
-    state = {"model": get_model_state_dict(model, options=StateDictOptions(strict=True))}
+    opts = _sd_options(model, strict=True)
+    state = {"model": _adapters_only(model, _sd.get_model_state_dict(model, options=opts))}
     _dcp_load(state, ckpt)
-    set_model_state_dict(model, state["model"])
+    _sd.set_model_state_dict(model, state["model"], options=opts)
 
 
 def model_config(ckpt: Path):

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.api import CheckpointException
 
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import all_true, barrier
@@ -50,7 +49,8 @@ class PendingSave:
         if self.agreed:
             return
         self.agreed = True
-        if self.future is not None:
+        if self.future is not None:  # DCP's async_save: torch.distributed.checkpoint is imported
+            from torch.distributed.checkpoint.api import CheckpointException
             try:
                 self.future.result()
             except (Exception, CheckpointException) as e:  # noqa: BLE001 - DCP's is a BaseException

@@ -12,11 +12,12 @@ import math
 from collections.abc import Iterable
 
 import torch
-from torch.distributed.tensor import DTensor
+
+from gptforge.parallel.mesh import is_dtensor
 
 
 def _group_key(g: torch.Tensor):
-    if isinstance(g, DTensor):
+    if is_dtensor(g):
         return ("dtensor", id(g.device_mesh), tuple(g.placements))
     return ("plain", g.device, g.dtype)
 
@@ -33,7 +34,7 @@ def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_ty
     norms = []
     for ps in groups.values():
         n = torch.nn.utils.get_total_norm([p.grad for p in ps], norm_type)
-        if isinstance(n, DTensor):
+        if is_dtensor(n):
             n = n.full_tensor()
         norms.append(n.float())
     device = norms[0].device

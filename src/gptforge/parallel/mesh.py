@@ -171,6 +171,13 @@ def record_peers(world: int, local_rank: int) -> None:
             json.dump({node: addr for node, addr in every if node and addr}, f)
 
 
+def is_dtensor(t) -> bool:
+    """A DTensor (FSDP2 / TP parameter or gradient)? Asked without importing torch.distributed.tensor, whose
+    import (DTensor pulls in sympy) adds ~45 MiB to every process: no DTensor exists until something imported it."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
+
+
 def all_reduce_mean(x: torch.Tensor, env: DistEnv) -> torch.Tensor:
     """Mean over the data-parallel ranks (tp ranks hold the same value)."""
     if not env.distributed:

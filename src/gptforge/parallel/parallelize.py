@@ -9,7 +9,6 @@ import torch.nn as nn
 from gptforge.parallel.compress import check_compression, register_compression
 from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.localsgd import check_local_sgd
-from gptforge.parallel.tp import apply_tp
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:
@@ -27,6 +26,7 @@ def parallelize(model: nn.Module, env, cfg) -> nn.Module:
     check_compression(cfg.parallel, strategy, env.dp_size, env.tp_size)
     check_local_sgd(cfg.parallel, strategy, env.tp_size)
     if env.tp_size > 1:
+        from gptforge.parallel.tp import apply_tp  # DTensor's import costs ~45 MiB: only when used
         apply_tp(model, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)

@@ -4,11 +4,14 @@ the device when it is not finite (skip_on_device)."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+import sys
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+
+from gptforge.parallel.mesh import is_dtensor
 
 _WRAPPERS = re.compile(r"(^|\.)(module|_checkpoint_wrapped_module|_orig_mod)\.")  # DDP, checkpointing, compile
 
@@ -68,11 +71,9 @@ def skip_on_device(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
         if bool(finite):
             optimizer.step()
         return
-    from torch.distributed.tensor.experimental import implicit_replication
-
     optimizer.found_inf, optimizer.grad_scale = (~finite).float(), None
     try:
-        with implicit_replication():  # the plain flag beside DTensor parameters (FSDP2, TP)
+        with _implicit_replication():  # the plain flag beside DTensor parameters (FSDP2, TP)
             optimizer.step()
     finally:
         optimizer.found_inf = None
@@ -139,9 +140,18 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
     raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
 
 
+def _implicit_replication():
+    """DTensor's implicit_replication where DTensors can exist (torch.distributed.tensor imported: see
+    parallel.mesh.is_dtensor), else nothing to do."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return contextlib.nullcontext()
+    from torch.distributed.tensor.experimental import implicit_replication
+    return implicit_replication()
+
+
 def _local(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """The local shard of a DTensor laid out like `like` (itself when plain); in-place changes reach the DTensor."""
-    if isinstance(t, DTensor):
+    if is_dtensor(t):
         if t.placements != like.placements:
             t = t.redistribute(like.device_mesh, like.placements)
         return t.to_local()
@@ -193,12 +203,13 @@ class Muon(torch.optim.Muon):
         param, g, m = _local(p, p), _local(grad, p), _local(buf, p)
         new_m = m.lerp(g, 1 - mu)
         update = g.lerp(new_m, mu) if group["nesterov"] else new_m
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
+            from torch.distributed.tensor import DTensor, distribute_tensor  # imported already (is_dtensor)
             update = DTensor.from_local(update, p.device_mesh, p.placements, run_check=False, shape=p.shape,
                                         stride=p.stride()).full_tensor()
         dtype = torch.float64 if update.dtype == torch.float64 else self.ns_dtype
         ortho = newton_schulz(update, group["ns_steps"], group["ns_coefficients"], group["eps"], dtype)
-        if isinstance(p, DTensor):
+        if is_dtensor(p):
             ortho = distribute_tensor(ortho, p.device_mesh, p.placements, src_data_rank=None).to_local()
             assert ortho.shape == param.shape, f"shard of the update {tuple(ortho.shape)} != {tuple(param.shape)}"
         new_p = param.mul(1 - lr * group["weight_decay"]).add_(ortho, alpha=-adjusted_lr(lr, group["adjust_lr_fn"],
