@@ -251,6 +251,73 @@ class DPOSection:
         in_range("dpo.label_smoothing", self.label_smoothing, 0, 0.5)
 
 
+@dataclass
+class GRPOSection:
+    group_size: int = 8
+    """completions sampled per prompt (G); advantages are normalised within each group"""
+    max_new_tokens: int = 64
+    """longest completion in tokens (also cut at the model's context)"""
+    temperature: float = 1.0
+    """sampling temperature of the rollouts (log-probs are the model's own, temperature 1)"""
+    kl_coef: float = 0.04
+    """weight of the per-token KL (k3 estimator) to the reference, the starting model; 0: no reference in memory"""
+    clip_eps: float = 0.2
+    """PPO clip range of the probability ratio: [1 - clip_eps, 1 + clip_eps]"""
+    reward: str = "exact"
+    """exact (final answer after '####', else the last number), number (within grpo.tolerance), regex
+    (grpo.format_regex matches), or MODULE:FUNCTION, your fn(completion, answer) -> float; comma list: sum"""
+    tolerance: float = 1e-6
+    """absolute tolerance of the number reward"""
+    format_regex: str = ""
+    """the pattern of the regex reward (Python re.search over the completion)"""
+
+    def check(self) -> None:
+        at_least("grpo.group_size", self.group_size, 2, "advantages compare completions of one prompt, e.g. 8")
+        at_least("grpo.max_new_tokens", self.max_new_tokens, 1)
+        positive("grpo.temperature", self.temperature, "e.g. 1.0 (greedy completions of a group are all the same)")
+        in_range("grpo.kl_coef", self.kl_coef, 0, float("inf"), "e.g. 0.04")
+        positive("grpo.clip_eps", self.clip_eps, "e.g. 0.2")
+        in_range("grpo.tolerance", self.tolerance, 0, float("inf"))
+        if not self.reward.strip():
+            fail("grpo.reward", "a checker name (exact, number, regex) or MODULE:FUNCTION", self.reward)
+
+
+# lora.targets: a group name stands for its projections (gptforge.model.gpt's module names)
+LORA_GROUPS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+LORA_NAMES = LORA_GROUPS["attn"] + LORA_GROUPS["mlp"]
+
+
+def lora_target_names(spec: str) -> list[str]:
+    """lora.targets -> the projection names it stands for; UserError naming an unknown one."""
+    out: list[str] = []
+    for part in (s.strip() for s in str(spec).split(",")):
+        if part not in LORA_GROUPS and part not in LORA_NAMES:
+            fail("lora.targets", f"a comma list of attn, mlp or {', '.join(LORA_NAMES)}", spec, "e.g. attn,mlp")
+        out += [n for n in LORA_GROUPS.get(part, (part,)) if n not in out]
+    return out
+
+
+@dataclass
+class LoRASection:
+    """sft and dpo: train low-rank adapters (LoRA, through peft) on the frozen --init-from model instead of every
+    weight; checkpoints hold only the adapters and name the base (path, sha256); chat/serve/eval/export-hf merge them."""
+
+    rank: int = 0
+    """0: off (every weight trains); r > 0: adapters of rank r (e.g. 8) on lora.targets"""
+    alpha: float = 16.0
+    """the adapters' output is scaled by alpha / rank"""
+    dropout: float = 0.0
+    """dropout on the adapters' input (e.g. 0.05)"""
+    targets: str = "attn,mlp"
+    """comma list: attn (q, k, v, o_proj), mlp (gate, up, down_proj) or single projection names"""
+
+    def check(self) -> None:
+        if type(self.rank) is not int or self.rank < 0:
+            fail("lora.rank", "an integer >= 0", self.rank, "0 turns LoRA off, e.g. 8")
+        positive("lora.alpha", self.alpha, "e.g. 16")
+        in_range("lora.dropout", self.dropout, 0, 1, "e.g. 0.05")
+        lora_target_names(self.targets)
+
 # The train keys that make up a run's recipe: a resume takes them from the checkpoint's config.json unless the
 # command line sets them (config.loader.restore_recipe), so that changed defaults never alter a run under way.
 RECIPE_KEYS = frozenset({
@@ -268,6 +335,8 @@ class Config:
     parallel: ParallelSection = field(default_factory=ParallelSection)
     sft: SFTSection = field(default_factory=SFTSection)
     dpo: DPOSection = field(default_factory=DPOSection)
+    lora: LoRASection = field(default_factory=LoRASection)
+    grpo: GRPOSection = field(default_factory=GRPOSection)
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -17,6 +17,7 @@ import torch
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.parallel.mesh import on_main
+from gptforge.train.lora import check_lora_resume
 from gptforge.train.preempt import elastic_restart, resume_setting
 
 
@@ -106,6 +107,7 @@ class CheckpointManager:
     def _check_compatible(self, ck: Path) -> None:
         saved = ckpt_mod.saved_model_config(ck, self.env)
         ckpt_mod.check_same_tokenizer(ck, self.files.get("tokenizer.json"), self.env)
+        check_lora_resume(ck, self.files, self.env)
         now = self.model_cfg.to_dict()
         diff = [f"{k}={saved.get(k)!r} there, {now[k]!r} now" for k in now
                 if k not in ("dropout", "preset") and saved.get(k) != now[k]]

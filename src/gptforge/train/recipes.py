@@ -21,13 +21,14 @@ from gptforge.data.sft import SFTLoader, read_conversations, tokenize_conversati
 from gptforge.data.tokenizer import build_tokenizer, load_tokenizer
 from gptforge.errors import UserError
 from gptforge.hf.init_from import init_tokenizer
+from gptforge.lora import adapters_disabled
 from gptforge.objectives.dpo import DPOObjective, precompute_reference
 from gptforge.parallel.mesh import barrier
 from gptforge.parallel.layout import resolve_strategy, settle_layout
 from gptforge.parallel.parallelize import parallelize
-from gptforge.parallel.tp import apply_tp
 from gptforge.model.engine import Engine, Params
 from gptforge.train.run import Loaders, Recipe, StageData, default_length, init_model, report, run
+from gptforge.train.lora import BaseOnly
 from gptforge.train.trainer import autocast
 
 
@@ -165,6 +166,7 @@ def _conversation_texts(convs):
 
 class SFT(ChatRecipe):
     name = "sft"
+    lora = True
     defaults = {"train": {"out_dir": "runs/sft", "micro_batch": 16, "lr": 3e-4, "warmup_steps": 20,
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120}}
     length = {"epochs": 1.0}
@@ -197,6 +199,7 @@ class SFT(ChatRecipe):
 
 class DPO(ChatRecipe):
     name = "dpo"
+    lora = True  # the reference is then the base with the adapters off (gptforge.train.lora.BaseOnly)
     defaults = {"train": {"out_dir": "runs/dpo", "micro_batch": 8, "lr": 2e-5, "warmup_steps": 10,
                           "eval_every": 200, "log_every": 10, "sample_tokens": 120, "weight_decay": 0.0}}
     length = {"epochs": 1.0}
@@ -220,7 +223,8 @@ class DPO(ChatRecipe):
         self.say(f"dpo data: {stats.summary('pairs')} | {len(train_pairs)} training, {len(val_pairs)} validation "
                  f"pairs{' (data.val_path)' if cfg.data.val_path else ''} | beta {cfg.dpo.beta}, "
                  f"label smoothing {cfg.dpo.label_smoothing}, reference "
-                 + ("precomputed" if cfg.dpo.precompute_ref else "live (a second model in memory)"))
+                 + ("precomputed" if cfg.dpo.precompute_ref else "live (the base: adapters off)" if cfg.lora.rank
+                    else "live (a second model in memory)"))
         return Loaders(train_loader, val_loader, examples=len(pairs))
 
     def objective(self, model, data: StageData, loaders: Loaders):
@@ -229,13 +233,14 @@ class DPO(ChatRecipe):
         if cfg.dpo.precompute_ref:
             t0 = time.perf_counter()
             ac = lambda: autocast(env.device, cfg.train.precision)  # noqa: E731
-            for loader in (loaders.train, loaders.val):
-                if loader is not None:
-                    loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac,
-                                                                loss_impl=impl))
+            with adapters_disabled(model):  # LoRA: the reference is the base alone
+                for loader in (loaders.train, loaders.val):
+                    if loader is not None:
+                        loader.set_reference(precompute_reference(model, loader, env, cfg.train.micro_batch, ac,
+                                                                    loss_impl=impl))
             self.say(f"reference log-probs of {loaders.examples} pairs precomputed in {time.perf_counter() - t0:.1f} s")
         else:
-            ref = self.frozen_reference(data.tokenizer.vocab_size)
+            ref = BaseOnly(model) if cfg.lora.rank else self.frozen_reference(data.tokenizer.vocab_size)
         return DPOObjective(cfg.dpo.beta, cfg.dpo.label_smoothing, ref, loss_impl=impl)
 
     def frozen_reference(self, vocab_size: int):
@@ -247,6 +252,7 @@ class DPO(ChatRecipe):
         if resolve_strategy(env, cfg.parallel) == "fsdp":
             ref = parallelize(ref, env, cfg)
         elif env.tp_size > 1:
+            from gptforge.parallel.tp import apply_tp  # only when used (see parallelize.parallelize)
             apply_tp(ref, env.mesh["tp"], sequence_parallel=cfg.parallel.sequence_parallel)
         return ref.eval()
 

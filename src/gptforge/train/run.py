@@ -18,7 +18,7 @@ from gptforge.config.loader import VOCAB_MULTIPLE, config_json, resolve_model, r
 from gptforge.config.schema import Config
 from gptforge.errors import UserError
 from gptforge.hardware import vocab_multiple
-from gptforge.hf.init_from import init_model_config, load_init_weights
+from gptforge.hf.init_from import check_weights_fit, init_model_config, load_init_weights
 from gptforge.model.doc_mask import resolve_attention
 from gptforge.model.gpt import build_model
 from gptforge.objectives.head import resolve_loss_impl
@@ -28,6 +28,7 @@ from gptforge.parallel.layout import settle_layout
 from gptforge.parallel.mesh import DistEnv, init_distributed, on_main, shutdown
 from gptforge.parallel.parallelize import parallelize
 from gptforge.train.auto import apply_auto
+from gptforge.train.lora import setup_lora
 from gptforge.train.preempt import resume_setting
 from gptforge.train.precision import train_precision
 from gptforge.train.trainer import Trainer, autocast
@@ -70,6 +71,7 @@ class Recipe:
     needs_data_path = False  # data.path must be given (there is no built-in corpus)
     needs_init_from: str | None = None  # why --init-from must be given (None: optional)
     uses_cache = False  # prepares data into GPTFORGE_CACHE
+    lora = False  # lora.rank > 0 allowed: adapters on the frozen --init-from model (gptforge.train.lora)
 
     def __init__(self, cfg: Config, env: DistEnv):
         self.cfg, self.env = cfg, env
@@ -149,6 +151,8 @@ def init_model(cfg: Config, env: DistEnv, vocab_size: int):
     if mcfg.vocab_size < vocab_size:
         raise UserError(f"the tokenizer has {vocab_size} tokens but the model only {mcfg.vocab_size}; "
                         "use the tokenizer the model was trained with or raise model.vocab_size")
+    if init_from:  # its config may come from elsewhere: checked against its weights before any allocation
+        check_weights_fit(init_from, mcfg)
     torch.manual_seed(cfg.train.seed)
     model = build_model(mcfg, env.device, seed=cfg.train.seed)
     model.attention = resolve_attention(cfg.train.attention, env.device, mcfg.dropout)
@@ -211,6 +215,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         data = recipe.setup()
         tok = data.tokenizer
         model, mcfg = init_model(cfg, env, tok.vocab_size)
+        lora_files = setup_lora(cfg, recipe, model, env)  # {} unless lora.rank > 0
         settle_layout(env, cfg, mcfg)  # the mesh across nodes depends on the model's size
         recipe.say(describe_model(cfg, model, mcfg) + f" | data: {data.label}")
         if cfg.train.auto:
@@ -220,7 +225,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         loaders = recipe.loaders(data, mcfg)
         objective = recipe.objective(model, data, loaders)
         model = parallelize(model, env, cfg)
-        files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok)
+        files = {"config.json": config_json(cfg)} | tokenizer_files(tok) | recipe.files(tok) | lora_files
         trainer = Trainer(cfg, env, model, objective, loaders.train, loaders.val, files, mcfg,
                           sample_fn=recipe.sampler(tok, loaders), task_eval=task_evaluator(cfg, env, tok, recipe.chat))
         trainer.precision_why = precision_why
