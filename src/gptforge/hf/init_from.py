@@ -20,7 +20,6 @@ from gptforge.lora import apply_lora, merge_lora, read_lora_record, record_setti
 from gptforge.config.loader import round_vocab
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.errors import UserError
-from gptforge.checkpoint.safe_load import tensor_shapes
 from gptforge.hardware import GiB, memory_for_weights
 from gptforge.hf.load import (hf_tokenizer, is_hf_folder, read_hf_config, read_safetensors, safetensors_shapes,
                               weight_files)
@@ -132,6 +131,8 @@ def _weight_shapes(path: str | Path) -> dict[str, tuple[int, ...]] | None:
         return safetensors_shapes(weight_files(path))
     try:
         ck = checkpoint_dir_of(path)
+        from gptforge.checkpoint.safe_load import tensor_shapes  # DCP's import (~45 MiB) only when it reads
+
         return None if read_lora_record(ck) is not None else tensor_shapes(ck)
     except Exception:  # noqa: BLE001 - a damaged or crafted checkpoint: the load reports it, in one line
         return None
