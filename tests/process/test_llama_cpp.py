@@ -1,8 +1,10 @@
 """export-gguf files run in real llama.cpp (built once per machine from the source vendored in llama-cpp-python's
 sdist: tests/support/llama_cpp.py). For a trained GPT-2-style char model, a chat model, and GPT-2 / Llama / Qwen3
-style models with a trained byte-level BPE: llama.cpp's token ids equal ours, its logits are ours within the
+style models with a trained byte-level BPE (random weights, and GPT-2 / Llama style models trained with it and
+fine-tuned for chat): llama.cpp's token ids equal ours, its logits are ours within the
 stated bounds, its greedy continuation is ours token for token (f32, f16), the text `llama-simple` prints is the
-text `gptforge generate` prints, and a chat turn stops at <|im_end|> in both. bf16 and q8_0 load and run: the
+text `gptforge generate` prints, and a chat turn (prompted with the GGUF's own template) stops at <|im_end|>
+in both, with the reply `gptforge chat` prints. bf16 and q8_0 load and run: the
 first greedy token agrees and the logits stay within their rounding."""
 
 from __future__ import annotations
@@ -10,19 +12,21 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("gguf")
+gguf = pytest.importorskip("gguf")
 
 from gptforge.checkpoint import checkpoint_dir_of  # noqa: E402
 from gptforge.cli import main as cli_main  # noqa: E402
-from gptforge.data.chat_template import CHATML_JINJA, encode_chat  # noqa: E402
-from gptforge.data.tokenizer import EOS, IM_END, gpt2_tokenizer, load_tokenizer, train_bpe  # noqa: E402
+from gptforge.data.chat_template import CHATML_JINJA, FolderTemplate, encode_chat, stop_ids  # noqa: E402
+from gptforge.data.tokenizer import EOS, IM_END, gpt2_tokenizer, load_tokenizer  # noqa: E402
 from gptforge.hf.gguf_export import write_gguf  # noqa: E402
+from gptforge.hf.inference import load_for_inference  # noqa: E402
 from gptforge.hf.init_from import load_checkpoint_model  # noqa: E402
+from gptforge.model.engine import Engine, Params  # noqa: E402
 from gptforge.model.gpt import GPTConfig, build_model  # noqa: E402
 from support import llama_cpp  # noqa: E402
 from support.checks import run_gptforge  # noqa: E402
 from support.decode_reference import recompute_decode  # noqa: E402
-from support.stage_fixtures import sft_reverse_run  # noqa: E402, F401
+from support.stage_fixtures import bpe_chat_runs, sft_reverse_run, shakespeare_bpe  # noqa: E402, F401
 
 # contractions, digit runs, runs of spaces, tabs, blank lines, \r\n, accents, CJK, punctuation, special tokens
 TEXT = ("Hello, world! It's 2024: naïve café 東京 — 12345678 tokens.\n\n\tTabs  and   spaces, don't we'll\r\n"
@@ -96,8 +100,8 @@ def test_chat_turn_stops_at_im_end(tmp_path, llama, sft_reverse_run):
 
 
 @pytest.fixture(scope="module")
-def bpe(shakespeare_small):
-    return train_bpe([shakespeare_small.read_text()[:100_000]], 512)
+def bpe(shakespeare_bpe):
+    return shakespeare_bpe
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3"])
@@ -119,6 +123,59 @@ def test_bpe_models_by_arch(tmp_path, llama, bpe, arch):
         ours, text = check_run(llama, model, bpe, path, TEXT, 24, qtype, arch, tmp_path)
         if qtype == "f32":
             assert text == bpe.decode([t for t in ours if t not in (bpe.special[EOS], bpe.special[IM_END])])
+
+
+@torch.no_grad()
+def engine_greedy(model, tok, ids: list[int], n: int, stops) -> tuple[list[int], float]:
+    """gptforge's greedy decode (the engine of generate, chat and serve, with its KV cache) -> (the new ids, a stop
+    included; the smallest gap between the best and second-best logit along them: how clear-cut each pick was)."""
+    new = Engine(model, tok).run(ids, Params(n, 0.0, None, None, None, frozenset(stops))).ids
+    logits = model(torch.tensor([ids + new[:-1]]))[0, len(ids) - 1:, :tok.vocab_size]
+    top2 = logits.topk(2, dim=-1).values
+    return new, (top2[:, 0] - top2[:, 1]).min().item()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_trained_bpe_models_greedy_text_and_chat_turn(tmp_path, capsys, llama, bpe_chat_runs, arch):
+    """Tiny models with the trained BPE (bpe_chat_runs: pretrained on Shakespeare, then fine-tuned on the reverse
+    task), exported f32. (a) A plain prompt, greedy: llama.cpp's ids are those of gptforge's engine and of the
+    reference decode, and its text is what `gptforge generate --temperature 0` prints: the pretrained model's 24
+    tokens; the chat model's few tokens, then the end of its turn in both. (b) A chat turn: the user message
+    rendered with the chat template the GGUF carries is our ChatML prompt, id for id; the reply's ids agree, both
+    stop at <|im_end|>, and `gptforge chat --temperature 0` prints llama.cpp's text."""
+    pre, sft = bpe_chat_runs(arch)
+    prompt = "First Citizen:\n"  # clear-cut picks: the best logit leads the next by >= 0.03 at every step (0.15: gpt2)
+    for run in (pre, sft):
+        path = tmp_path / f"{run.name}.gguf"
+        assert cli_main(["export-gguf", "--checkpoint", str(run), "--out", str(path), "--type", "f32"]) == 0
+        model, tok, chat = load_for_inference(str(run), "cpu")
+        ours, text = check_run(llama, model, tok, path, prompt, 24, "f32", arch, tmp_path)
+        mine, margin = engine_greedy(model, tok, tok.encode_prompt(prompt), 24, tok.end_ids)
+        assert mine == ours and (ours[-1] in tok.end_ids if chat else len(ours) == 24), (mine, ours)
+        diff = capsys.readouterr().out.strip()  # check_run's line: the max |logit difference|
+        assert cli_main(["generate", "--checkpoint", str(run), "--prompt", prompt, "--temperature", "0",
+                         "--max-new-tokens", "24", "--device", "cpu"]) == 0
+        assert capsys.readouterr().out == prompt + text + "\n"
+        with capsys.disabled():
+            stop = {tok.special[EOS]: EOS, tok.special[IM_END]: IM_END}.get(ours[-1], "none: 24 ids")
+            print(f"{diff}\n{arch} {'sft' if chat else 'pretrain'}: {prompt!r} -> {text!r} ({len(ours)} ids, stop "
+                  f"{stop}) in llama.cpp, generate and the engine; "
+                  f"smallest top-2 logit gap {margin:.3g}")
+    msgs = [{"role": "user", "content": "cafe"}]  # the chat model (model, tok, path: the loop's last)
+    ids, _ = encode_chat(tok, msgs, add_generation_prompt=True)
+    template = gguf.GGUFReader(str(path)).fields["tokenizer.chat_template"].contents()
+    prompt = FolderTemplate(template).render(msgs, add_generation_prompt=True)
+    assert tok.encode(prompt) == ids  # check_run: and llama.cpp's tokenization of it
+    ours, text = check_run(llama, model, tok, path, prompt, 16, "f32", arch, tmp_path)
+    mine, margin = engine_greedy(model, tok, ids, 16, stop_ids(tok))
+    assert mine == ours and ours[-1] == tok.special[IM_END] and text == tok.decode(ours[:-1]), (mine, ours, text)
+    diff = capsys.readouterr().out.strip()
+    assert cli_main(["chat", "--checkpoint", str(sft), "--message", "cafe", "--temperature", "0",
+                     "--max-new-tokens", "16", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    with capsys.disabled():
+        print(f"{diff}\n{arch} chat: user 'cafe' -> assistant {text!r} ({len(ours) - 1} ids), then <|im_end|> in "
+              f"llama.cpp, chat and the engine; smallest top-2 logit gap {margin:.3g}")
 
 
 # what decides a split: combining marks, other digits (Arabic-Indic, Roman numeral), emoji, NBSP, U+2028, \x0b,
