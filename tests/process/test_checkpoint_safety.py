@@ -64,6 +64,25 @@ def test_rotation_deletes_only_this_runs_older_checkpoints(tmp_path):
     assert json.loads((tmp_path / "checkpoints/step_0000008" / STATE_FILE).read_text())["run_id"] == "new"
 
 
+def test_rotation_never_follows_a_planted_symlink(tmp_path):
+    """A run folder from elsewhere (or a shared one) may hold symlinks: a step folder that is a link to another
+    folder of this run's id, and a link inside an old checkpoint. Rotation deletes neither target's files."""
+    victims = {name: tmp_path / name for name in ("linked_step", "inside")}
+    for v in victims.values():
+        v.mkdir()
+        (v / "precious.txt").write_text("keep me")
+    (victims["linked_step"] / STATE_FILE).write_text(json.dumps({"run_id": "r", "step": 0}))
+    out = tmp_path / "run"
+    first = _save(out, 1, "r")
+    (first / "link").symlink_to(victims["inside"])
+    (out / "checkpoints/step_0000000").symlink_to(victims["linked_step"])  # listed as this run's step 0
+    assert [p.name for p in list_checkpoints(out)] == ["step_0000000", "step_0000001"]
+    _save(out, 2, "r")  # keep_last=1: rotation removes steps 0 and 1
+    assert not first.exists()
+    for v in victims.values():
+        assert (v / "precious.txt").read_text() == "keep me", v
+
+
 # ---- (b) export-hf ------------------------------------------------------------------------------------
 def test_export_hf_refuses_non_empty_out_unless_force(tmp_path, trained_run, capsys):
     out = tmp_path / "hf"

@@ -4,6 +4,7 @@ text as `gptforge generate` / `gptforge chat`, the error table, batching under c
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import threading
@@ -198,6 +199,40 @@ def test_inputs_that_answered_500_are_400_or_served(server, client):
         assert text == "dcba"  # the greedy reply
     assert proc.poll() is None and get_json(url + "/health")["status"] == "ok"
 
+
+def _raw(url: str, method: str, path: str, body: bytes = b"", key: str | None = None) -> tuple[int, bytes]:
+    """One request with the path sent byte for byte (httpx would normalise dot segments): (status, body)."""
+    host, port = url.removeprefix("http://").split(":")
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {len(body)}\r\n"
+    head += "Content-Type: application/json\r\n" + (f"Authorization: Bearer {key}\r\n" if key else "")
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(head.encode() + b"\r\n" + body)
+        answer = b"".join(iter(lambda: s.recv(65536), b""))
+    status, _, rest = answer.partition(b"\r\n\r\n")
+    return int(status.split()[1]), rest
+
+
+def test_key_bypass_paths_are_refused_and_deep_json_is_400(server):
+    """Spellings of /v1/... that a proxy or a router might read differently (percent-encoded, doubled or dot
+    segments, a trailing slash) never answer without the key: the key is checked on the decoded path the routes
+    match, and a path it does not cover matches no route (404). JSON nested deeper than Python's recursion
+    limit is a 400, not a crash."""
+    url, proc, _ = server
+    assert _raw(url, "GET", "/v1/models", key=API_KEY)[0] == 200  # control: the route, with the key
+    for path in ("/v1/models", "/%76%31/models", "/v1%2Fmodels", "/v1/../v1/models", "/x/../v1/models", "//v1/models",
+                 "/v1//models", "/./v1/models", "/v1/models/", "/V1/models", "/v1/models?x=1"):
+        status, body = _raw(url, "GET", path)
+        assert status in (401, 404) and b'"object":"list"' not in body, (path, status, body[:200])
+    prompt = json.dumps({"prompt": "abcd", "max_tokens": 2}).encode()
+    for path in ("/%76%31/completions", "//v1/completions", "/v1/../v1/completions"):
+        assert _raw(url, "POST", path, prompt)[0] in (401, 404), path
+    for deep in (b'{"prompt": ' + b"[" * 1900 + b"]" * 1900 + b"}",
+                 b'{"messages": [{"role": "user", "content": ' + b"[" * 1800 + b"]" * 1800 + b"}]}"):
+        assert len(deep) < 4096  # under the fixture's --max-body-bytes
+        status, body = _raw(url, "POST", "/v1/completions" if deep.startswith(b'{"p') else "/v1/chat/completions",
+                            deep, key=API_KEY)
+        assert status == 400 and set(json.loads(body)["error"]) == {"message", "type", "param", "code"}, body[:300]
+    assert proc.poll() is None and get_json(url + "/health")["status"] == "ok"
 
 def test_engine_failure_is_503_and_the_server_stays_up(sft_reverse_run, tmp_path):
     """A checkpoint whose logits are NaN (a diverged run, exported): sampling cannot draw from them, the engine

@@ -13,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
+import shutil
+import struct
 import subprocess
 import sys
 import time
@@ -24,12 +27,14 @@ from pathlib import Path
 import pytest
 
 from gptforge import cli
+from gptforge.checkpoint import list_checkpoints
 
 
 @dataclass
 class Case:
     id: str
-    argv: list[str]  # {run}: a trained run folder, {tmp}: a folder of bad input files, {data}: prepared data
+    argv: list[str]  # {run}: a trained run folder, {tmp}: a folder of bad input files, {data}: prepared data,
+    # {absurd}: hostile copies of the run's checkpoint and export (fixture absurd_folders)
     names: list[str]  # what the one line must name (all of them): the config key / flag / file
     env: dict = field(default_factory=dict)
     sub: bool = False  # a real `python -m gptforge` process instead of cli.main in-process
@@ -125,6 +130,36 @@ CASES: list[Case] = [
                                         "--rdzv-timeout", "10", "--", "pretrain"], ["--master-addr"], sub=True),
     Case("launch --nnodes 0", ["launch", "--nnodes", "0", "--", "pretrain"], ["--nnodes"]),
     Case("launch --rdzv-timeout 0", ["launch", "--rdzv-timeout", "0", "--", "pretrain"], ["--rdzv-timeout"]),
+    # ---- files and clients from elsewhere (issue 22; docs/security.md) ---------------------------------------------
+    Case("config YAML billion laughs", pretrain("--config={tmp}/laughs.yaml"), ["{tmp}/laughs.yaml", "section 'model'"],
+         sub=True),
+    Case("eval: model_config.json n_layer=10**6", ["eval", "--checkpoint", "{absurd}/gptforge", "--text",
+                                                   "{tmp}/text.txt", "--device", "cpu"],
+         ["{absurd}/gptforge", "1,000,000 layers", "weights hold 2"], sub=True),
+    Case("generate: model_config.json n_layer=10**6", ["generate", "--checkpoint", "{absurd}/gptforge",
+                                                       "--max-new-tokens", "3", "--device", "cpu"],
+         ["{absurd}/gptforge", "1,000,000 layers", "weights hold 2"], sub=True),
+    Case("eval: HF config.json n_layer=10**6", ["eval", "--checkpoint", "{absurd}/hf", "--text", "{tmp}/text.txt",
+                                                "--device", "cpu"], ["{absurd}/hf", "1,000,000 layers"], sub=True),
+    Case("generate: HF config.json n_layer=10**6", ["generate", "--checkpoint", "{absurd}/hf", "--max-new-tokens",
+                                                    "3", "--device", "cpu"], ["{absurd}/hf", "1,000,000 layers"],
+         sub=True),
+    Case("HF folder: safetensors header of 2**62 bytes", ["generate", "--checkpoint", "{absurd}/header_bomb",
+                                                          "--device", "cpu"],
+         ["{absurd}/header_bomb/model.safetensors", "header too large"]),
+    # transformers' AutoConfig.from_pretrained(folder, trust_remote_code=True) runs these files and leaves the marker
+    Case("HF folder: auto_map to remote code", ["generate", "--checkpoint", "{absurd}/remote_code", "--device", "cpu"],
+         ["model_type 'evil_gpt'"], absent=["{absurd}/pwned"]),
+    Case("serve --host 0.0.0.0 without a key", ["serve", "--checkpoint", "{run}", "--host", "0.0.0.0", "--port", "0"],
+         ["--host 0.0.0.0", "GPTFORGE_API_KEY", "--api-key-file", "--allow-no-key"], env={"GPTFORGE_API_KEY": ""},
+         sub=True),
+    Case("serve --api-key-file missing", ["serve", "--checkpoint", "{run}", "--api-key-file", "{tmp}/no_key"],
+         ["--api-key-file '{tmp}/no_key'"]),
+    Case("serve --api-key-file empty", ["serve", "--checkpoint", "{run}", "--api-key-file", "{tmp}/empty.txt"],
+         ["--api-key-file '{tmp}/empty.txt'", "empty"], sub=True),
+    Case("launch --hostfile, env name with $(...)", ["launch", "--hostfile", "{tmp}/hosts", "--dry-run", "--",
+                                                     "pretrain"],
+         ["environment variable name 'NCCL_$(touch pwned)'"], env={"NCCL_$(touch pwned)": "1"}),
     # ---- rows of other commands go here --------------------------------------------------------------------------
     # checkpoint security (crafted .metadata, bytes entries), checkpoint configs on load (n_layer=-1), tokenizer
     # identity on resume, preemption, disk full, export-hf --out FILE / --force, finished-run resume, out_dir
@@ -150,6 +185,33 @@ def bad_files(tmp_path_factory) -> Path:
     (d / "latin1.json").write_bytes(("[\n" + ok + ",\n" + bad + "\n]\n").encode("latin-1"))
     same = '{"prompt": "p%d", "chosen": "same", "rejected": "same"}\n'
     (d / "pairs_same.jsonl").write_text("".join(same % i for i in range(8)))
+    (d / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n" * 4)
+    (d / "hosts").write_text("node1\n")
+    # 9 levels of 9 aliases: ~400 bytes, 387M leaves once walked (issue 22 row 7)
+    (d / "laughs.yaml").write_text("model:" + "".join(
+        f"\n- &l{i} [{','.join(['lol' if i == 0 else f'*l{i - 1}'] * 9)}]" for i in range(9)) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def absurd_folders(trained_run, tmp_path_factory) -> Path:
+    """Model folders from elsewhere: a copy of the trained run's checkpoint (gptforge/) and of its Hugging Face export
+    (hf/), each config asking for 10**6 layers (issue 22 row 3); the export with a safetensors header bomb
+    (header_bomb/), and with an auto_map to Python files (remote_code/)."""
+    d = tmp_path_factory.mktemp("absurd")
+    shutil.copytree(list_checkpoints(trained_run)[-1], d / "gptforge")
+    assert cli.main(["export-hf", "--checkpoint", str(trained_run), "--out", str(d / "hf")]) == 0
+    shutil.copytree(d / "hf", d / "header_bomb")  # a safetensors header that says it is 2**62 bytes long
+    (d / "header_bomb/model.safetensors").write_bytes(struct.pack("<Q", 2**62) + b"{" + b" " * 100)
+    shutil.copytree(d / "hf", d / "remote_code")  # auto_map to Python files that would leave d/pwned on import
+    conf = json.loads((d / "remote_code/config.json").read_text())
+    conf |= {"model_type": "evil_gpt", "auto_map": {"AutoConfig": "configuration_evil.EvilConfig",
+                                                    "AutoModelForCausalLM": "modeling_evil.EvilModel"}}
+    (d / "remote_code/config.json").write_text(json.dumps(conf))
+    for module in ("configuration_evil", "modeling_evil"):
+        (d / "remote_code" / f"{module}.py").write_text(f"import pathlib\npathlib.Path({str(d / 'pwned')!r}).touch()\n")
+    for name in ("gptforge/model_config.json", "hf/config.json"):
+        (d / name).write_text(json.dumps(json.loads((d / name).read_text()) | {"n_layer": 10**6}))
     return d
 
 
@@ -204,11 +266,11 @@ def test_the_table_has_at_least_40_cases():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_fault(case: Case, trained_run, char_data, bad_files, tmp_path, monkeypatch):
-    paths = {"run": trained_run, "tmp": bad_files, "data": char_data}
+def test_fault(case: Case, trained_run, char_data, bad_files, absurd_folders, tmp_path, monkeypatch):
+    paths = {"run": trained_run, "tmp": bad_files, "data": char_data, "absurd": absurd_folders}
     argv = [_fill(a, paths) for a in case.argv]
     env = {k: _fill(v, paths) for k, v in case.env.items()}
-    before = _snapshot(trained_run, bad_files)
+    before = _snapshot(trained_run, bad_files, absurd_folders)
     monkeypatch.chdir(tmp_path)  # nothing may be written to the working folder either
     t0 = time.perf_counter()
     if case.sub:
@@ -225,7 +287,7 @@ def test_fault(case: Case, trained_run, char_data, bad_files, tmp_path, monkeypa
     assert "Traceback" not in stderr and lines[0].startswith("gptforge: error: "), stderr
     for name in case.names:
         assert _fill(name, paths) in lines[0], f"{name!r} not named in: {lines[0]}"
-    assert _snapshot(trained_run, bad_files) == before, "a file was changed, added or lost"
+    assert _snapshot(trained_run, bad_files, absurd_folders) == before, "a file was changed, added or lost"
     assert not list(tmp_path.iterdir()), f"files written to the working folder: {list(tmp_path.iterdir())}"
     for p in case.absent:
         assert not Path(_fill(p, paths)).exists(), f"{p} was written"
