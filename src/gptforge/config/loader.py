@@ -175,7 +175,7 @@ def parse_config(argv: list[str], defaults: dict | None = None, prog: str = "gpt
 
 # flags that are short aliases of a config key (schema.py's _alias)
 _ALIASES = {"out": "train.out_dir", "resume": "train.resume", "compile": "train.compile",
-            "init_from": "train.init_from", "auto": "train.auto"}
+            "init_from": "train.init_from", "auto": "train.auto", "teacher": "distill.teacher"}
 
 
 def explicit_keys(args: list[str]) -> set[str]:

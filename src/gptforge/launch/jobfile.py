@@ -13,10 +13,10 @@ import sys
 from gptforge.errors import UserError
 
 # gptforge commands that make sense under torchrun on every node (eval: data-parallel over examples).
-TRAIN_COMMANDS = ("pretrain", "sft", "dpo", "bench", "eval")
+TRAIN_COMMANDS = ("pretrain", "sft", "dpo", "distill", "grpo", "bench", "eval")
 
 # stages that save checkpoints: they stop on SIGTERM/SIGINT/SIGUSR1 with one (gptforge.train.preempt)
-CHECKPOINTING = ("pretrain", "sft", "dpo")
+CHECKPOINTING = ("pretrain", "sft", "dpo", "distill", "grpo")
 SHUTDOWN_MARGIN = 10  # seconds torchrun waits, beyond the workers' train.grace_s, before it kills them
 # torchrun (--signals-to-handle, read from PET_SIGNALS_TO_HANDLE) passes these on to its workers; by default
 # it does not handle SIGUSR1 (Slurm's --signal),
