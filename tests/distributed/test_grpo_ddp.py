@@ -1,6 +1,7 @@
 """`gptforge grpo` under 2-rank DDP (torchrun, gloo, CPU) equals one process with the same global batch: each
 rank samples the groups of its own prompts (the seeds depend on the prompt, not the rank), DDP averages the
-gradients of the per-rank mean losses, the logged reward / KL / lengths are the means over all completions."""
+gradients of the per-rank mean losses, the logged reward / KL / lengths are the means over all completions, the
+step's tokens their sum; a generative train.eval_tasks file scored rank-parallel equals one process."""
 
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ def test_grpo_ddp_equals_single_process(tmp_path):
     def grpo(out, micro_batch):
         return ["grpo", *COMMON, f"--init-from={sft}", f"--data.path={tmp_path / 'p.jsonl'}", f"--train.out_dir={out}",
                 f"--train.micro_batch={micro_batch}", "--train.lr=1e-3", "--train.max_steps=3", "--train.log_every=1",
-                "--grpo.group_size=4", "--grpo.max_new_tokens=4", "--grpo.kl_coef=0.1"]
+                "--grpo.group_size=4", "--grpo.max_new_tokens=4", "--grpo.kl_coef=0.1",
+                f"--train.eval_tasks={tmp_path / 'p.jsonl'}", "--train.eval_tasks_limit=15"]
 
     single, ddp = tmp_path / "single", tmp_path / "ddp"
     assert main(grpo(single, 4)) == 0
@@ -45,3 +47,10 @@ def test_grpo_ddp_equals_single_process(tmp_path):
         for k in ("train/loss", "train/kl", "train/accuracy"):
             assert abs(x[k] - y[k]) < 1e-5, (k, x["step"], x[k], y[k])
     assert a[-1]["train/kl"] > 0  # it did train
+    # the log line's real tokens: a step's prompt + completion tokens of every rank; a generative eval task
+    # (train.eval_tasks, at the last step) split over the ranks gives one process's accuracy
+    assert [x["perf/step_tokens"] for x in a] == [y["perf/step_tokens"] for y in b]
+    evals = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if "eval/p/acc" in x]
+             for r in (single, ddp)]
+    assert [len(e) for e in evals] == [1, 1] and evals[0][0]["eval/p/acc"] == evals[1][0]["eval/p/acc"]
+    assert evals[0][0]["eval/p/reward"] == evals[1][0]["eval/p/reward"]

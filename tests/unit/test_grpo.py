@@ -128,6 +128,31 @@ def test_rollouts_are_seeded_and_their_logprobs_are_the_models():
     assert a.mask[0, :2].sum() == 0 and a.mask[0, 2]  # prompt of 3 tokens: position 2 predicts the first
 
 
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+def test_logprobs_at_the_rollout_temperature_by_hand(softcap):
+    """Sampled at T = 0.7: the recorded old log-probs and the loss's (plain, chunked; a soft-capped model too) are
+    log softmax(logits / T) at the sampled token, by hand from a full forward; not the temperature-1 ones."""
+    model = build_model(GPTConfig(arch="llama", n_kv_head=2, bias=False, logit_softcap=softcap, **SMALL),
+                        seed=3).double()
+    T = 0.7
+    a = rollout(model, _Tok(), [[5, 6, 7], [9, 1]], [11, 12], group_size=2, max_new_tokens=6, temperature=T,
+                stop_ids=frozenset({2}))
+    with torch.no_grad():
+        logits = model(a.input_ids).double()
+    hand = torch.zeros_like(a.old_logps)
+    for i, j in a.mask.nonzero().tolist():
+        hand[i, j] = torch.log_softmax(logits[i, j] / T, -1)[a.labels[i, j]]
+    assert (a.old_logps - hand).abs().max() < 1e-5  # the engine's float32 log-softmax of the cached forward
+    for impl in ("plain", "chunked"):  # float64 here
+        assert (token_logps(model, a.input_ids, a.labels, impl, T).double() - hand).abs().max() < 1e-12, impl
+    t1 = token_logps(model, a.input_ids, a.labels, "plain")
+    assert (t1.double() - hand)[a.mask].abs().max() > 1e-3  # temperature 1 would give other numbers
+    # so the ratio starts at 1: with advantages 1 and the policy as its own reference the loss is -1, no KL
+    lp = token_logps(model, a.input_ids, a.labels, "chunked", T)
+    loss, stats = grpo_loss(lp, a.old_logps.to(lp.dtype), lp.detach(), torch.ones(4, dtype=lp.dtype), a.mask, 0.2, 0.1)
+    assert loss.item() == pytest.approx(-1.0, abs=1e-5) and stats["clip_frac"] == 0 and stats["kl"] == 0
+
+
 def test_reward_for_one_token_raises_its_probability():
     """Reward 1 for completions that contain token 7: a few GRPO steps raise p(7 | prompt) several-fold."""
     from gptforge.objectives.grpo import GRPOObjective
@@ -235,3 +260,152 @@ def test_grpo_mistakes_are_one_line(tmp_path, addition_sft, capsys):
     assert "cannot import module 'nope'" in capsys.readouterr().err
     assert main(["grpo", f"--data.path={bad}", "--train.max_steps=1"]) == 2
     assert "--init-from" in capsys.readouterr().err
+
+
+# ---- held-out accuracy: generative eval tasks (gptforge eval, train.eval_tasks, grpo's data.val_path) ------------
+def _greedy_alone(model, tok, ids, max_new, stops) -> str:
+    """One prompt's greedy completion, decoded alone (no batch), stop tokens left out."""
+    r = Engine(model, tok).run(ids, Params(max_new, 0.0, stop_ids=stops))
+    return tok.decode([t for t in r.ids if t not in stops])
+
+
+def _task_file(path, prompts, completions, right: set[int]) -> float:
+    """Prompt/answer lines whose answer is the greedy completion for the indices in `right`, a wrong one for the
+    others. -> the accuracy an exact-match eval must report."""
+    import json
+
+    from gptforge.objectives.rewards import exact_match
+
+    rows = []
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        answer = c if i in right else "#### no such answer"
+        assert exact_match(c, answer) == float(i in right)
+        rows.append({"prompt": p, "answer": answer})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return len(right) / len(prompts)
+
+
+def _eval(tmp_path, run, task, *flags) -> dict:
+    import json
+
+    from gptforge.cli import main
+
+    out = tmp_path / f"eval_{task.stem}.json"
+    assert main(["eval", "--checkpoint", str(run), "--tasks", str(task), "--out", str(out), "--tensorboard=false",
+                 *flags]) == 0
+    return json.loads(out.read_text())["results"][0]
+
+
+def test_generative_task_accuracy_chat_model(tmp_path, addition_sft):
+    """A chat checkpoint: answers that are exactly its greedy completion for 7 of 12 prompts -> acc 7/12."""
+    from gptforge.data.chat_template import encode_chat, stop_ids
+    from gptforge.hf.inference import load_for_inference
+
+    model, tok, _ = load_for_inference(str(addition_sft / "sft"), "cpu")
+    prompts = [f"{a}+{b}" for a, b in ADD[::8][:12]]
+    stops = frozenset(stop_ids(tok))
+    comps = [_greedy_alone(model, tok, encode_chat(tok, [{"role": "user", "content": p}], True)[0], 5, stops)
+             for p in prompts]
+    want = _task_file(tmp_path / "held.jsonl", prompts, comps, {0, 2, 3, 5, 8, 9, 11})
+    r = _eval(tmp_path, addition_sft / "sft", tmp_path / "held.jsonl", "--max-new-tokens", "5", "--batch-size", "5")
+    assert r["examples"] == 12 and r["metrics"]["acc"]["value"] == want == 7 / 12
+    assert r["metrics"]["reward"]["value"] == want
+    assert [r["per_example"][str(i)]["completion"] for i in range(12)] == comps
+    # another checker: the regex reward judges the same completions (the answers play no part)
+    import re
+
+    fmt = sum(re.search(r"^\d+$", c, re.DOTALL) is not None for c in comps) / 12
+    r = _eval(tmp_path, addition_sft / "sft", tmp_path / "held.jsonl", "--max-new-tokens", "5", "--check", "regex",
+              "--format-regex", r"^\d+$")
+    assert r["metrics"]["acc"]["value"] == fmt
+
+
+def test_generative_task_accuracy_base_model(tmp_path, trained_run, capsys):
+    """A model without a chat template: the prompt as plain text (encode_prompt), stopped by its end tokens."""
+    from gptforge.hf.inference import load_for_inference
+
+    model, tok, _ = load_for_inference(str(trained_run), "cpu")
+    prompts = ["ROMEO:", "KING HENRY", "To be, or", "First Citizen:\n", "O", "What say"]
+    comps = [_greedy_alone(model, tok, tok.encode_prompt(p), 6, frozenset(tok.end_ids)) for p in prompts]
+    want = _task_file(tmp_path / "plain.jsonl", prompts, comps, {1, 4})
+    r = _eval(tmp_path, trained_run, tmp_path / "plain.jsonl", "--max-new-tokens", "6", "--limit", "5")
+    assert r["examples"] == 5 and r["metrics"]["acc"]["value"] == 2 / 5 and want == 2 / 6
+    assert "plain  acc" in capsys.readouterr().out
+    from gptforge.cli import main
+
+    assert main(["eval", "--checkpoint", str(trained_run), "--tasks", str(tmp_path / "plain.jsonl"),
+                 "--check", "regex"]) == 2
+    assert "--check=regex needs the pattern: --format-regex=PATTERN" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"prompt": "a", "answer": "b"}\n{"context": "a", "choices": ["b", "c"], "label": 0}\n')
+    assert main(["eval", "--checkpoint", str(trained_run), "--tasks", str(mixed)]) == 2
+    assert "mixed.jsonl:2: a generative task file cannot hold examples of the other kind" in capsys.readouterr().err
+
+
+def test_grpo_eval_tasks_log_line_and_no_spike_warning(tmp_path, addition_sft, capsys):
+    """train.eval_tasks with a generative task during grpo: eval/heldout/acc and reward at each eval, equal to
+    `gptforge eval` of the checkpoint and to the data.val_path figure; the log line counts the real tokens."""
+    import json
+
+    from gptforge.cli import main
+    from gptforge.data.chat_template import encode_chat
+    from gptforge.hf.inference import load_for_inference
+    from gptforge.train.faults import StepGuard
+
+    run, held = tmp_path / "run", addition_sft / "heldout.jsonl"
+    assert main(grpo_args(addition_sft, run, "--train.max_steps=12", "--train.eval_every=6", "--train.spike_factor=1",
+                          f"--train.eval_tasks={held}", f"--data.val_path={held}", "--train.sample_tokens=4")) == 0
+    out = capsys.readouterr()
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/heldout/acc" in r]
+    assert [r["step"] for r in evals] == [6, 12] and all(0 <= r["eval/heldout/reward"] <= 1 for r in evals)
+    final = _eval(tmp_path, run, held, "--max-new-tokens", "4", "--batch-size", "4")
+    assert final["metrics"]["acc"]["value"] == evals[-1]["eval/heldout/acc"]
+    assert f"held-out greedy accuracy (data.val_path, reward >= 1): {evals[-1]['eval/heldout/acc']:.4f} of 20 " \
+           "prompts" in out.out
+    # the log line: real tokens per step (4 prompts x 4 completions of one prompt length + their tokens), no MFU
+    _, tok, _ = load_for_inference(str(run), "cpu")
+    n_prompt = len(encode_chat(tok, [{"role": "user", "content": "1+2"}], True)[0])
+    steps = [r for r in rows if "perf/step_tokens" in r]
+    assert len(steps) == 12 and all("perf/mfu" not in r and "train/tokens" not in r for r in steps)
+    for r in steps:
+        assert r["perf/step_tokens"] == pytest.approx(16 * (n_prompt + r["train/completion_len"]), abs=1e-3)
+    line = next(x for x in out.out.splitlines() if x.startswith("step  1/12 |"))
+    assert "MFU" not in line and f"| {steps[0]['perf/step_tokens']:,.0f} tok/step |" in line and "tok/s" in line
+    assert "tokens/step" not in next(x for x in out.out.splitlines() if x.startswith("training 12 steps"))
+    # a loss near 0 (the KL term's share as it grows from 0): the spike check of train.spike_factor=1 warns on
+    # these very losses, grpo's trainer has it off
+    losses = [r["train/loss"] for r in steps]
+    said = []
+    guard = StepGuard(type("T", (), {"max_bad_steps": 5, "on_bad_steps": "stop", "spike_factor": 1.0})(), said.append)
+    for i, loss in enumerate(losses, 1):
+        guard.observe(i, loss, 1.0, True)
+    assert said and "loss spike" not in out.err and all(r["train/loss_spikes"] == 0 for r in steps)
+
+
+def test_example_heldout_number_is_gptforge_eval(tmp_path, addition_sft):
+    """examples/grpo_arithmetic reports `gptforge eval`'s acc of its held-out file: the share of questions whose
+    greedy answer, decoded one by one here, matches exactly."""
+    import importlib.util
+    import json
+
+    from gptforge.cli import main
+    from gptforge.data.chat_template import encode_chat, stop_ids
+    from gptforge.hf.inference import load_for_inference
+    from gptforge.objectives.rewards import exact_match
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("grpo_example", ROOT / "examples" / "grpo_arithmetic" / "run.py")
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    held, out = addition_sft / "heldout.jsonl", tmp_path / "eval.json"
+    cmd = example.heldout_command(addition_sft / "sft", held, out)
+    assert cmd[1:4] == ["-m", "gptforge", "eval"] and main(cmd[3:]) == 0
+    acc = json.loads(out.read_text())["results"][0]["metrics"]["acc"]["value"]
+    model, tok, _ = load_for_inference(str(addition_sft / "sft"), "cpu")
+    rows = [json.loads(x) for x in held.read_text().splitlines()]
+    stops = frozenset(stop_ids(tok))
+    right = [exact_match(_greedy_alone(model, tok, encode_chat(tok, [{"role": "user", "content": r["prompt"]}],
+                                                                True)[0], 8, stops), r["answer"]) for r in rows]
+    assert acc == sum(right) / len(rows)

@@ -1,6 +1,7 @@
-"""Local multiple-choice task files for `gptforge eval` and evaluation during training.
+"""Local task files for `gptforge eval` and evaluation during training: multiple-choice (scored by log-likelihood)
+or generative (a greedy completion judged by a reward checker).
 
-A task is a JSONL file, one example per line, in any of these shapes (detected per line):
+A task is a JSONL file, one example per line, in any of these shapes (detected per line; one kind per file):
 
 - ours: ``{"context": "...", "choices": ["...", ...], "label": 0}``
 - HellaSwag's own files (``ctx_a``/``ctx_b`` or ``ctx``, ``endings``, ``label``, ``activity_label``),
@@ -8,6 +9,10 @@ A task is a JSONL file, one example per line, in any of these shapes (detected p
 - ARC's own files (``question`` as a string with ``choices: {"text", "label"}`` as on the Hugging Face
   hub, or ``question: {"stem", "choices": [{"text", "label"}]}`` as in the original release, and
   ``answerKey``), as the harness's ``arc_easy``/``arc_challenge`` do ("Question: ...\\nAnswer:").
+
+- generative: ``{"prompt": "12+7=", "answer": "19"}`` (``question`` is read as ``prompt``: GSM8K's rows; the
+  prompt/answer files of `gptforge grpo`): the model's greedy completion of the prompt is judged against the
+  answer by objectives.rewards' checkers (exact, number, regex, MODULE:FUNCTION; metrics acc and reward).
 
 Each choice is scored as the continuation ``" " + choice`` of the context (the harness's default
 ``target_delimiter``). Errors name the file, the line and what to fix.
@@ -20,6 +25,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptforge.data.prompts import to_prompt
 from gptforge.errors import UserError
 
 FORMAT = '{"context": "...", "choices": ["...", "..."], "label": 0}'
@@ -33,11 +39,22 @@ class Example:
 
 
 @dataclass(frozen=True)
+class GenExample:
+    """A generative example: the prompt and the reference answer its greedy completion is checked against."""
+    prompt: str
+    answer: str
+
+
+@dataclass(frozen=True)
 class Task:
     name: str
     path: str
-    examples: tuple[Example, ...]
+    examples: tuple[Example, ...] | tuple[GenExample, ...]
     delimiter: str = " "
+
+    @property
+    def generative(self) -> bool:
+        return isinstance(self.examples[0], GenExample)
 
 
 def _hellaswag_text(text: str) -> str:  # the harness's hellaswag `preprocess`
@@ -46,9 +63,15 @@ def _hellaswag_text(text: str) -> str:  # the harness's hellaswag `preprocess`
     return text.replace("  ", " ")
 
 
-def _example(rec, where: str) -> Example:
+def _is_generative(rec) -> bool:
+    return isinstance(rec, dict) and "answer" in rec and not {"choices", "endings", "answerKey"} & rec.keys()
+
+
+def _example(rec, where: str) -> Example | GenExample:
     if not isinstance(rec, dict):
         raise UserError(f"{where}: each line must be a JSON object like {FORMAT}")
+    if _is_generative(rec):
+        return GenExample(*to_prompt(rec, where))
     if "endings" in rec:  # HellaSwag
         ctx = rec["ctx_a"] + " " + rec["ctx_b"].capitalize() if "ctx_a" in rec else rec.get("ctx", "")
         context = _hellaswag_text(rec.get("activity_label", "") + ": " + ctx)
@@ -100,6 +123,10 @@ def load_task(path: str | Path, limit: int | None = None) -> Task:
             except (KeyError, TypeError, AttributeError) as e:
                 raise UserError(f"{where}: unexpected shape ({type(e).__name__}: {e}); each line must look "
                                 f"like {FORMAT}") from None
+            if type(examples[-1]) is not type(examples[0]):
+                kind = "generative" if isinstance(examples[0], GenExample) else "multiple-choice"
+                raise UserError(f"{where}: a {kind} task file cannot hold examples of the other kind; put them in "
+                                "two task files")
             if limit and len(examples) >= limit:
                 break
     if not examples:

@@ -3,10 +3,12 @@
     gptforge eval --checkpoint runs/pretrain --text data/val.txt              # perplexity, bits per byte
     gptforge eval --checkpoint runs/sft --tasks my_task.jsonl,hellaswag_val.jsonl
     gptforge eval --checkpoint runs/pretrain --tasks hellaswag,arc_easy --limit 500   # the LM Evaluation Harness
+    gptforge eval --checkpoint runs/grpo --tasks heldout.jsonl --check exact --max-new-tokens 8   # generative
     gptforge launch --nproc-per-node 4 -- eval --checkpoint runs/pretrain --tasks arc_easy   # data-parallel
 
 A task is a local JSONL file (gptforge.data.tasks: ours, HellaSwag's or ARC's own format; scored by the
-log-likelihood of each choice, acc and acc_norm as the harness computes them) or the name of a harness task
+log-likelihood of each choice, acc and acc_norm as the harness computes them; or generative, prompt/answer
+records: the greedy completion judged by --check, acc and reward) or the name of a harness task
 (gptforge.evaluate.harness, run on our model directly, no export). Chat checkpoints (with a chat template)
 are evaluated through it (each context a user turn, each choice the reply) unless --chat false. Results:
 one line per task and metric on screen, JSON in the run folder (eval/step_N.json; a Hugging Face folder:
@@ -47,6 +49,16 @@ class EvalOptions:
     """harness tasks: few-shot examples (default: the task's own)"""
     include_path: str | None = None
     """harness tasks: a folder of task YAML files of your own"""
+    check: str = "exact"
+    """generative tasks ({"prompt", "answer"} lines): how a greedy completion is judged, as grpo.reward: exact
+    (final answer after '####', else the last number), number (within --tolerance), regex (--format-regex
+    matches), MODULE:FUNCTION; a comma list sums them; acc is the share with a reward >= 1"""
+    tolerance: float = 1e-6
+    """generative tasks, --check number: the absolute tolerance"""
+    format_regex: str = ""
+    """generative tasks, --check regex: the pattern (Python re.search over the completion)"""
+    max_new_tokens: int = 64
+    """generative tasks: the longest completion in tokens"""
     chat: Literal["auto", "true", "false"] = "auto"
     """score through the chat template (auto: when the checkpoint has one)"""
     batch_size: int = 16
@@ -94,9 +106,9 @@ def check_options(o: EvalOptions) -> None:
         raise UserError("nothing to evaluate: give --tasks T1,T2 (local .jsonl files or harness task names) "
                         "and/or --text FILE_OR_DATASET")
     for name, v in (("--batch-size", o.batch_size), ("--text-tokens", o.text_tokens + 1), ("--limit", o.limit + 1),
-                    ("--stride", o.stride + 1)):
+                    ("--stride", o.stride + 1), ("--max-new-tokens", o.max_new_tokens)):
         if v < 1:
-            raise UserError(f"{name} must be {'>= 1' if name == '--batch-size' else '>= 0'}")
+            raise UserError(f"{name} must be {'>= 0' if name in ('--text-tokens', '--limit', '--stride') else '>= 1'}")
 
 
 def _text_ids(spec: str, tok, max_tokens: int) -> tuple[list[int], int]:
@@ -167,6 +179,7 @@ def format_table(results: list[dict]) -> str:
 def evaluate(model, tok, opts: EvalOptions, chat: bool, env, chat_model: bool | None = None) -> list[dict]:
     """chat: score through the chat template; chat_model: the checkpoint has one (default: chat)."""
     from gptforge.data.tasks import is_task_file, load_task
+    from gptforge.objectives.rewards import Check
     from gptforge.objectives.scoring import score_task
 
     names = [t.strip() for t in opts.tasks.split(",") if t.strip()]
@@ -174,9 +187,16 @@ def evaluate(model, tok, opts: EvalOptions, chat: bool, env, chat_model: bool | 
     if opts.text.strip():
         results.append(perplexity(model, tok, opts.text.strip(), opts.text_tokens, opts.stride, env, opts.batch_size))
     local = [t for t in names if is_task_file(t)]
-    for path in local:
-        task = load_task(path, opts.limit or None)
-        results.append(score_task(model, tok, task, chat, env.rank, env.world_size, opts.batch_size))
+    tasks = [load_task(path, opts.limit or None) for path in local]  # every file checked before any work
+    check = Check(opts.check, opts.tolerance, opts.format_regex, opts.max_new_tokens)
+    if any(t.generative for t in tasks):  # a wrong --check is one line before any work, in eval's own flags
+        try:
+            check.build()
+        except UserError as e:
+            raise UserError(str(e).replace("--grpo.format_regex", "--format-regex").replace(
+                "grpo.format_regex", "--format-regex").replace("grpo.reward", "--check")) from None
+    for task in tasks:
+        results.append(score_task(model, tok, task, chat, env.rank, env.world_size, opts.batch_size, check))
     harness = [t for t in names if t not in local]
     if harness:
         from gptforge.evaluate.harness import run_harness

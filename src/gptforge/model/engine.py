@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from gptforge.model.kv_cache import SlotCache
-from gptforge.model.sampling import check_prompt, sample_next
+from gptforge.model.sampling import GREEDY_BELOW, check_prompt, sample_next
 
 
 @dataclass
@@ -39,8 +39,9 @@ class Params:
     stop_ids: frozenset = frozenset()  # ending tokens (counted in n_new, never in the text)
     stop: tuple[str, ...] = ()  # stop strings: the text is cut before the first one
     skip_special: bool = False  # leave special tokens out of the text (the eval harness, as HF's decode)
-    logprobs: bool = False  # record log p(token) of each sampled token under the model's own distribution
-    # (temperature 1, no top-k/top-p: what GRPO's ratio compares with) in Sequence.logprobs
+    logprobs: bool = False  # record log p(token) of each sampled token in Sequence.logprobs: under the
+    # distribution it was sampled from before top-k/top-p, softmax(logits / temperature) (temperature 1 when
+    # greedy): what GRPO's ratio compares with, its policy log-probs taken at the same temperature
 
 
 class StreamDecoder:
@@ -196,7 +197,8 @@ class Engine:
             p = s.params
             s.ids.append(int(sample_next(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.gen).item()))
             if p.logprobs:
-                s.logprobs.append(float(logits[i].float().log_softmax(-1)[s.ids[-1]]))
+                t = p.temperature if p.temperature >= GREEDY_BELOW else 1.0
+                s.logprobs.append(float((logits[i].float() / t).log_softmax(-1)[s.ids[-1]]))
             self._take(s)
 
     def _take(self, s: Sequence) -> None:

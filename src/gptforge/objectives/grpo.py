@@ -11,9 +11,11 @@ KV cache, one seeded generator per completion) and scored (objectives.rewards). 
     loss     = mean over completions of [ mean over its tokens of (pg_t + kl_coef * kl_t) ]
 
 Only completion tokens count (the prompt and the padding are masked out); a completion's final stop token
-counts (the policy learns to stop). Log-probs are of the model's own distribution (temperature 1), the
-rollout's temperature only shapes the sampling. One optimizer step per rollout batch, so ratio starts at 1
-(up to the rounding of cached vs full forwards) and the clip bounds that step's move.
+counts (the policy learns to stop). Every log-prob is taken at the rollouts' temperature T, as TRL does:
+log softmax(logits / T) for the policy in the loss, for the reference of the KL term, and for pi_old, which the
+engine records while sampling from that very distribution (model.engine.Params.logprobs); so ratio and KL
+compare the distributions the completions were drawn from. One optimizer step per rollout batch, so ratio
+starts at 1 (up to the rounding of cached vs full forwards) and the clip bounds that step's move.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from gptforge.model.engine import Engine, Params
-from gptforge.objectives.head import token_loss
+from gptforge.model.sampling import GREEDY_BELOW
+from gptforge.objectives.head import head_loss, token_loss
 from gptforge.objectives.rewards import RewardFn, score
 
 
@@ -104,9 +108,20 @@ def rollout(model, tok, prompts: list[list[int]], seeds: list[int], group_size: 
     return Rollout(ids, labels, old, [r.ids for r in results], texts, time.perf_counter() - t0)
 
 
-def token_logps(model, input_ids, labels, loss_impl: str = "plain") -> torch.Tensor:
-    """log p(label) at each position (0 where the label is -100) -> (N, T) float32."""
-    return -token_loss(model, {"input_ids": input_ids, "labels": labels}, loss_impl, "none")
+def token_logps(model, input_ids, labels, loss_impl: str = "plain", temperature: float = 1.0) -> torch.Tensor:
+    """log p(label) at each position (0 where the label is -100) under softmax(logits / temperature) -> (N, T)
+    float32. lm_head has no bias, so dividing the head's input by T divides the logits (the head never holds all
+    of them); a soft-capped model's logits are capped before the division, so it takes the full logits."""
+    batch = {"input_ids": input_ids, "labels": labels}
+    if temperature == 1.0:
+        return -token_loss(model, batch, loss_impl, "none")
+    if loss_impl == "plain" or getattr(model, "module", model).cfg.logit_softcap:
+        logits = model(input_ids)
+        logits = (logits if logits.dtype == torch.float64 else logits.float()) / temperature
+        return -F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100,
+                                reduction="none").view(labels.shape)
+    head = head_loss(loss_impl, labels, "none")
+    return -model(input_ids, head=lambda h, w, **kw: head(h / temperature, w, **kw))
 
 
 class GRPOObjective:
@@ -114,6 +129,11 @@ class GRPOObjective:
     with the plain model, scores them, and returns the GRPO loss of the (possibly DDP-wrapped) model."""
 
     name = "grpo"
+    # for the Trainer: rows are prompt + completion, not block_size windows, so each micro-batch's metrics hold
+    # "tokens" (its prompt + completion tokens, padding left out): the log line's tok/s counts those (no MFU);
+    # and a policy-gradient loss sits near 0 and changes sign, so no loss-spike warning (train.spike_factor)
+    counts_tokens = True
+    spike_check = False
 
     def __init__(self, tok, prompts: list[list[int]], answers: list[str], reward_fn: RewardFn, reward_spec: str,
                  ref_model, group_size: int, max_new_tokens: int, temperature: float, kl_coef: float,
@@ -138,28 +158,17 @@ class GRPOObjective:
         adv = group_advantages(rewards).view(-1)
         device = next(plain.parameters()).device
         x, y, mask = ro.input_ids.to(device), ro.labels.to(device), ro.mask.to(device)
+        t = self.temperature if self.temperature >= GREEDY_BELOW else 1.0  # as the engine's recorded log-probs
         with torch.no_grad():
-            ref = token_logps(self.ref_model, x, y, self.loss_impl) if self.kl_coef else None
-        logps = token_logps(model, x, y, self.loss_impl)
+            ref = token_logps(self.ref_model, x, y, self.loss_impl, t) if self.kl_coef else None
+        logps = token_logps(model, x, y, self.loss_impl, t)
         ref = logps.detach() if ref is None else ref
         loss, stats = grpo_loss(logps, ro.old_logps.to(device, logps.dtype), ref, adv.to(device), mask,
                                 self.clip_eps, self.kl_coef)
         n_tokens = float(mask.sum())
+        n_prompt = sum(len(self.prompts[i]) for i in idx) * self.G
         metrics = {"reward": rewards.mean(), "accuracy": (rewards >= 1).double().mean(),
+                   "tokens": torch.tensor(n_prompt + n_tokens),
                    "completion_len": torch.tensor(n_tokens / len(ro.texts)),
                    "rollout_tok_s": torch.tensor(n_tokens / max(ro.seconds, 1e-9))} | stats
         return loss, {k: v.float().to(device) for k, v in metrics.items()}
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tok, prompts: list[list[int]], answers: list[str], reward_fn: RewardFn,
-                    max_new_tokens: int, stop_ids: frozenset, batch: int = 64) -> float:
-    """Share of prompts whose greedy completion gets a reward >= 1 (held-out exact match with `exact`)."""
-    right = 0
-    for a in range(0, len(prompts), batch):
-        ps = prompts[a:a + batch]
-        params = [Params(max_new_tokens, 0.0, stop_ids=stop_ids) for _ in ps]
-        for r, ans in zip(Engine(model, tok, slots=len(ps)).run_batch(ps, params), answers[a:a + batch]):
-            text = tok.decode([t for t in r.ids if t not in stop_ids])
-            right += float(reward_fn(text, ans)) >= 1
-    return right / max(len(prompts), 1)

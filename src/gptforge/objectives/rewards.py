@@ -1,4 +1,5 @@
-"""Verifiable rewards for GRPO (gptforge.objectives.grpo): a completion's text and the record's reference answer
+"""Verifiable rewards for GRPO (gptforge.objectives.grpo) and for generative eval tasks (objectives.scoring's
+score_generation: `gptforge eval --check`, train.eval_tasks): a completion's text and the record's reference answer
 -> a number. grpo.reward names one or several, comma-separated (their rewards add up):
 
     exact            1 when the completion's final answer equals the reference's, else 0
@@ -18,6 +19,7 @@ import importlib
 import math
 import re
 import sys
+from dataclasses import dataclass
 from typing import Callable
 
 from gptforge.errors import UserError
@@ -119,3 +121,17 @@ def score(fn: RewardFn, completion: str, answer: str, spec: str) -> float:
     if not math.isfinite(r):
         raise UserError(f"grpo.reward={spec} returned {r}; return a finite number")
     return r
+
+
+@dataclass(frozen=True)
+class Check:
+    """How a generative task's greedy completions are judged: the reward (grpo.reward's names, comma list: the
+    sum), its settings, and the longest completion. A completion is right when its reward is >= 1."""
+
+    reward: str = "exact"
+    tolerance: float = 1e-6
+    format_regex: str = ""
+    max_new_tokens: int = 64
+
+    def build(self) -> RewardFn:
+        return build_reward(self.reward, self.tolerance, self.format_regex)

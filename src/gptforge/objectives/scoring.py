@@ -12,6 +12,9 @@
   (perplexity, bits per byte), in windows of the model's context with `stride` new tokens each.
 - `choice_metrics(...)`: acc and acc_norm (by the choice's length in characters, as the harness does) of
   multiple-choice examples, and `mean_stderr` (the harness's standard error of a mean).
+- `score_generation(...)`: generative tasks, the one home of held-out greedy accuracy (`gptforge eval`,
+  train.eval_tasks, grpo's data.val_path): `greedy_rewards` decodes batches with the engine and judges each
+  completion with objectives.rewards' checkers.
 """
 
 from __future__ import annotations
@@ -170,12 +173,17 @@ def task_pairs(tok, task, chat: bool = False, indices: Sequence[int] | None = No
 
 
 def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int = 1, batch_size: int = 16,
-               ) -> dict:
+               check=None) -> dict:
     """Score a data.tasks.Task, data-parallel: this rank takes the examples i with i % world == rank, and with
     world > 1 the results of every rank are gathered over torch.distributed's default group (every rank of
     it must call this; ranks that hold the same share, e.g. tensor-parallel peers, are counted once).
     -> {"name", "examples", "metrics": {"acc": (mean, stderr), "acc_norm": ...},
-        "per_example": {i: {"loglik": [per choice], "acc", "acc_norm"}}}."""
+        "per_example": {i: {"loglik": [per choice], "acc", "acc_norm"}}}.
+    A generative task goes to score_generation, judged by check (objectives.rewards.Check; None: exact match)."""
+    if task.generative:
+        from gptforge.objectives.rewards import Check
+
+        return score_generation(model, tok, task, check or Check(), chat, rank, world, batch_size)
     idx = list(range(rank, len(task.examples), world))
     per_example = task_pairs(tok, task, chat, idx)
     flat_pairs = [p for pairs in per_example for p in pairs]
@@ -194,6 +202,11 @@ def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int =
     ex = [task.examples[i] for i in idx]
     m = choice_metrics(scores, [e.choices for e in ex], [e.label for e in ex])
     rows = {i: {"loglik": s, "acc": a, "acc_norm": b} for i, s, a, b in zip(idx, scores, m["acc"], m["acc_norm"])}
+    return _task_result(task, rows, ("acc", "acc_norm"), world)
+
+
+def _task_result(task, rows: dict[int, dict], names: Sequence[str], world: int) -> dict:
+    """This rank's per-example rows gathered from every rank (world > 1) -> score_task's result."""
     if world > 1:
         import torch.distributed as dist
 
@@ -202,5 +215,66 @@ def score_task(model, tok, task, chat: bool = False, rank: int = 0, world: int =
         rows = {i: r for part in parts for i, r in part.items()}
     rows = dict(sorted(rows.items()))
     metrics = {k: (sum(r[k] for r in rows.values()) / len(rows), mean_stderr([r[k] for r in rows.values()]))
-               for k in ("acc", "acc_norm")}
+               for k in names}
     return {"name": task.name, "examples": len(rows), "metrics": metrics, "per_example": rows}
+
+
+# ---- generative tasks: a greedy completion judged by a reward checker (objectives.rewards) ------------------
+def generation_prompts(tok, texts: Sequence[str], chat: bool, block: int, max_new_tokens: int) -> list[list[int]]:
+    """The prompt ids: a user turn through the chat template (generation prompt added) or the text as
+    `generate` encodes it (with a tokenizer's BOS); a prompt that leaves less than max_new_tokens of the context
+    is cut on the left (as the LM Evaluation Harness's generate_until), keeping at least one token."""
+    from gptforge.data.chat_template import encode_chat
+
+    keep = max(1, block - max_new_tokens)
+    out = []
+    for text in texts:
+        ids = encode_chat(tok, [{"role": "user", "content": text}], add_generation_prompt=True)[0] if chat \
+            else tok.encode_prompt(text)
+        out.append(ids[-keep:])
+    return out
+
+
+def completion_stops(tok, chat: bool) -> frozenset:
+    """Where a completion ends: the end of a turn for a chat model, else the model's end tokens."""
+    from gptforge.data.chat_template import stop_ids
+
+    return frozenset(stop_ids(tok) if chat else getattr(tok, "end_ids", None) or {tok.eos_id})
+
+
+@torch.no_grad()
+def greedy_rewards(model, tok, prompts: Sequence[list[int]], answers: Sequence[str], reward_fn, max_new_tokens: int,
+                   stops: frozenset, batch_size: int = 16) -> list[tuple[str, float]]:
+    """-> (the greedy completion, its reward) of each prompt: batches of batch_size decoded together by the
+    engine (model.engine; a DDP-wrapped model's .module: no collectives). The completion's text leaves the stop
+    tokens out, as GRPO's rollouts do."""
+    from gptforge.model.engine import Engine, Params
+
+    plain = getattr(model, "module", model)
+    out = []
+    for a in range(0, len(prompts), batch_size):
+        ps = [list(p) for p in prompts[a:a + batch_size]]
+        params = [Params(max_new_tokens, 0.0, stop_ids=stops) for _ in ps]
+        for r, ans in zip(Engine(plain, tok, slots=len(ps)).run_batch(ps, params), answers[a:a + batch_size]):
+            text = tok.decode([t for t in r.ids if t not in stops])
+            out.append((text, float(reward_fn(text, ans))))
+    return out
+
+
+def score_generation(model, tok, task, check, chat: bool = False, rank: int = 0, world: int = 1,
+                     batch_size: int = 16) -> dict:
+    """A generative data.tasks.Task, data-parallel as score_task (every rank holds the whole model): each
+    prompt's greedy completion judged by `check` (objectives.rewards.Check). -> {"name", "examples", "metrics":
+    {"acc": share with a reward >= 1 (exact match with the exact check), "reward": mean reward}, "per_example":
+    {i: {"completion", "reward", "acc"}}}."""
+    from gptforge.objectives.rewards import score
+
+    idx = list(range(rank, len(task.examples), world))
+    ex = [task.examples[i] for i in idx]
+    prompts = generation_prompts(tok, [e.prompt for e in ex], chat, _block(model), check.max_new_tokens)
+    fn = check.build()
+    got = greedy_rewards(model, tok, prompts, [e.answer for e in ex],
+                         lambda c, a: score(fn, c, a, check.reward), check.max_new_tokens,
+                         completion_stops(tok, chat), batch_size)
+    rows = {i: {"completion": text, "reward": r, "acc": float(r >= 1)} for i, (text, r) in zip(idx, got)}
+    return _task_result(task, rows, ("acc", "reward"), world)

@@ -8,19 +8,23 @@ grad_accum x ranks per step), samples grpo.group_size completions of each with t
 seeded generator per completion: the seed depends on train.seed, the epoch and the prompt only, so the
 same completions on one rank or several and after a resume), scores them and takes the GRPO loss; DDP
 averages the gradients. With data.val_path (prompt/answer records as well) the end of the run reports the
-greedy held-out accuracy (the reward >= 1) of the trained model.
+greedy held-out accuracy (the reward >= 1) of the trained model, as `gptforge eval --tasks VAL` does (a generative
+task, objectives.scoring.score_generation); train.eval_tasks with such files gives its curve during the run.
+The log line's tok/s counts the prompt + completion tokens each step ran (and tok/step), without MFU.
 """
 
 from __future__ import annotations
 
 from gptforge.data.chat_template import encode_chat, stop_ids
 from gptforge.data.prompts import PromptLoader, read_prompts
+from gptforge.data.tasks import GenExample, Task
 from gptforge.errors import UserError
-from gptforge.objectives.grpo import GRPOObjective, greedy_accuracy
+from gptforge.objectives.grpo import GRPOObjective
 from gptforge.objectives.rewards import build_reward
+from gptforge.objectives.scoring import score_generation
 from gptforge.parallel.layout import resolve_strategy
 from gptforge.train.recipes import DPO, ChatRecipe, _stage
-from gptforge.train.run import Loaders, StageData
+from gptforge.train.run import Loaders, StageData, grpo_check
 
 
 def encode_prompts(tok, records: list[tuple[str, str]], block_size: int) -> tuple[list[list[int]], list[str], int]:
@@ -85,14 +89,12 @@ class GRPO(ChatRecipe):
         if not cfg.data.val_path:
             return reply
         records, _ = read_prompts(cfg.data.val_path, cfg.data.skip_bad_lines)
+        task = Task("val", str(cfg.data.val_path), tuple(GenExample(p, a) for p, a in records))
 
-        def sample(model) -> str:
-            prompts, answers, _ = encode_prompts(tok, records, model.cfg.block_size)
-            reward = build_reward(cfg.grpo.reward, cfg.grpo.tolerance, cfg.grpo.format_regex)
-            acc = greedy_accuracy(model, tok, prompts, answers, reward, cfg.grpo.max_new_tokens,
-                                  frozenset(stop_ids(tok)))
-            return (f"held-out greedy accuracy (data.val_path, reward >= 1): {acc:.4f} of {len(prompts)} prompts\n"
-                    + (reply(model) if reply else ""))
+        def sample(model) -> str:  # what `gptforge eval --tasks VAL --check ...` says of the checkpoint
+            r = score_generation(model, tok, task, grpo_check(cfg.grpo), chat=True, batch_size=cfg.train.micro_batch)
+            return (f"held-out greedy accuracy (data.val_path, reward >= 1): {r['metrics']['acc'][0]:.4f} of "
+                    f"{r['examples']} prompts\n" + (reply(model) if reply else ""))
 
         return sample
 

@@ -62,13 +62,19 @@ class MetricsLogger:
 
 
 class StepMeter:
-    """The log line (every train.log_every steps: loss, lr, norm, ms/step, tok/s, MFU, data wait, ETA), the
-    progress bar, and the seconds spent training across resumes: the loop's wall time less evaluations and
-    checkpoint saves (`excluded()`), which bench --to-loss compares."""
+    """The log line (every train.log_every steps: loss, lr, norm, ms/step, tok/s, MFU (tokens/step instead for an
+    objective that counts its tokens), data wait, ETA), the progress bar, and the seconds spent training across
+    resumes: the loop's wall time less evaluations and checkpoint saves (`excluded()`), which bench --to-loss
+    compares."""
 
-    def __init__(self, say, log: MetricsLogger, tokens_per_step: int, flops_per_token: float, optimizer):
+    def __init__(self, say, log: MetricsLogger, tokens_per_step: int, flops_per_token: float, optimizer,
+                 token_scale: int = 0):
+        """token_scale > 0: the objective counts the tokens it runs (GRPO: prompts + completions, not block_size
+        windows): its metric "tokens" of a micro-batch, averaged over the micro-batches and ranks, times
+        token_scale (micro-batches x ranks) is a step's; tok/s counts those (`count`) and MFU is left out."""
         self.say, self.log, self.optimizer = say, log, optimizer
         self.tokens_per_step, self.flops_per_token = tokens_per_step, flops_per_token
+        self.token_scale, self.window_tokens, self.counted_tokens = token_scale, 0.0, 0.0
         self.train_s = 0.0  # of earlier invocations (a resume sets it)
         self.bar, self.peak, self.sync = None, 0.0, False
         self.t_start = self.window_t = time.perf_counter()
@@ -122,6 +128,25 @@ class StepMeter:
             self.window_t = time.perf_counter()
             self.excluded_s += self.window_t - t0
 
+    def count(self, metrics: dict) -> None:
+        """A step's values, once read on the host: the tokens it ran, when the objective counts them."""
+        if self.token_scale:
+            n = metrics.get("tokens", 0.0) * self.token_scale
+            self.window_tokens += n
+            self.counted_tokens += n
+
+    def _speed(self, now: float, dt: float, metrics: dict) -> tuple[str, dict]:
+        """The log line's speed fields and their scalars: tok/s and MFU for block_size windows; for an objective
+        that counts its tokens, tok/s of those and the step's tokens (no MFU: its FLOPs are not 6N per token)."""
+        if self.token_scale:
+            tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
+            step_tokens = metrics.get("tokens", 0.0) * self.token_scale
+            return (f"{tok_s:,.0f} tok/s | {step_tokens:,.0f} tok/step",
+                    {"perf/tok_s": tok_s, "perf/step_tokens": step_tokens})
+        tok_s = self.tokens_per_step / dt
+        mfu = self.flops_per_token * tok_s / self.peak if self.peak else 0.0
+        return f"{tok_s:,.0f} tok/s | MFU {mfu * 100:.1f}%", {"perf/tok_s": tok_s, "perf/mfu": mfu}
+
     def log_step(self, step: int, total: int, v, guard, wait_s: float) -> None:
         """The log line and scalars of step `step` (v: its StepValues), timed over the steps since the last one."""
         if self.sync:
@@ -130,18 +155,17 @@ class StepMeter:
         dt = (now - self.window_t) / max(1, self.window_steps)
         eta = (now - self.t_start) / max(1, step - self.step_start) * (self.end - step)
         wait_ms = wait_s * 1000 / max(1, self.window_steps)
-        tok_s = self.tokens_per_step / dt
-        mfu = self.flops_per_token * tok_s / self.peak if self.peak else 0.0
+        speed, perf = self._speed(now, dt, v.metrics)
         metrics, loss, norm = v.metrics, v.loss, v.norm
+        shown = {k: x for k, x in metrics.items() if k != "lr" and not (self.token_scale and k == "tokens")}
         self.say(f"step {step:>{len(str(total))}}/{total} | loss {loss:.4f} | "
-                 f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {tok_s:,.0f} tok/s | "
-                 f"MFU {mfu * 100:.1f}% | data {wait_ms:.1f} ms | eta {fmt_duration(eta)}"
-                 + "".join(f" | {k} {x:.4f}" for k, x in metrics.items() if k != "lr"))
-        self.log.log(step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm,
-                            "perf/tok_s": tok_s, "perf/mfu": mfu, "perf/step_ms": dt * 1000,
-                            "perf/data_wait_ms": wait_ms,
-                            "train/bad_steps": guard.bad_total, "train/loss_spikes": guard.spikes}
-                     | {f"train/{k}": x for k, x in metrics.items() if k != "lr"}
+                 f"lr {metrics['lr']:.2e} | norm {norm:.3f} | {dt * 1000:.1f} ms | {speed} | "
+                 f"data {wait_ms:.1f} ms | eta {fmt_duration(eta)}"
+                 + "".join(f" | {k} {x:.4f}" for k, x in shown.items()))
+        self.log.log(step, {"train/loss": loss, "train/lr": metrics["lr"], "train/grad_norm": norm}
+                     | perf | {"perf/step_ms": dt * 1000, "perf/data_wait_ms": wait_ms,
+                               "train/bad_steps": guard.bad_total, "train/loss_spikes": guard.spikes}
+                     | {f"train/{k}": x for k, x in shown.items()}
                      | {f"train/lr_{role}": g["lr"]  # train.optimizer=muon: each group's own (MuonAdamW.roles)
                         for role, g in zip(getattr(self.optimizer, "roles", ()), self.optimizer.param_groups)})
-        self.window_t, self.window_steps = time.perf_counter(), 0
+        self.window_t, self.window_steps, self.window_tokens = time.perf_counter(), 0, 0.0

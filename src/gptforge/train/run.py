@@ -183,23 +183,36 @@ def report(result: dict, cfg: Config, stage: str) -> None:
               + f"; checkpoint in {cfg.train.out_dir}/checkpoints", file=sys.stderr)
 
 
+def grpo_check(g):
+    """The grpo section's reward as the judge of generative eval tasks (train.eval_tasks, grpo's data.val_path)."""
+    from gptforge.objectives.rewards import Check
+
+    return Check(g.reward, g.tolerance, g.format_regex, g.max_new_tokens)
+
+
 def task_evaluator(cfg: Config, env, tok, chat: bool):
-    """train.eval_tasks -> model -> {"eval/<task>/acc": .., "eval/<task>/acc_norm": ..} (None: no tasks).
+    """train.eval_tasks -> model -> {"eval/<task>/acc": .., "eval/<task>/acc_norm": ..} (None: no tasks); a
+    generative task: eval/<task>/acc and reward, judged by the grpo section's reward (grpo_check).
     The task files are read (and checked) now, before training starts."""
     from gptforge.data.tasks import load_task
     from gptforge.objectives.scoring import score_task
+    from gptforge.parallel.layout import resolve_strategy
 
     specs = [t.strip() for t in cfg.train.eval_tasks.split(",") if t.strip()]
     if not specs:
         return None
     tasks = [load_task(t, cfg.train.eval_tasks_limit or None) for t in specs]
-    precision = cfg.train.precision
+    gen = [t.name for t in tasks if t.generative]
+    if gen and (env.tp_size > 1 or resolve_strategy(env, cfg.parallel) == "fsdp"):
+        raise UserError(f"train.eval_tasks: the generative task {gen[0]} decodes with the whole model on every rank; "
+                        "use --parallel.strategy=ddp or leave it out of train.eval_tasks")
+    precision, check = cfg.train.precision, grpo_check(cfg.grpo)
 
     def evaluate(model) -> dict[str, float]:
         out = {}
         with autocast(env.device, precision):
             for task in tasks:
-                r = score_task(model, tok, task, chat, env.dp_rank, env.dp_size, cfg.train.micro_batch)
+                r = score_task(model, tok, task, chat, env.dp_rank, env.dp_size, cfg.train.micro_batch, check)
                 out |= {f"eval/{task.name}/{m}": v for m, (v, _) in r["metrics"].items()}
         return out
 
@@ -215,7 +228,7 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         data = recipe.setup()
         tok = data.tokenizer
         model, mcfg = init_model(cfg, env, tok.vocab_size)
-        lora_files = setup_lora(cfg, recipe, model, env)  # {} unless lora.rank > 0
+        lora_files = setup_lora(cfg, recipe, model, env, tok)  # {} unless lora.rank > 0
         settle_layout(env, cfg, mcfg)  # the mesh across nodes depends on the model's size
         recipe.say(describe_model(cfg, model, mcfg) + f" | data: {data.label}")
         if cfg.train.auto:

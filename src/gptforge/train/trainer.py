@@ -97,8 +97,13 @@ class Trainer:
         self.last_val: float | None = None
         self.log = MetricsLogger(self.out_dir, env.is_main, t.tensorboard, t.wandb, cfg.to_dict())
         self.guard = StepGuard(t, lambda msg: self.print(msg, file=sys.stderr))
+        if not getattr(objective, "spike_check", True):  # a loss near 0 that changes sign (GRPO): no spike warning
+            self.guard.factor = 0.0
         self.stepsync = StepSync(env)
-        self.meter = StepMeter(self.print, self.log, self.tokens_per_step, flops_per_token(model_cfg), self.optimizer)
+        # an objective whose rows are not block_size windows (GRPO) counts its own tokens: metrics["tokens"]
+        self.counts_tokens = bool(getattr(objective, "counts_tokens", False))
+        self.meter = StepMeter(self.print, self.log, self.tokens_per_step, flops_per_token(model_cfg), self.optimizer,
+                               t.grad_accum * env.world_size if self.counts_tokens else 0)
         self.ckpt = CheckpointManager(t, env, model, self.optimizer, self, files, model_cfg, self.local_sgd,
                                       self.log, self.print)
 
@@ -256,8 +261,9 @@ class Trainer:
                     "tok_s": 0.0, "finished": True}
         self.model.train()
         self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
-                   f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks) = "
-                   f"{self.tokens_per_step:,} tokens/step | precision {self.precision}"
+                   f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks)"
+                   + ("" if self.counts_tokens else f" = {self.tokens_per_step:,} tokens/step")
+                   + f" | precision {self.precision}"
                    + (f" ({self.precision_why})" if self.precision_why else "")
                    + (f" ({self.tf32})" if self.tf32 else "") + f" | device {self.device}")
         self.meter.start(self.step, self.end, self.total_steps, env.is_main and t.progress,
@@ -306,7 +312,8 @@ class Trainer:
                   "val_loss": self.last_val, "wall_s": wall, "train_s": self.meter.training_seconds(),
                   "losses": self.history, "save_stalls": self.ckpt.stalls,
                   "bad_steps": self.guard.bad_total, "loss_spikes": self.guard.spikes,
-                  "tok_s": (self.step - self.meter.step_start) * self.tokens_per_step / wall if wall > 0 else 0.0}
+                  "tok_s": (self.meter.counted_tokens if self.counts_tokens else
+                            (self.step - self.meter.step_start) * self.tokens_per_step) / wall if wall > 0 else 0.0}
         if stop.agreed:
             result |= {"stopped": stop.name, "status": stop.status, "checkpoint": str(self.ckpt.last_path)}
         elif self.sample_fn is not None and self.tcfg.sample_tokens > 0:
@@ -320,6 +327,7 @@ class Trainer:
         """The host's side of step v.step, once its values are read: history, a finished background save, the
         agreed stop signal, the NaN guard. True when it rolled back (the caller drops the step in flight)."""
         self.history.append(v.loss)
+        self.meter.count(v.metrics)
         if self.ckpt.pending is not None and v.saved:
             self.ckpt.finish_pending()  # every rank has written it: complete (rename, rotate) now
         stop.agree(v.signal)
