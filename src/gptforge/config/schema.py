@@ -116,9 +116,10 @@ class TrainSection:
     eval_every: int = 100
     eval_batches: int = 20
     eval_tasks: str = ""
-    """comma list of local multiple-choice task files (gptforge eval's format) scored every eval_every steps,
-    data-parallel over ranks: curves eval/<task>/acc and acc_norm beside val/loss (chat stages: through the
-    chat template)"""
+    """comma list of local task files (gptforge eval's formats) scored every eval_every steps, data-parallel over
+    ranks, beside val/loss (chat stages: through the chat template): multiple-choice -> eval/<task>/acc and
+    acc_norm; generative ({"prompt", "answer"} lines) -> eval/<task>/acc and reward of the greedy completions,
+    judged by grpo.reward (grpo.tolerance, grpo.format_regex; up to grpo.max_new_tokens tokens)"""
     eval_tasks_limit: int = 0
     """examples per task during training (0: all)"""
     save_every: int = 0
@@ -258,7 +259,8 @@ class GRPOSection:
     max_new_tokens: int = 64
     """longest completion in tokens (also cut at the model's context)"""
     temperature: float = 1.0
-    """sampling temperature of the rollouts (log-probs are the model's own, temperature 1)"""
+    """sampling temperature T of the rollouts; the loss's log-probs (policy, sampler, reference) are all of
+    softmax(logits / T), as TRL's"""
     kl_coef: float = 0.04
     """weight of the per-token KL (k3 estimator) to the reference, the starting model; 0: no reference in memory"""
     clip_eps: float = 0.2
@@ -280,6 +282,27 @@ class GRPOSection:
         in_range("grpo.tolerance", self.tolerance, 0, float("inf"))
         if not self.reward.strip():
             fail("grpo.reward", "a checker name (exact, number, regex) or MODULE:FUNCTION", self.reward)
+
+
+@dataclass
+class DistillSection:
+    """distill: a student (model.* or --init-from) trained on a teacher's next-token distribution (same tokenizer)."""
+
+    teacher: Annotated[Optional[str], _alias("--teacher")] = None
+    """the teacher: a gptforge run/checkpoint dir or a Hugging Face folder (frozen, inference mode; bf16 on a GPU)"""
+    alpha: float = 0.5
+    """loss = alpha * tau^2 * KL(teacher || student) + (1 - alpha) * cross-entropy on the data's tokens; 1: KL alone"""
+    temperature: float = 1.0
+    """tau: both distributions softened as softmax(logits / tau) in the KL term (the CE stays at 1)"""
+    data: Literal["auto", "text", "chat"] = "auto"
+    """text: data.path read as pretrain reads it; chat: JSONL conversations as sft reads them (loss on assistant
+    tokens); auto: chat when data.path is a JSONL file whose first record is a conversation, else text"""
+
+    def check(self) -> None:
+        in_range("distill.alpha", self.alpha, 0, 1, "1: the KL alone, 0: the cross-entropy alone", high_open=False)
+        positive("distill.temperature", self.temperature, "e.g. 1.0 or 2.0")
+        if self.teacher is not None and not self.teacher.strip():
+            fail("distill.teacher", "a run/checkpoint dir or a Hugging Face folder", self.teacher)
 
 
 # lora.targets: a group name stands for its projections (gptforge.model.gpt's module names)
@@ -310,6 +333,9 @@ class LoRASection:
     """dropout on the adapters' input (e.g. 0.05)"""
     targets: str = "attn,mlp"
     """comma list: attn (q, k, v, o_proj), mlp (gate, up, down_proj) or single projection names"""
+    train_tokens: str = "chat"
+    """embedding (and untied head) rows trained with the adapters, so that a base that never saw the chat
+    template learns its tokens: chat (<|im_start|>, <|im_end|>), none, or a comma list of tokens"""
 
     def check(self) -> None:
         if type(self.rank) is not int or self.rank < 0:
@@ -317,6 +343,9 @@ class LoRASection:
         positive("lora.alpha", self.alpha, "e.g. 16")
         in_range("lora.dropout", self.dropout, 0, 1, "e.g. 0.05")
         lora_target_names(self.targets)
+        if not isinstance(self.train_tokens, str) or not all(s.strip() for s in self.train_tokens.split(",")):
+            fail("lora.train_tokens", "chat, none or a comma list of tokens", self.train_tokens,
+                 "e.g. <|im_start|>,<|im_end|>")
 
 # The train keys that make up a run's recipe: a resume takes them from the checkpoint's config.json unless the
 # command line sets them (config.loader.restore_recipe), so that changed defaults never alter a run under way.
@@ -337,6 +366,7 @@ class Config:
     dpo: DPOSection = field(default_factory=DPOSection)
     lora: LoRASection = field(default_factory=LoRASection)
     grpo: GRPOSection = field(default_factory=GRPOSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     def to_dict(self) -> dict:
         return asdict(self)

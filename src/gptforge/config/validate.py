@@ -20,7 +20,7 @@ def check_config(cfg: Config) -> Config:
         cfg.model.validate()
     except ValueError as e:
         raise UserError(str(e)) from None
-    for section in (cfg.train, cfg.data, cfg.parallel, cfg.sft, cfg.dpo, cfg.grpo, cfg.lora):
+    for section in (cfg.train, cfg.data, cfg.parallel, cfg.sft, cfg.dpo, cfg.grpo, cfg.lora, cfg.distill):
         section.check()
     return cfg
 

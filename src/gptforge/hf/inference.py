@@ -34,13 +34,15 @@ def has_chat_template(checkpoint: str) -> bool:
 
 
 def _mask_logits_from(model, n: int) -> None:
-    """Logits of ids >= n become -inf in every forward that returns logits (inference only)."""
-    def hook(_module, _args, out):
-        if isinstance(out, torch.Tensor) and out.dim() == 3 and out.shape[-1] == model.cfg.vocab_size:
+    """Logits of ids >= n become -inf in every forward that returns logits (inference only; a forward with a
+    `head` returns something else: a distillation teacher's hidden states)."""
+    def hook(_module, _args, kwargs, out):
+        if (kwargs.get("head") is None and isinstance(out, torch.Tensor) and out.dim() == 3
+                and out.shape[-1] == model.cfg.vocab_size):
             out[..., n:] = float("-inf")
         return out
 
-    model.register_forward_hook(hook)
+    model.register_forward_hook(hook, with_kwargs=True)
 
 
 def load_for_inference(checkpoint: str, device: str = "auto"):
