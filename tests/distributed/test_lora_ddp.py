@@ -4,6 +4,8 @@ LoRA under DDP, its live reference the policy with the adapters off, equals one 
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -38,6 +40,9 @@ def test_lora_sft_and_dpo_ddp_fsdp_equal_single_process(tmp_path, data):  # noqa
         for run in (ddp, fsdp):  # saved by 2 ranks, merged into the base at load
             d = (load_checkpoint_model(checkpoint_dir_of(run))(x) - want).abs().max().item()
             assert d < 1e-5, (run.name, d)
+        rows = json.loads((checkpoint_dir_of(fsdp) / "lora.json").read_text())["train_token_ids"]
+        was, now = (load_checkpoint_model(checkpoint_dir_of(r)).tok_emb.weight for r in (base, fsdp))
+        assert len(rows) == 2 and (was != now).any(1).nonzero().flatten().tolist() == sorted(rows)  # chat rows
 
     one, two = tmp_path / "dpo_one", tmp_path / "dpo_two"
     dpo = [*common, "--dpo.beta=0.5"]

@@ -22,7 +22,7 @@ from gptforge.hf.export import export_hf
 from gptforge.hf.inference import load_for_inference
 from gptforge.hf.init_from import base_reference, load_checkpoint_model
 from gptforge.hf.peft_export import export_peft_adapter
-from gptforge.lora import adapters_disabled, apply_lora, has_lora, lora_record, merge_lora
+from gptforge.lora import adapters_disabled, apply_lora, has_lora, lora_record, merge_lora, train_token_ids
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import DistEnv
 from support.stage_fixtures import reverse_conversations, sft_args, write_jsonl
@@ -44,7 +44,7 @@ def randomise_adapters(model, seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
+            if "lora_B" in n or "trainable_tokens_delta" in n:  # (trained embedding rows: their values)
                 p.copy_(torch.randn(p.shape, generator=g) * 0.2)
 
 
@@ -88,6 +88,63 @@ def test_only_adapters_change_in_optimizer_steps():
     assert {n for n in before if ".lora_B." in n} <= changed  # every B left zero
 
 
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # gpt2: a tied head (the embedding's rows), llama: untied
+def test_train_tokens_change_only_their_rows_merge_equals_unmerged(arch):
+    """lora.train_tokens: the rows of the chosen tokens train (in the embedding and an untied head, with the
+    adapters), no other row; zero change at the start, the base with the adapters off, merge equals unmerged."""
+    ids = [3, 7]
+    model = build_model(small(arch), seed=2)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x = torch.randint(0, VOCAB, (4, 17), generator=torch.Generator().manual_seed(3))
+    x[:, ::4] = 3  # the chosen tokens as inputs and as targets
+    x[:, 2::4] = 7
+    with torch.no_grad():
+        want0 = model(x[:, :-1])
+        apply_lora(model, LC, ids)
+        assert torch.equal(model(x[:, :-1]), want0)  # rows start as the base's, B = 0
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    rows = {n for n in trained if "trainable_tokens_delta" in n}
+    assert rows == ({"tok_emb.token_adapter.trainable_tokens_delta.default"} | (
+        set() if arch == "gpt2" else {"lm_head.token_adapter.trainable_tokens_delta.default"}))
+    assert all(".lora_" in n for n in trained - rows)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        unmerged = model(x[:, :-1])
+        with adapters_disabled(model):
+            assert torch.equal(model(x[:, :-1]), want0)
+        merge_lora(model)
+        d = (model(x[:, :-1]) - unmerged).abs().max().item()
+    assert d < 1e-5, d
+    assert type(model.tok_emb) is torch.nn.Embedding and type(model.lm_head) is torch.nn.Linear
+    assert (model.lm_head.weight is model.tok_emb.weight) == (arch == "gpt2")  # still tied / untied
+    merged = dict(model.named_parameters())
+    for name in ("tok_emb.weight", "lm_head.weight"):
+        if name not in merged:
+            continue  # tied: the embedding itself
+        moved = (merged[name] != base[name]).any(1).nonzero().flatten().tolist()
+        assert moved == ids, (name, moved)
+    assert {n for n in base if n in merged and not torch.equal(base[n], merged[n])} == \
+        {n for n in merged if n.endswith("_proj.weight")} | ({"tok_emb.weight"} | (
+            set() if arch == "gpt2" else {"lm_head.weight"}))
+
+
+def test_train_tokens_resolve_from_the_tokenizer():
+    from gptforge.data.tokenizer import build_tokenizer
+
+    tok = build_tokenizer("char", ["hello"])
+    names, ids = train_token_ids("chat", tok)
+    assert names == ["<|im_start|>", "<|im_end|>"] and ids == [tok.hf.token_to_id(s) for s in names]
+    assert train_token_ids("none", tok) == ([], [])
+    assert train_token_ids("<|endoftext|>, h", tok)[1] == [tok.eos_id, tok.encode("h")[0]]
+    with pytest.raises(UserError, match="lora.train_tokens: hel is not a token"):
+        train_token_ids("h,hel", tok)
+
+
 def _lora_checkpoint(root: Path, arch: str):
     """A base checkpoint and a LoRA checkpoint on it (random adapters), as a LoRA run saves them."""
     from gptforge.data.tokenizer import build_tokenizer
@@ -100,9 +157,10 @@ def _lora_checkpoint(root: Path, arch: str):
     files["model_config.json"] = json.dumps(cfg.complete().to_dict())
     model = build_model(cfg, seed=5).eval()
     base = save_checkpoint(root / "base", 3, model, None, {"step": 3}, DistEnv(), files)
-    apply_lora(model, LC)
-    randomise_adapters(model, seed=7)
-    rec = json.dumps(lora_record(LC, base_reference(root / "base")))
+    tokens = train_token_ids("chat", tok)
+    apply_lora(model, LC, tokens[1])
+    randomise_adapters(model, seed=7)  # and the chat tokens' rows
+    rec = json.dumps(lora_record(LC, base_reference(root / "base"), tokens))
     ck = save_checkpoint(root / "lora", 5, model, None, {"step": 5}, DistEnv(), files | {"lora.json": rec})
     return base, ck, model, tok
 
@@ -132,6 +190,8 @@ def test_export_merges_and_peft_adapter_gives_our_unmerged_logits(tmp_path, arch
     adapter = export_peft_adapter(ck, tmp_path / "adapter")
     keys = json.loads((adapter / "adapter_config.json").read_text())
     assert keys["peft_type"] == "LORA" and keys["r"] == 4
+    chat = [tok.hf.token_to_id(s) for s in ("<|im_start|>", "<|im_end|>")]
+    assert keys["trainable_token_indices"] == (chat if arch == "gpt2" else {"embed_tokens": chat, "lm_head": chat})
     peft_model = peft.PeftModel.from_pretrained(hf_base, adapter).eval()
     with torch.no_grad():
         d = (peft_model(x).logits - want).abs().max().item()
@@ -172,14 +232,20 @@ def test_sft_lora_run_saves_only_adapters_resumes_exactly_and_loads_merged(tmp_p
     ck = checkpoint_dir_of(tmp_path / "a")
     keys = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
     model_keys = [k for k in keys if k.startswith("model.")]
-    assert model_keys and all(".lora_" in k for k in model_keys), [k for k in model_keys if ".lora_" not in k]
+    rows = {f"model.{m}.token_adapter.trainable_tokens_delta.default" for m in ("tok_emb", "lm_head")}
+    assert model_keys and all(".lora_" in k for k in set(model_keys) - rows), model_keys
+    assert rows & set(model_keys)  # lora.train_tokens=chat (the default): the chat tokens' rows
     rec = json.loads((ck / "lora.json").read_text())
     assert rec["base"] == base_reference(trained_run) and rec["rank"] == 4
+    assert rec["train_tokens"] == ["<|im_start|>", "<|im_end|>"] and len(rec["train_token_ids"]) == 2
 
     base, merged = load_checkpoint_model(checkpoint_dir_of(trained_run)), load_checkpoint_model(ck)
     b, m = dict(base.named_parameters()), dict(merged.named_parameters())
     changed = {n for n in b if not torch.equal(b[n], m[n])}
-    assert changed == {n for n in b if n.endswith("_proj.weight")}  # the adapted projections, nothing else
+    heads = {n for n in b if n in ("tok_emb.weight", "lm_head.weight")}
+    assert changed == {n for n in b if n.endswith("_proj.weight")} | heads  # the adapted projections, the rows:
+    for n in heads:
+        assert (b[n] != m[n]).any(1).nonzero().flatten().tolist() == sorted(rec["train_token_ids"])
     model, tok, _ = load_for_inference(str(tmp_path / "a"), "cpu")  # generate/chat/serve/eval's loader
     x = torch.randint(0, tok.vocab_size, (1, 16))
     with torch.no_grad():  # (it masks the rows a padded vocabulary adds past the tokenizer's)
@@ -222,6 +288,8 @@ def test_dpo_lora_reference_is_the_base_without_adapters(tmp_path, trained_run):
     (["--lora.rank=-1"], "lora.rank"),
     (["--lora.targets=attn,ffn"], "lora.targets"),
     (["--lora.rank=4", "--lora.dropout=1"], "lora.dropout"),
+    (["--lora.rank=4", "--lora.train_tokens=<|im_end|>,"], "lora.train_tokens"),
+    (["--lora.rank=4", "--lora.train_tokens=<|im_end|>,<|nope|>"], "lora.train_tokens: <|nope|> is not a token"),
 ])
 def test_config_refusals(tmp_path, chats, trained_run, capsys, argv, match):
     assert main(["sft", *sft_args(tmp_path, chats, f"--init-from={trained_run}", "--train.max_steps=1", *argv)]) == 2

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from gptforge.checkpoint.commit import (  # noqa: F401
     STATE_FILE, PendingSave, list_checkpoints, rotate, run_checkpoints, state_nbytes)
 from gptforge.errors import UserError
-from gptforge.lora import has_lora
+from gptforge.lora import has_lora, is_adapter_key
 from gptforge.model.gpt import GPTConfig, build_model
 from gptforge.parallel.mesh import all_true, barrier, broadcast_object, on_main
 from gptforge.parallel.parallelize import unwrap
@@ -58,9 +58,9 @@ def _sd_options(model, **kw):
 
 
 def _adapters_only(model, msd: dict) -> dict:
-    """A LoRA model's state dict cut to its adapters: torch's ignore_frozen_params keeps a frozen weight that is
-    tied (lm_head.weight, the embedding: the largest matrix of the base)."""
-    return {k: v for k, v in msd.items() if ".lora_" in k} if has_lora(model) else msd
+    """A LoRA model's state dict cut to its adapters and trained embedding rows: torch's ignore_frozen_params keeps
+    a frozen weight that is tied (lm_head.weight, the embedding: the largest matrix of the base)."""
+    return {k: v for k, v in msd.items() if is_adapter_key(k)} if has_lora(model) else msd
 
 
 def rng_state() -> dict:

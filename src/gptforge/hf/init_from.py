@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gptforge.checkpoint import checkpoint_dir_of, load_model_weights, model_config
-from gptforge.lora import apply_lora, merge_lora, read_lora_record, record_settings
+from gptforge.lora import apply_lora, merge_lora, read_lora_record, record_settings, record_token_ids
 from gptforge.config.loader import round_vocab
 from gptforge.data.tokenizer import load_tokenizer
 from gptforge.errors import UserError
@@ -184,7 +184,7 @@ def load_lora(ck: Path, model):
         raise UserError(f"LoRA checkpoint '{ck}': its base '{base['path']}' has other weights than it was trained "
                         f"on (sha256 differs from {str(base.get('sha256'))[:12]}); restore that base model")
     load_init_weights(base["path"], model)
-    apply_lora(model, record_settings(rec))
+    apply_lora(model, record_settings(rec), record_token_ids(rec))
     load_model_weights(ck, model)  # the adapters only (gptforge.checkpoint: a LoRA model's trainable parameters)
     return model
 

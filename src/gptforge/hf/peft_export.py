@@ -6,7 +6,9 @@ adapter_model.safetensors with PEFT's key names), for users of peft:
 
 Names: our projections -> the Hugging Face modules (gptforge.hf.mapping.name_map). GPT-2's fused
 c_attn = concat(q, k, v) gets one adapter of rank k*r (k of q, k, v adapted): A = concat(A_q, A_k, A_v) and B
-block-diagonal, exactly the sum of the three adapters; rank_pattern / alpha_pattern keep its scale alpha / r."""
+block-diagonal, exactly the sum of the three adapters; rank_pattern / alpha_pattern keep its scale alpha / r.
+Embedding rows trained with lora.train_tokens go in as PEFT's trainable_token_indices (PEFT >= 0.15): the rows of
+the embedding (and of an untied lm_head; PEFT ties a tied head to the embedding's rows itself)."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from gptforge.checkpoint import checkpoint_dir_of, model_config
 from gptforge.errors import UserError
 from gptforge.hf.init_from import load_lora
 from gptforge.hf.mapping import check_exportable, name_map
-from gptforge.lora import adapter_tensors, read_lora_record, require_peft
+from gptforge.lora import adapter_tensors, read_lora_record, require_peft, token_rows
 from gptforge.model.gpt import build_model
 
 PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: the PeftModel's names with the adapter name removed
@@ -60,6 +62,20 @@ def peft_state_dict(adapters: dict, cfg) -> tuple[dict[str, torch.Tensor], dict[
     return tensors, ranks
 
 
+def peft_token_rows(rows: dict, cfg) -> tuple[dict[str, torch.Tensor], list[int] | dict[str, list[int]] | None]:
+    """Our trained embedding rows (gptforge.lora.token_rows) -> (PEFT's tensors, its trainable_token_indices: the
+    ids for a tied head, {embedding module: ids, lm_head: ids} for an untied one)."""
+    hf = {e.ours[0]: e.hf[:-len(".weight")] for e in name_map(cfg) if e.ours[0] in ("tok_emb.weight", "lm_head.weight")}
+    tensors, indices = {}, {}
+    for ours, (ids, values) in rows.items():
+        module = hf[f"{ours}.weight"]
+        tensors[f"{PEFT_PREFIX}{module}.token_adapter.trainable_tokens_delta"] = values.float().contiguous().clone()
+        indices[module.rsplit(".", 1)[-1]] = ids
+    if not indices:
+        return tensors, None
+    return tensors, (next(iter(indices.values())) if len(indices) == 1 else indices)
+
+
 def export_peft_adapter(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     """The adapters of a LoRA checkpoint (or run dir) -> a PEFT adapter folder."""
     ck = checkpoint_dir_of(ckpt_dir)
@@ -71,14 +87,16 @@ def export_peft_adapter(ckpt_dir: str | Path, out_dir: str | Path) -> Path:
     check_exportable(cfg)
     model = load_lora(ck, build_model(cfg, "cpu"))
     tensors, ranks = peft_state_dict(adapter_tensors(model), cfg)
+    rows, token_indices = peft_token_rows(token_rows(model), cfg)
     r, alpha = rec["rank"], float(rec["alpha"])
     short = {hf.rsplit(".", 1)[-1]: k for hf, k in ranks.items() if k != r}  # c_attn: k * r
     conf = require_peft().LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=rec["dropout"], target_modules=sorted(ranks), bias="none",
         task_type="CAUSAL_LM", fan_in_fan_out=cfg.arch == "gpt2", base_model_name_or_path=rec["base"]["path"],
-        rank_pattern=short, alpha_pattern={n: alpha * k / r for n, k in short.items()})
+        rank_pattern=short, alpha_pattern={n: alpha * k / r for n, k in short.items()},
+        trainable_token_indices=token_indices)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     conf.save_pretrained(str(out))
-    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_file(tensors | rows, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
     return out

@@ -10,7 +10,8 @@ from pathlib import Path
 from gptforge import checkpoint as ckpt_mod
 from gptforge.errors import UserError
 from gptforge.hf.init_from import base_reference
-from gptforge.lora import LORA_FILE, adapters_disabled, apply_lora, lora_record
+from gptforge.lora import (LORA_FILE, adapters_disabled, apply_lora, is_adapter_key, lora_record, record_token_ids,
+                          train_token_ids)
 from gptforge.parallel.mesh import on_main
 
 
@@ -27,20 +28,23 @@ def check_lora_run(cfg, recipe) -> None:
                         "tensor-parallel; use parallel.tp=1 (DDP or FSDP shard the model instead)")
 
 
-def setup_lora(cfg, recipe, model, env) -> dict[str, str]:
-    """lora.rank > 0: adapters on `model` (plain, base weights loaded), base frozen -> {lora.json: text} for the
-    checkpoints; {} when LoRA is off."""
+def setup_lora(cfg, recipe, model, env, tok) -> dict[str, str]:
+    """lora.rank > 0: adapters on `model` (plain, base weights loaded) and the lora.train_tokens rows of its
+    embedding, base frozen -> {lora.json: text} for the checkpoints; {} when LoRA is off."""
     lc = cfg.lora
     if not lc.rank:
         return {}
     check_lora_run(cfg, recipe)
     base = on_main(lambda: base_reference(cfg.train.init_from), env)
-    apply_lora(model, lc)
+    tokens = train_token_ids(lc.train_tokens, tok)
+    apply_lora(model, lc, tokens[1])
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    n_all = sum(p.numel() for p in model.parameters())
-    recipe.say(f"lora: rank {lc.rank}, alpha {lc.alpha:g}, dropout {lc.dropout:g} on {lc.targets}: {n_train:,} "
-               f"trainable parameters ({n_train / n_all:.2%} of {n_all:,}); base {base['path']} frozen")
-    return {LORA_FILE: json.dumps(lora_record(lc, base), indent=2) + "\n"}
+    n_all = sum(p.numel() for n, p in model.named_parameters() if not is_adapter_key(n))  # the base's
+    rows = f" + embedding rows {', '.join(tokens[0])}" if tokens[0] else ""
+    recipe.say(f"lora: rank {lc.rank}, alpha {lc.alpha:g}, dropout {lc.dropout:g} on {lc.targets}{rows}: "
+               f"{n_train:,} trainable parameters ({n_train / n_all:.2%} of the model's {n_all:,}); "
+               f"base {base['path']} frozen")
+    return {LORA_FILE: json.dumps(lora_record(lc, base, tokens), indent=2) + "\n"}
 
 
 def check_lora_resume(ck: Path, files: dict, env) -> None:
@@ -51,17 +55,19 @@ def check_lora_resume(ck: Path, files: dict, env) -> None:
 
     was = on_main(saved, env)
     now = json.loads(files[LORA_FILE]) if LORA_FILE in files else None
-    key = lambda r: None if r is None else (r["rank"], r["alpha"], r["targets"], r["base"].get("sha256"))  # noqa: E731
+    key = lambda r: None if r is None else (r["rank"], r["alpha"], r["targets"], record_token_ids(r),  # noqa: E731
+                                            r["base"].get("sha256"))
     if key(was) == key(now):
         return
     if was is None:
         raise UserError(f"cannot resume from '{ck}': it was trained without LoRA; resume with --lora.rank=0, or "
                         "start the LoRA run in a new train.out_dir")
-    if now is not None and key(was)[:3] == key(now)[:3]:
+    if now is not None and key(was)[:4] == key(now)[:4]:
         raise UserError(f"cannot resume from '{ck}': its adapters were trained on base {was['base']['path']} "
                         f"(sha256 {was['base']['sha256'][:12]}), not on this --init-from; pass that base")
     raise UserError(f"cannot resume from '{ck}': it holds LoRA adapters of another shape; resume with "
-                    f"--lora.rank={was['rank']} --lora.alpha={was['alpha']:g} --lora.targets={was['targets']}")
+                    f"--lora.rank={was['rank']} --lora.alpha={was['alpha']:g} --lora.targets={was['targets']} "
+                    f"--lora.train_tokens={','.join(was.get('train_tokens', [])) or 'none'}")
 
 
 class BaseOnly:
