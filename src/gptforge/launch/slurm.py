@@ -213,8 +213,8 @@ def _launch(opts: SlurmOptions, nproc: int) -> list[str]:
         if getattr(opts, key):
             srun.append(f"--{key.replace('_', '-')}={shlex.quote(getattr(opts, key))}")
     torchrun = [shell_word(a) for a in _spec(opts, nproc).torchrun_argv(gptforge_target([]))]
-    requeue = (f'  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL; requeueing it (the run resumes from its '
-               f'checkpoint)"\n  scontrol requeue "$SLURM_JOB_ID"' if not opts.no_requeue else
+    requeue = ('  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL; requeueing it (the run resumes from its '
+               'checkpoint)"\n  scontrol requeue "$SLURM_JOB_ID"' if not opts.no_requeue else
                '  echo "gptforge: job $SLURM_JOB_ID stopped by SIG$STOP_SIGNAL (--no-requeue: not requeued)"')
     lines = [" ".join(srun) + " \\", "  " + " ".join(torchrun) + " \\",
              "  " + shlex.join(with_resume(opts.command)) + " &",
