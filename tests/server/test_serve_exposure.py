@@ -136,13 +136,14 @@ def test_public_bind_needs_a_key_from_the_environment_or_a_file(trained_run, tmp
     assert "cannot be read" in _serve_fails("--checkpoint", ck, "--api-key-file", str(tmp_path / "nope"), env=env)
     (tmp_path / "empty").write_text("\n")
     assert "is empty" in _serve_fails("--checkpoint", ck, "--api-key-file", str(tmp_path / "empty"), env=env)
-    # --allow-no-key passes the check (with a warning); the port is taken, so it stops there
-    with socket.socket() as busy:
-        busy.bind(("0.0.0.0", 0))
-        busy.listen()
-        err = _serve_fails("--checkpoint", ck, "--host", "0.0.0.0", "--port", str(busy.getsockname()[1]),
-                           "--allow-no-key", env=env)
-    assert "warning: listening on 0.0.0.0 without an API key" in err and "could not listen" in err
+    # --allow-no-key (or its alias --insecure) passes the check (with a warning); the port is taken, so it stops there
+    for flag in ("--allow-no-key", "--insecure"):
+        with socket.socket() as busy:
+            busy.bind(("0.0.0.0", 0))
+            busy.listen()
+            err = _serve_fails("--checkpoint", ck, "--host", "0.0.0.0", "--port", str(busy.getsockname()[1]),
+                               flag, env=env)
+        assert "warning: listening on 0.0.0.0 without an API key" in err and "could not listen" in err, flag
     # the key from the environment: required on /v1, absent from the command line; the Host is not checked
     # on a public bind (clients name it by any address)
     with running_server(trained_run, tmp_path / "log", "--host", "0.0.0.0", env={"GPTFORGE_API_KEY": API_KEY}) \

@@ -21,6 +21,9 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
+
+import tyro
 
 from gptforge.errors import UserError
 from gptforge.hardware import check_device_name
@@ -44,8 +47,9 @@ class ServeOptions:
     environment variable GPTFORGE_API_KEY, used when no key option is given, or --api-key-file)"""
     api_key_file: str | None = None
     """read the API key from this file (one line)"""
-    allow_no_key: bool = False
-    """serve a non-loopback --host without an API key (anyone who can reach the port can use the model)"""
+    allow_no_key: Annotated[bool, tyro.conf.arg(aliases=("--insecure",))] = False
+    """serve a non-loopback --host without an API key (anyone who can reach the port can use the model);
+    --insecure is the same flag"""
     allowed_hosts: str = ""
     """comma-separated names the Host header may give besides localhost, 127.0.0.1 and [::1] (checked on a
     loopback --host, against DNS rebinding; on another --host only when given; * turns the check off)"""
