@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptforge.model.gpt import soft_cap
-from gptforge.objectives.head import _compute_dtype, _upcast, default_chunk_rows
+from gptforge.objectives.head import _compute_dtype, _upcast, default_chunk_rows, linear_cross_entropy
 
 MODEL_KEYS = ("attn_mask", "positions", "doc_ids")
 
@@ -114,10 +114,5 @@ class DistillObjective:
 
 
 def _ce_only(h, w, labels, vocab, chunk_rows=None, softcap=0.0):
-    """Sum of the CE over the real vocabulary (validation), one chunk of rows at a time."""
-    h2, y = h.reshape(-1, h.shape[-1]), labels.reshape(-1)
-    dtype = _compute_dtype(h2) or h2.dtype
-    rows = chunk_rows or default_chunk_rows(h2.shape[0], vocab)
-    with torch.autocast(h2.device.type, enabled=False):
-        return sum(F.cross_entropy(_logits(h2[s:s + rows], w, dtype, vocab, softcap), y[s:s + rows],
-                                   ignore_index=-100, reduction="sum") for s in range(0, h2.shape[0], rows))
+    """Sum of the CE over the real vocabulary (validation): the chunked CE of objectives.head on the real rows."""
+    return linear_cross_entropy(h, w[:vocab], labels, "chunked", "sum", chunk_rows, softcap)
