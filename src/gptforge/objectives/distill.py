@@ -28,10 +28,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from gptforge.model.gpt import soft_cap
-from gptforge.objectives.head import _compute_dtype, _upcast, default_chunk_rows, linear_cross_entropy
-
-MODEL_KEYS = ("attn_mask", "positions", "doc_ids")
-
+from gptforge.objectives.head import _compute_dtype, _upcast, default_chunk_rows, linear_cross_entropy, model_inputs
 
 def _logits(h: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, vocab: int, cap: float) -> torch.Tensor:
     z = _upcast(F.linear(h.to(dtype), w[:vocab].to(dtype)))
@@ -91,13 +88,13 @@ class DistillObjective:
         teacher.eval()
 
     def teacher_hidden(self, batch: dict) -> torch.Tensor:
-        kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+        kw = model_inputs(batch)
         with torch.inference_mode():
             h = self.teacher(batch["input_ids"], head=_hidden, **kw)
         return h.clone()  # out of inference mode: a plain tensor the student's chunks may keep for backward
 
     def __call__(self, model, batch: dict):
-        kw = {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+        kw = model_inputs(batch)
         labels = batch["labels"]
         denom = batch.get("loss_denom")
         denom = denom if denom is not None else (labels != -100).sum()

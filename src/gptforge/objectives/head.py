@@ -213,10 +213,18 @@ def head_loss(impl: str, labels: torch.Tensor, reduction: str = "mean", chunk_ro
                              chunk_rows=chunk_rows)
 
 
+MODEL_KEYS = ("attn_mask", "positions", "doc_ids")  # what GPT.forward takes from a batch besides input_ids
+
+
+def model_inputs(batch: dict) -> dict:
+    """The batch's keyword arguments of GPT.forward (the ones present)."""
+    return {k: batch[k] for k in MODEL_KEYS if batch.get(k) is not None}
+
+
 def token_loss(model, batch: dict, impl: str = "plain", reduction: str = "mean",
                chunk_rows: int | None = None) -> torch.Tensor:
     """The model's CE on a batch (input_ids, labels, optional positions / doc_ids / attn_mask)."""
-    kw = {k: batch[k] for k in ("attn_mask", "positions", "doc_ids") if batch.get(k) is not None}
+    kw = model_inputs(batch)
     labels = batch["labels"]
     if impl == "plain":
         logits = model(batch["input_ids"], **kw)
