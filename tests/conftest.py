@@ -62,6 +62,16 @@ def trained_run(tmp_path_factory, char_data) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def trained_hf(tmp_path_factory, trained_run) -> Path:
+    """trained_run exported with `gptforge export-hf`: a Hugging Face folder of the same weights and tokenizer."""
+    from gptforge.cli import main
+
+    out = tmp_path_factory.mktemp("trained_hf") / "hf"
+    assert main(["export-hf", "--checkpoint", str(trained_run), "--out", str(out)]) == 0
+    return out
+
+
 def read_losses(run_dir) -> list[float]:
     import json
 

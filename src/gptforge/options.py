@@ -119,11 +119,22 @@ class _Style:
 
 
 def _tuple_len(tp) -> int:
-    """n for a field of type tuple[str, ...n] (or that | None), -1 for tuple[str, ...] (any number), else 0."""
+    """n for a field of type tuple[str, ...n] (or that | None), -1 for tuple[str, ...] (any number, up to the next
+    of the command's own flags), -2 for list[str] (any number, up to the next word starting with '-': prepare
+    --input a.txt b.txt, a shell glob; not with tyro.conf.UseAppendAction: one value a flag, repeated), else 0."""
+    if tyro.conf.UseAppendAction in getattr(tp, "__metadata__", ()):
+        return 0
     for t in (tp, *typing.get_args(tp)):
         if typing.get_origin(t) is tuple:
             return -1 if Ellipsis in typing.get_args(t) else len(typing.get_args(t))
+        if typing.get_origin(t) is list:
+            return -2
     return 0
+
+
+def _ends_values(n: int, a: str, fields: dict, aliases: dict) -> bool:
+    """Does word `a` end the values of a field of any length (n < 0, see _tuple_len)?"""
+    return n < 0 and (_is_flag(a, fields, aliases) or (n == -2 and a.startswith("-")))
 
 
 def _is_flag(a: str, fields: dict, aliases: dict) -> bool:
@@ -139,7 +150,7 @@ def _protect_tuple_values(cls: type, argv: list[str]) -> list[str]:
     fields, out, n = _fields(cls), [], 0
     aliases = {a: k for k, (_, al) in fields.items() for a in al}
     for a in argv:
-        if n < 0 and _is_flag(a, fields, aliases):
+        if _ends_values(n, a, fields, aliases):
             n = 0
         if n:
             out.append(" " + a if a.startswith("-") else a)
@@ -156,9 +167,9 @@ def check_flags(cls: type, argv: list[str], where: str = "on the command line", 
     fields = _fields(cls)
     aliases = {a: k for k, (_, al) in fields.items() for a in al}
     style = _Style(config_keys)
-    takes_value, verbatim = False, 0
+    takes_value, verbatim, lists = False, 0, set()
     for a in argv:
-        if verbatim < 0 and _is_flag(a, fields, aliases):  # the end of a tuple of any length (bench --to-loss)
+        if _ends_values(verbatim, a, fields, aliases):  # the end of a tuple of any length (bench --to-loss), a list
             verbatim = 0
         if verbatim:  # the values of a tuple field (e.g. bench --compare A B) may look like options
             verbatim -= 1 if verbatim > 0 else 0
@@ -176,6 +187,12 @@ def check_flags(cls: type, argv: list[str], where: str = "on the command line", 
             takes_value = "=" not in a and getattr(tp, "__origin__", tp) is not bool and flag not in ("-h", "--help")
             verbatim = _tuple_len(tp) if takes_value else 0
             takes_value = takes_value and not verbatim
+            if _tuple_len(tp) == -2:  # a second --input would replace the first: say how to give several
+                key = aliases.get(flag, _key(flag))
+                if key in lists:
+                    raise UserError(f"{style.name(key)} is given twice {where}; give all its values after one "
+                                    f"{style.spell(key)}: {style.spell(key)} A B (or a comma list A,B)")
+                lists.add(key)
             continue
         near = difflib.get_close_matches(_key(flag), list(fields), n=1, cutoff=0.5)
         hint = f"; did you mean '{style.spell(near[0])}'?" if near else "; see --help for the options"

@@ -94,6 +94,19 @@ def torchrun(nproc: int, cmd: list[str], timeout: float = 180, env: dict | None 
     return job
 
 
+def launch(nproc: int, cmd: list[str], timeout: float = 180, env: dict | None = None) -> Job:
+    """`gptforge launch --nproc-per-node N --port P -- CMD` on a free port (launch builds and runs torchrun)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    job = run([sys.executable, "-m", "gptforge", "launch", "--nproc-per-node", str(nproc), "--port", str(port), "--",
+               *cmd], timeout, env)
+    check_clean(job)
+    return job
+
+
 def check_clean(job: Job) -> None:
     assert job.returncode == 0, f"job failed:\n{job}"
     bad = [m for m in ABORT_MARKERS if m in job.output]

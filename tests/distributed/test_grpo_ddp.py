@@ -50,6 +50,11 @@ def test_grpo_ddp_equals_single_process(tmp_path):
     # the log line's real tokens: a step's prompt + completion tokens of every rank; a generative eval task
     # (train.eval_tasks, at the last step) split over the ranks gives one process's accuracy
     assert [x["perf/step_tokens"] for x in a] == [y["perf/step_tokens"] for y in b]
+    # and the run's token total (checkpoints, train.max_tokens) is their sum over the steps on either
+    from gptforge.checkpoint import STATE_FILE, list_checkpoints
+
+    totals = [json.loads((list_checkpoints(r)[-1] / STATE_FILE).read_text())["tokens_seen"] for r in (single, ddp)]
+    assert totals[0] == totals[1] == sum(x["perf/step_tokens"] for x in a)
     evals = [[json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines() if "eval/p/acc" in x]
              for r in (single, ddp)]
     assert [len(e) for e in evals] == [1, 1] and evals[0][0]["eval/p/acc"] == evals[1][0]["eval/p/acc"]

@@ -141,6 +141,30 @@ def test_cli(tmp_path, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_cli_takes_several_inputs(tmp_path, capsys):
+    """prepare --input A B (as a shell expands a glob) reads both, as --input A,B does; a second --input, which
+    would replace the first, is refused in one line that says how to give several."""
+    (tmp_path / "a.txt").write_text("alpha\n" * 20)
+    (tmp_path / "b.txt").write_text("beta\n" * 30)
+    runs = {"sep": ["--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")],
+            "comma": ["--input", f"{tmp_path / 'a.txt'},{tmp_path / 'b.txt'}"],
+            "last": ["--val-fraction", "0", "--input", str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]}
+    for name, args in runs.items():
+        assert cli(["prepare", *args, "--out", str(tmp_path / name), "--no-progress"]) == 0, name
+    metas = {n: json.loads((tmp_path / n / "meta.json").read_text()) for n in runs}
+    assert metas["sep"]["documents"] == metas["comma"]["documents"] == 2
+    assert sum(metas["sep"]["splits"].values()) == sum(metas["comma"]["splits"].values()) == 20 * 6 + 30 * 5 + 2  # + an end token each
+    assert (tmp_path / "sep" / "train.bin").read_bytes() == (tmp_path / "comma" / "train.bin").read_bytes()
+    assert metas["last"]["splits"] == {"train": 272, "val": 0}
+    capsys.readouterr()
+    assert cli(["prepare", "--input", str(tmp_path / "a.txt"), "--input", str(tmp_path / "b.txt"), "--out",
+                str(tmp_path / "twice")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "option '--input' is given twice" in err[0] and "--input A B" in err[0], err
+    assert cli(["prepare", "--input", str(tmp_path / "a.txt"), "--outt", str(tmp_path / "x")]) == 2
+    assert "unknown option '--outt' on the command line; did you mean '--out'?" in capsys.readouterr().err
+
+
 def test_ensure_prepared_caches_by_content(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("some text\n" * 30)

@@ -76,6 +76,19 @@ def test_comma_lists_for_every_reader(tmp_path):
         read_conversations("")
 
 
+def test_a_comma_list_expands_each_glob(tmp_path):
+    """"a.txt,dir/*.txt": a file and a glob, each read by the rules (not one glob of the whole); a glob holding a
+    comma that matches as a whole stays one glob; a part that matches nothing is named."""
+    (tmp_path / "d").mkdir()
+    for rel, text in (("a.txt", "A\n"), ("d/x.txt", "X\n"), ("d/y.txt", "Y\n"), ("k,1.txt", "K\n")):
+        (tmp_path / rel).write_text(text)
+    assert texts(f"{tmp_path}/a.txt,{tmp_path}/d/*.txt") == ["A\n", "X\n", "Y\n"]
+    assert texts(f"{tmp_path}/d/*.txt,{tmp_path}/a.txt") == ["X\n", "Y\n", "A\n"]
+    assert texts(f"{tmp_path}/k,*.txt") == ["K\n"]
+    with pytest.raises(UserError, match=r"input glob '.*/e/\*.txt' matches no files"):
+        texts(f"{tmp_path}/a.txt,{tmp_path}/e/*.txt")
+
+
 def test_bad_lines_are_named_or_skipped_and_counted(tmp_path):
     f = tmp_path / "mixed.jsonl"
     good = json.dumps({"text": "t", **CONV}).encode()

@@ -154,21 +154,58 @@ def test_chat_conversations_distill_and_chat_reads_the_result(trained_run, tmp_p
     assert chat and model.cfg.d_model == 32 and tok.hf.to_str() == teacher_tok.hf.to_str()
 
 
-def test_a_different_tokenizer_is_refused_in_one_line(trained_run, tmp_path, capsys):
+def _other_run(tmp_path, capsys):
+    """-> (a text with another character vocabulary, a one-step run trained on it)."""
     other = tmp_path / "other.txt"
     other.write_text("a tiny text with another character vocabulary\n" * 200)
     other_run = tmp_path / "other"
     assert main(["pretrain", *tiny_args(other_run, other, "--train.max_steps=1")]) == 0
     capsys.readouterr()
-    assert main(_distill(trained_run, tmp_path / "o", other, f"--init-from={other_run}",
-                         "--train.max_steps=1")) == 2
+    return other, other_run
+
+
+def _refused(capsys, argv) -> str:
+    """The command fails with exit status 2 and one line of error -> that line."""
+    assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "another tokenizer" in err[0] and "--init-from" in err[0], err
-    assert main(_distill(trained_run, tmp_path / "o", other, "--data.tokenizer=char", "--train.max_steps=1")) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "leave data.tokenizer out" in err[0], err
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_a_different_tokenizer_is_refused_in_one_line(trained_run, tmp_path, capsys):
+    other, other_run = _other_run(tmp_path, capsys)
+    err = _refused(capsys, _distill(trained_run, tmp_path / "o", other, f"--init-from={other_run}",
+                                    "--train.max_steps=1"))
+    assert "another tokenizer" in err and "--init-from" in err, err
+    err = _refused(capsys, _distill(trained_run, tmp_path / "o", other, "--data.tokenizer=char",
+                                    "--train.max_steps=1"))
+    assert "leave data.tokenizer out" in err, err
     assert main(["distill", f"--data.path={other}", "--train.max_steps=1"]) == 2
     assert "--teacher" in capsys.readouterr().err
+
+
+def test_a_hugging_face_teacher_gives_its_checkpoints_loss(trained_run, trained_hf, char_data, tmp_path, capsys):
+    """--teacher HF_FOLDER (export-hf of trained_run: 80 output rows, not the checkpoint's padded 128): the same
+    student and data give the step-1 loss, KL and CE of the checkpoint teacher; another tokenizer is refused in
+    one line, whether it comes with the student (--init-from) or with the data (a prepared dataset)."""
+    rows = []
+    for teacher, out in ((trained_run, tmp_path / "ck"), (trained_hf, tmp_path / "hf")):
+        assert main(_distill(teacher, out, char_data, "--train.max_steps=1", "--distill.temperature=2")) == 0
+        rows += _rows(out)
+    a, b = rows
+    assert a["train/kl"] > 0.1 and a["train/ce"] > 1.0, a
+    for k in ("train/loss", "train/kl", "train/ce", "train/grad_norm"):
+        assert abs(a[k] - b[k]) < 1e-6, (k, a[k], b[k])
+    assert json.loads((trained_hf / "config.json").read_text())["vocab_size"] < 128
+    _, other_run = _other_run(tmp_path, capsys)
+    err = _refused(capsys, _distill(trained_hf, tmp_path / "o", char_data, f"--init-from={other_run}",
+                                    "--train.max_steps=1"))
+    assert "another tokenizer" in err and "--init-from" in err and str(trained_hf) in err, err
+    other_hf = tmp_path / "other_hf"
+    assert main(["export-hf", "--checkpoint", str(other_run), "--out", str(other_hf)]) == 0
+    capsys.readouterr()
+    err = _refused(capsys, _distill(other_hf, tmp_path / "o", char_data, "--train.max_steps=1"))
+    assert f"the data ({char_data}" in err and "another tokenizer" in err and str(other_hf) in err, err
 
 
 def test_inference_mask_leaves_a_heads_output_alone():

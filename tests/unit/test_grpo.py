@@ -247,6 +247,54 @@ def test_grpo_command_logs_and_resumes_exactly(tmp_path, addition_sft, capsys):
     assert len({r["train/reward"] for r in a}) > 1  # the prompts differ from step to step
 
 
+def _last_state(run) -> dict:
+    import json
+
+    from gptforge.checkpoint import STATE_FILE, list_checkpoints
+
+    return json.loads((list_checkpoints(run)[-1] / STATE_FILE).read_text())
+
+
+def test_grpo_token_total_budget_and_resume(tmp_path, addition_sft, monkeypatch, capsys):
+    """The running token total (checkpoints, train.max_tokens) counts the tokens GRPO trains on: each rollout's
+    prompt + completion ids, no padding, counted here from the rollouts themselves (2 micro-batches a step);
+    train.max_tokens stops at the first step whose total reaches it; a resume keeps the total exactly."""
+    import gptforge.objectives.grpo as grpo_mod
+    from gptforge.cli import main
+
+    real, calls = grpo_mod.rollout, []
+
+    def counted(model, tok, prompts, seeds, group_size, *a, **kw):
+        ro = real(model, tok, prompts, seeds, group_size, *a, **kw)
+        calls.append(sum(len(prompts[i // group_size]) + len(c) for i, c in enumerate(ro.completions)))
+        return ro
+
+    monkeypatch.setattr(grpo_mod, "rollout", counted)
+    args = ("--train.micro_batch=3", "--train.grad_accum=2", "--train.schedule=constant", "--train.prefetch=0")
+    assert main(grpo_args(addition_sft, tmp_path / "full", "--train.max_steps=5", *args)) == 0
+    per_step = [calls[i] + calls[i + 1] for i in range(0, 10, 2)]
+    cum = [sum(per_step[:i + 1]) for i in range(5)]
+    assert len(calls) == 10 and len(set(per_step)) > 1  # completions of several lengths
+    assert _last_state(tmp_path / "full")["tokens_seen"] == cum[4]
+    assert cum[4] != 5 * 6 * 32  # not 5 steps x 6 prompts x block_size, as for block_size windows
+    # a budget of exactly the first 3 steps' tokens: stops after step 3
+    assert main(grpo_args(addition_sft, tmp_path / "b3", f"--train.max_tokens={cum[2]}", *args)) == 0
+    assert [r["step"] for r in _rows(tmp_path / "b3")] == [1, 2, 3]
+    assert _last_state(tmp_path / "b3")["tokens_seen"] == cum[2]
+    assert f"training until {cum[2]:,} tokens" in capsys.readouterr().out
+    # one token more: step 4, across a stop after step 2 and a resume; the same rollouts as the full run
+    calls.clear()
+    b4 = ("--train.max_tokens", str(cum[2] + 1), *args)
+    assert main(grpo_args(addition_sft, tmp_path / "b4", *b4, "--train.stop_after=2")) == 0
+    assert _last_state(tmp_path / "b4")["tokens_seen"] == cum[1]
+    assert main(grpo_args(addition_sft, tmp_path / "b4", *b4, "--train.resume=auto")) == 0
+    assert len(calls) == 8 and [calls[i] + calls[i + 1] for i in range(0, 8, 2)] == per_step[:4]
+    state = _last_state(tmp_path / "b4")
+    assert state["step"] == 4 and state["tokens_seen"] == cum[3]
+    assert main(grpo_args(addition_sft, tmp_path / "b4", *b4, "--train.resume=auto")) == 0
+    assert f"train.max_tokens={cum[2] + 1:,} reached ({cum[3]:,} tokens), nothing to train" in capsys.readouterr().out
+
+
 def test_grpo_mistakes_are_one_line(tmp_path, addition_sft, capsys):
     from gptforge.cli import main
 

@@ -215,6 +215,41 @@ def test_sft_cli_errors(tmp_path, capsys):
 
 
 
+def test_init_from_run_config_records_the_loaded_model(tmp_path, trained_run, char_data, capsys):
+    """sft --init-from: config.json (the run's and each checkpoint's) holds the model that was loaded (a llama base;
+    conftest's gpt2 one), not sft's default preset (nano: llama, 6 layers, d_model 384); a resume keeps it; chat and
+    export-hf read the run as the base's shape."""
+    from gptforge.checkpoint import list_checkpoints
+    from gptforge.cli import main
+    from gptforge.hf.inference import load_for_inference
+    from support.stage_fixtures import LLAMA_BLOCK, sft_args
+
+    from conftest import tiny_args
+
+    llama = tmp_path / "llama"
+    assert main(["pretrain", *tiny_args(llama, char_data, *LLAMA_BLOCK, "--train.max_steps=1")]) == 0
+    data = write_jsonl(tmp_path / "rev.jsonl", reverse_conversations(20))
+    for base in (llama, trained_run):
+        want = json.loads((list_checkpoints(base)[-1] / "model_config.json").read_text())
+        run = tmp_path / f"sft_{base.name}"
+        for steps in (1, 2):  # the second: a resume, which reads the run's config.json back
+            assert main(["sft", *[a for a in sft_args(run, data, f"--train.max_steps={steps}") if not
+                                  a.startswith("--model.")], f"--init-from={base}", "--train.resume=auto"]) == 0
+            for cfg in (run / "config.json", list_checkpoints(run)[-1] / "config.json"):
+                assert json.loads(cfg.read_text())["model"] == want, (base, steps, cfg)
+        assert want["n_layer"] == 2 and want["d_model"] == 64
+        assert load_for_inference(str(run), "cpu")[0].cfg.to_dict() == want
+    assert want["arch"] == "gpt2"  # conftest's base; the llama one: an untied head, grouped-query attention
+    assert json.loads((list_checkpoints(llama)[-1] / "model_config.json").read_text())["n_kv_head"] == 2
+    capsys.readouterr()
+    assert main(["chat", "--checkpoint", str(tmp_path / "sft_llama"), "--message", "abcd", "--temperature", "0",
+                 "--max-new-tokens", "4"]) == 0 and capsys.readouterr().out.strip()
+    assert main(["export-hf", "--checkpoint", str(tmp_path / "sft_llama"), "--out", str(tmp_path / "hf")]) == 0
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (hf["model_type"], hf["num_hidden_layers"], hf["hidden_size"], hf["num_key_value_heads"]) == \
+        ("llama", 2, 64, 2)
+
+
 def test_hf_export_carries_the_chat_template(sft_reverse_run, tmp_path):
     transformers = pytest.importorskip("transformers")
     from gptforge.hf.export import export_hf

@@ -56,6 +56,8 @@ class TrainSection:
     max_steps: Optional[int] = None
     """training length in optimizer steps (or give max_tokens or epochs)"""
     max_tokens: Optional[int] = None
+    """training length in tokens (block_size windows per step); grpo: a budget of the tokens it trains on (prompts +
+    completions), the run stops at the step that reaches it (its LR schedule spans the steps at full length)"""
     epochs: Optional[float] = None
     stop_after: Optional[int] = None
     """end this invocation after this step (the LR schedule still spans the full length); resume later"""

@@ -6,7 +6,8 @@ Each input item (``--input`` of prepare, ``--data.path`` of the training stages)
                     its files with the suffixes the reader wants, recursively, sorted; a file: read by
                     its suffix (below)
   a glob            (holds * ? or [) the files and folders it matches, sorted (** recurses)
-  a comma list      "a.jsonl,b.jsonl": split at commas, each part read by these rules
+  a comma list      "a.jsonl,b.jsonl", "a.txt,dir/*.txt": split at commas, each part read by these rules
+                    (a glob holding a comma that matches files as a whole is that glob)
 ``~`` is expanded in every item. Names starting with "." (hidden files and folders) are skipped in
 folder walks, as globs skip them. Folder walks and ``**`` follow links to folders but visit each real
 folder once (a link loop ends), and each real file is read once however many links, globs and list items
@@ -154,7 +155,7 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text
         if item.startswith("hf:"):
             sources.append(Source("hf_hub", item[3:], field, split))
             continue
-        p = Path(item).expanduser()
+        p, magic = Path(item).expanduser(), any(c in item for c in "*?[")
         if p.is_dir():
             if _is_hf_saved(p):
                 sources.append(Source("hf_disk", str(p), field, split))
@@ -165,13 +166,12 @@ def resolve_inputs(inputs: str | Path | Iterable[str | Path], field: str = "text
             sources += [_file_source(f, field, split) for f in files]
         elif p.is_file():
             sources.append(_file_source(p, field, split))
-        elif any(c in item for c in "*?["):
-            matches = _glob(os.path.expanduser(item))
-            if not matches:
-                raise UserError(f"input glob '{item}' matches no files; check the pattern (quote it in the shell)")
+        elif magic and (matches := _glob(os.path.expanduser(item))):
             sources += resolve_inputs(matches, field, split, suffixes, flag)
-        elif "," in item:
+        elif "," in item:  # a comma list (before a glob: "a.txt,dir/*.txt" is a file and a glob)
             sources += resolve_inputs(item.split(","), field, split, suffixes, flag)
+        elif magic:
+            raise UserError(f"input glob '{item}' matches no files; check the pattern (quote it in the shell)")
         else:
             raise UserError(f"input '{item}' not found; give an existing file, folder or glob "
                             f"(or hf:NAME for a Hugging Face hub dataset)")

@@ -144,6 +144,11 @@ class GRPOObjective:
         self.kl_coef, self.clip_eps, self.stop_ids, self.loss_impl = kl_coef, clip_eps, stop_ids, loss_impl
         self.pad_id = tok.pad_id if getattr(tok, "pad_id", None) is not None else 0
 
+    def full_tokens_per_row(self) -> float:
+        """A prompt's tokens for a step if each of its G completions ran to max_new_tokens (the prompts' mean
+        length): the Trainer lays out train.max_tokens's LR schedule with it; the run stops on the real count."""
+        return self.G * (sum(map(len, self.prompts)) / len(self.prompts) + self.max_new)
+
     def rewards(self, idx: list[int], texts: list[str]) -> torch.Tensor:
         r = [score(self.reward_fn, texts[i], self.answers[idx[i // self.G]], self.reward_spec)
              for i in range(len(texts))]

@@ -128,19 +128,25 @@ class StepMeter:
             self.window_t = time.perf_counter()
             self.excluded_s += self.window_t - t0
 
-    def count(self, metrics: dict) -> None:
-        """A step's values, once read on the host: the tokens it ran, when the objective counts them."""
-        if self.token_scale:
-            n = metrics.get("tokens", 0.0) * self.token_scale
-            self.window_tokens += n
-            self.counted_tokens += n
+    def step_tokens(self, metrics: dict) -> int:
+        """The tokens a step ran, from its values, when the objective counts them (else 0): the per-micro-batch
+        mean over micro-batches and ranks times their number, rounded (the mean is float32, the count whole)."""
+        return round(metrics.get("tokens", 0.0) * self.token_scale) if self.token_scale else 0
+
+    def count(self, metrics: dict) -> int:
+        """A step's values, once read on the host: -> the tokens it ran, when the objective counts them (else 0);
+        tok/s counts them. The trainer's running total (train.max_tokens, checkpoints) adds this."""
+        n = self.step_tokens(metrics)
+        self.window_tokens += n
+        self.counted_tokens += n
+        return n
 
     def _speed(self, now: float, dt: float, metrics: dict) -> tuple[str, dict]:
         """The log line's speed fields and their scalars: tok/s and MFU for block_size windows; for an objective
         that counts its tokens, tok/s of those and the step's tokens (no MFU: its FLOPs are not 6N per token)."""
         if self.token_scale:
             tok_s = self.window_tokens / max(now - self.window_t, 1e-9)
-            step_tokens = metrics.get("tokens", 0.0) * self.token_scale
+            step_tokens = self.step_tokens(metrics)
             return (f"{tok_s:,.0f} tok/s | {step_tokens:,.0f} tok/step",
                     {"perf/tok_s": tok_s, "perf/step_tokens": step_tokens})
         tok_s = self.tokens_per_step / dt

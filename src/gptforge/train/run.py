@@ -228,6 +228,8 @@ def run(cfg: Config, recipe_cls: type[Recipe]) -> dict:
         data = recipe.setup()
         tok = data.tokenizer
         model, mcfg = init_model(cfg, env, tok.vocab_size)
+        if cfg.train.init_from:  # config.json records the model that trains (--init-from's), not the stage's default
+            cfg.model = dataclasses.replace(mcfg)
         lora_files = setup_lora(cfg, recipe, model, env, tok)  # {} unless lora.rank > 0
         settle_layout(env, cfg, mcfg)  # the mesh across nodes depends on the model's size
         recipe.say(describe_model(cfg, model, mcfg) + f" | data: {data.label}")

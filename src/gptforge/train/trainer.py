@@ -57,9 +57,10 @@ class Due:
     sync: bool  # local SGD's outer step
     last: bool
     stop: bool
+    budget: bool = False  # train.max_tokens counted from the step's values (GRPO): read it now to stop at it
 
     def __bool__(self) -> bool:
-        return self.log or self.eval or self.save or self.sync or self.last or self.stop
+        return self.log or self.eval or self.save or self.sync or self.last or self.stop or self.budget
 
 
 class Trainer:
@@ -88,6 +89,10 @@ class Trainer:
         t = self.tcfg
         self.seqs_per_step = t.micro_batch * t.grad_accum * env.dp_size
         self.tokens_per_step = self.seqs_per_step * model_cfg.block_size
+        # an objective whose rows are not block_size windows (GRPO) counts its own tokens: metrics["tokens"] (the
+        # running total, tok/s); train.max_tokens is then a budget of those, checked as each step is read
+        self.counts_tokens = bool(getattr(objective, "counts_tokens", False))
+        self.token_budget = t.max_tokens if self.counts_tokens else None
         self.total_steps = self._total_steps()
         self.step, self.tokens_seen = 0, 0
         p = cfg.parallel
@@ -100,8 +105,6 @@ class Trainer:
         if not getattr(objective, "spike_check", True):  # a loss near 0 that changes sign (GRPO): no spike warning
             self.guard.factor = 0.0
         self.stepsync = StepSync(env)
-        # an objective whose rows are not block_size windows (GRPO) counts its own tokens: metrics["tokens"]
-        self.counts_tokens = bool(getattr(objective, "counts_tokens", False))
         self.meter = StepMeter(self.print, self.log, self.tokens_per_step, flops_per_token(model_cfg), self.optimizer,
                                t.grad_accum * env.world_size if self.counts_tokens else 0)
         self.ckpt = CheckpointManager(t, env, model, self.optimizer, self, files, model_cfg, self.local_sgd,
@@ -112,8 +115,9 @@ class Trainer:
         t = self.tcfg
         if t.max_steps is not None:
             n = t.max_steps
-        elif t.max_tokens is not None:
-            n = math.ceil(t.max_tokens / self.tokens_per_step)
+        elif t.max_tokens is not None:  # a token budget (counted tokens): the steps it takes at full length
+            n = math.ceil(t.max_tokens / (self.seqs_per_step * self.objective.full_tokens_per_row()
+                                          if self.token_budget else self.tokens_per_step))
         elif t.epochs is not None:
             n = math.ceil(t.epochs * self.train_loader.windows_per_epoch / self.seqs_per_step)
         else:
@@ -220,7 +224,7 @@ class Trainer:
                 hang.progress(self.step)  # the heartbeat names a rank that stops advancing (parallel.hang)
                 cur = self.train_step(stop)
                 self.step += 1
-                self.tokens_seen += self.tokens_per_step
+                self.tokens_seen += 0 if self.counts_tokens else self.tokens_per_step  # else as it is read
                 self.meter.tick()
                 if queued is not None:  # step - 1: the device has finished it (or nearly), this step is queued
                     v, queued = queued.read(), None
@@ -231,9 +235,11 @@ class Trainer:
                     cur.stage()  # read at the end of the next step: the host does not wait now
                     queued = cur
                     continue
-                v = cur.read()  # this step waits for the device anyway (log, save, eval, last, stop)
+                v = cur.read()  # this step waits for the device anyway (log, save, eval, last, stop, budget)
                 if self._observe(v, stop):
                     continue
+                if self._budget_spent():  # train.max_tokens of counted tokens: this step is the last
+                    self.end, due.last = self.step, True
                 self._after_step(v, due, stop.agreed is not None)  # every rank stops after the same step
                 if stop.agreed is not None:
                     break
@@ -252,30 +258,45 @@ class Trainer:
         if self.ckpt.run_id is None:
             self.ckpt.run_id = broadcast_object(uuid.uuid4().hex[:16], env)
         self.end = min(self.total_steps, t.stop_after or self.total_steps)
-        if self.step >= self.end:  # nothing to do: say so and succeed (a requeue loop must not fail here)
-            why = "finished" if self.end == self.total_steps else f"train.stop_after={t.stop_after} reached"
-            self.print(f"the run in {self.out_dir} is already at step {self.step} of {self.end}: {why}, nothing to "
-                       "train (raise train.max_steps to train longer)")
-            self.log.close()
-            return {"steps": self.step, "train_loss": None, "val_loss": None, "wall_s": 0.0, "losses": [],
-                    "tok_s": 0.0, "finished": True}
+        if self.token_budget is not None:  # the budget ends the run (checked as each step is read)
+            self.end = t.stop_after or sys.maxsize
+        if self.step >= self.end or self._budget_spent():  # nothing to do: say so and succeed (a requeue loop
+            return self._nothing_left()                        # must not fail here)
         self.model.train()
-        self.print(f"training {self.total_steps} steps x {self.seqs_per_step} sequences "
+        budget = (f" until {self.token_budget:,} tokens (the LR schedule: {self.total_steps} steps if every "
+                  "completion ran to full length)" if self.token_budget else f" {self.total_steps} steps")
+        self.print(f"training{budget} x {self.seqs_per_step} sequences "
                    f"(micro_batch {t.micro_batch} x grad_accum {t.grad_accum} x {env.dp_size} dp ranks)"
                    + ("" if self.counts_tokens else f" = {self.tokens_per_step:,} tokens/step")
                    + f" | precision {self.precision}"
                    + (f" ({self.precision_why})" if self.precision_why else "")
                    + (f" ({self.tf32})" if self.tf32 else "") + f" | device {self.device}")
-        self.meter.start(self.step, self.end, self.total_steps, env.is_main and t.progress,
+        self.meter.start(self.step, min(self.end, self.total_steps), self.total_steps, env.is_main and t.progress,
                          peak_flops(self.device, self.precision) * env.world_size, self.device)
         return None
+
+    def _nothing_left(self) -> dict:
+        t = self.tcfg
+        if self._budget_spent():
+            at, why = "", f"train.max_tokens={t.max_tokens:,} reached ({self.tokens_seen:,} tokens)"
+        else:
+            at = f" of {self.end}"
+            why = "finished" if self.end == self.total_steps else f"train.stop_after={t.stop_after} reached"
+        self.print(f"the run in {self.out_dir} is already at step {self.step}{at}: {why}, nothing to train (raise "
+                   "train.max_steps or train.max_tokens to train longer)")
+        self.log.close()
+        return {"steps": self.step, "train_loss": None, "val_loss": None, "wall_s": 0.0, "losses": [],
+                "tok_s": 0.0, "finished": True}
 
     def _due(self, stop) -> Due:
         t, step = self.tcfg, self.step
         return Due(log=step % t.log_every == 0 or step == 1, eval=bool(t.eval_every and step % t.eval_every == 0),
                    save=self.ckpt.due(step),
                    sync=self.local_sgd is not None and self.local_sgd.due(step),
-                   last=step == self.end, stop=stop.agreed is not None)
+                   last=step == self.end, stop=stop.agreed is not None, budget=self.token_budget is not None)
+
+    def _budget_spent(self) -> bool:
+        return self.token_budget is not None and self.tokens_seen >= self.token_budget
 
     def _after_step(self, v: StepValues, due: Due, stopping: bool) -> None:
         """A step read on the host: each component that is due acts (local SGD, log line, evaluation, save)."""
@@ -327,7 +348,7 @@ class Trainer:
         """The host's side of step v.step, once its values are read: history, a finished background save, the
         agreed stop signal, the NaN guard. True when it rolled back (the caller drops the step in flight)."""
         self.history.append(v.loss)
-        self.meter.count(v.metrics)
+        self.tokens_seen += self.meter.count(v.metrics)  # an objective's own tokens (0 for block_size windows)
         if self.ckpt.pending is not None and v.saved:
             self.ckpt.finish_pending()  # every rank has written it: complete (rename, rotate) now
         stop.agree(v.signal)
