@@ -1,10 +1,13 @@
 """What a training process holds that it does not need (issue 19's peak-memory target against nanoGPT):
 - torch.distributed.checkpoint, DTensor and tensor parallel (which pull in FSDP and sympy, ~45 MiB) are imported
   on first use, not by importing the CLI or the trainer;
+- a pretraining run on prepared token files never builds its tokenizer (the `tokenizers` library ~6 MiB, a GPT-2
+  tokenizer ~17 MiB more), nor imports safetensors, a TOML parser or DTensor's context-parallel / FlexAttention;
 - token windows read from a memory-mapped split hand their pages back, so the file does not end resident."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -26,6 +29,30 @@ def test_cli_and_trainer_import_without_checkpoint_and_dtensor_modules():
     import torch.distributed.checkpoint as dcp
 
     assert checkpoint.dcp.save is dcp.save
+
+
+NOT_IN_PRETRAIN = ("tokenizers", "safetensors", "tomllib", "torch.nn.attention.flex_attention",
+                   "torch.distributed.tensor.experimental")
+
+
+def test_pretrain_on_prepared_tokens_loads_no_tokenizer(tmp_path, char_data):
+    from conftest import tiny_args
+
+    out = tmp_path / "run"
+    code = ("import atexit, json, sys; from gptforge.cli import main; "
+            f"atexit.register(lambda: print('MODULES=' + json.dumps([m for m in {NOT_IN_PRETRAIN!r} "
+            "if m in sys.modules]))); sys.exit(main(sys.argv[1:]))")
+    args = ["pretrain", *tiny_args(out, char_data, "--train.max_steps=3", "--train.eval_every=3")]
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "saved checkpoint" in r.stdout + r.stderr  # the end's save ran (it writes the tokenizer too)
+    assert json.loads(r.stdout.split("MODULES=")[-1]) == []
+    ckpt = sorted((out / "checkpoints").glob("step_*"))[-1]
+    assert (ckpt / "tokenizer.json").read_bytes() == (char_data / "tokenizer.json").read_bytes()
+    # and the control: sampling text at the end does build it (the check above can fail)
+    r = subprocess.run([sys.executable, "-c", code, *args, "--train.sample_tokens=8",
+                        f"--train.out_dir={tmp_path / 'run2'}"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout.split("MODULES=")[-1]) == ["tokenizers"], r.stdout[-500:]
 
 
 def _mapping_rss_kib(path) -> int:

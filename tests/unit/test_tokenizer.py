@@ -116,3 +116,35 @@ def test_char_fast_path_equals_hf():
     for s in ["abc 中\n🎉 unknown ü", "a<|im_end|>b<|x", ""]:
         assert tok.encode_array(s).tolist() == tok.encode(s)
     assert tok.encode_array("cab🎉z").tolist() == [9, 7, 8, 11, 4]  # \n=5 " "=6 a=7 b=8 c=9 中=10 🎉=11, z unknown
+
+
+def test_load_is_lazy_when_the_meta_describes_the_file(tmp_path, bpe):
+    bpe.save(tmp_path / "t")
+    meta = json.loads((tmp_path / "t" / "tokenizer_meta.json").read_text())
+    assert meta["vocab_size"] == 300 and meta["special"]["<|im_end|>"] == bpe.special["<|im_end|>"]
+    lazy = T.load_tokenizer(tmp_path / "t")
+    assert lazy._hf is None  # not built: only the facts from the meta
+    assert (lazy.vocab_size, lazy.eos_id, lazy.pad_id, lazy.special, lazy.bos_ids) == \
+        (bpe.vocab_size, bpe.eos_id, bpe.pad_id, bpe.special, bpe.bos_ids)
+    lazy.save(tmp_path / "copy")  # a lazy save writes the same bytes, still without building it
+    assert lazy._hf is None
+    for f in ("tokenizer.json", "tokenizer_meta.json"):
+        assert (tmp_path / "copy" / f).read_bytes() == (tmp_path / "t" / f).read_bytes()
+    text = "Hello <|im_end|> wörld"
+    assert lazy.encode(text) == bpe.encode(text) and lazy._hf is not None  # built on first use, same ids
+
+
+def test_lazy_load_checks_the_meta_and_falls_back(tmp_path, bpe):
+    bpe.save(tmp_path / "t")
+    meta_file = tmp_path / "t" / "tokenizer_meta.json"
+    meta = json.loads(meta_file.read_text())
+    # a meta that names another file (sha256) or lacks the facts: built and checked at load, as before
+    for broken in ({**meta, "sha256": "0" * 64}, {"kind": "bpe", "vocab_size": 300}):
+        meta_file.write_text(json.dumps(broken))
+        assert T.load_tokenizer(tmp_path / "t")._hf is not None
+    # facts that do not match the file: one line at first use
+    meta_file.write_text(json.dumps({**meta, "vocab_size": 999}))
+    lazy = T.load_tokenizer(tmp_path / "t")
+    assert lazy.vocab_size == 999 and lazy._hf is None
+    with pytest.raises(UserError, match="does not match the tokenizer_meta.json beside it"):
+        lazy.encode("a")

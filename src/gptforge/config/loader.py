@@ -20,11 +20,6 @@ from gptforge.errors import UserError, show_value
 from gptforge.model.gpt import GPTConfig
 from gptforge.options import parse_options
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
-    import tomli as tomllib
-
 VOCAB_MULTIPLE = 64
 
 
@@ -50,6 +45,10 @@ def load_file(path: str | Path) -> dict:
                         f"config to --config")
     try:
         if p.suffix == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # Python 3.10: the same parser as the `tomli` package (a dependency there)
+                import tomli as tomllib
             return tomllib.loads(text)
         if p.suffix in (".yaml", ".yml"):
             import yaml

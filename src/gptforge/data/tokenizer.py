@@ -10,19 +10,23 @@ where the text is data (`encode_batch(..., specials=False)`: chat content, raw t
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
 
 from gptforge.data.corpus import check_writable
 from gptforge.data.sources import iter_texts, resolve_inputs
 from gptforge.errors import UserError
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer as HFTokenizer
 
 EOS, IM_START, IM_END, PAD = "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"
 SPECIAL_TOKENS = [EOS, IM_START, IM_END, PAD]
@@ -34,15 +38,21 @@ META_FILE = "tokenizer_meta.json"
 class Tokenizer:
     """A thin wrapper over an HF `tokenizers.Tokenizer` with the few things gptforge needs."""
 
-    def __init__(self, hf: HFTokenizer, kind: str):
+    def __init__(self, hf: HFTokenizer | None, kind: str, source: str | None = None, facts: dict | None = None,
+                 origin: str = "the tokenizer.json"):
+        """hf: the HF tokenizer; or None with `source` (the text of its tokenizer.json, read from `origin`) and
+        `facts` (ids and sizes as tokenizer_meta.json records them): the HF tokenizer is then built on first use
+        (load_tokenizer)."""
         if kind not in KINDS:
             raise UserError(f"unknown tokenizer kind '{kind}'; use one of {', '.join(KINDS)}")
-        _add_specials(hf)
-        self.hf, self.kind = hf, kind
-        self.special = {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}
+        self._hf, self._source, self._origin, self.kind = hf, source, origin, kind
+        if hf is not None:
+            _add_specials(hf)
+            facts = {"special": {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}, "bos_ids": _start_ids(hf),
+                     "vocab_size": max(hf.get_vocab(with_added_tokens=True).values()) + 1}
+        self.special = {s: int(facts["special"][s]) for s in SPECIAL_TOKENS}
         self.eos_id, self.pad_id = self.special[EOS], self.special[PAD]
-        self.vocab_size = max(hf.get_vocab(with_added_tokens=True).values()) + 1
-        self.bos_ids = _start_ids(hf)
+        self.vocab_size, self.bos_ids = int(facts["vocab_size"]), [int(i) for i in facts["bos_ids"]]
         # How the model is prompted at inference; gptforge.hf.inference sets them from the checkpoint or folder.
         self.end_ids: frozenset[int] = frozenset({self.eos_id})  # ids that end a generated text
         self.doc_end: int = self.eos_id  # the token between documents (and before a text) in eval --text
@@ -50,6 +60,22 @@ class Tokenizer:
 
         self._char_table: tuple[np.ndarray, np.ndarray] | None = None
         self._cuts: bool | None = None
+
+    @property
+    def hf(self) -> HFTokenizer:
+        """The HF tokenizer, built from the saved text on first use when loaded lazily: a training process that
+        only reads prepared token files never loads it (a GPT-2 tokenizer holds ~17 MiB, the library ~6 MiB)."""
+        if self._hf is None:
+            hf = _parse(self._source, self._origin)
+            if self.facts() != Tokenizer(hf, self.kind).facts():  # (that adds the special tokens, as eager loads do)
+                raise UserError(f"{self._origin} does not match the {META_FILE} beside it (vocab size, ids of the "
+                                "special tokens); prepare the data again, or delete that meta file")
+            self._hf = hf
+        return self._hf
+
+    def facts(self) -> dict:
+        """What tokenizer_meta.json records besides the kind (a lazy load reads them instead of the tokenizer)."""
+        return {"vocab_size": self.vocab_size, "special": dict(self.special), "bos_ids": list(self.bos_ids)}
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids
@@ -104,17 +130,35 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        self.hf.save(str(out / "tokenizer.json"))
-        (out / META_FILE).write_text(json.dumps({"kind": self.kind, "vocab_size": self.vocab_size}) + "\n")
+        if self._hf is None:  # not loaded: the text it was read from, as it was
+            (out / "tokenizer.json").write_text(self._source, encoding="utf-8")
+        else:
+            self._hf.save(str(out / "tokenizer.json"))
+        digest = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()  # ties the meta to this file
+        (out / META_FILE).write_text(json.dumps({"kind": self.kind, **self.facts(), "sha256": digest}) + "\n")
         return out / "tokenizer.json"
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size})"
 
 
+def _lib():
+    """The `tokenizers` library, imported where a tokenizer is built or used, not with this module."""
+    import tokenizers
+    return tokenizers
+
+
+def _parse(text: str, what: str) -> HFTokenizer:
+    try:
+        return _lib().Tokenizer.from_str(text)
+    except Exception as e:  # the tokenizers library raises plain Exception subclasses
+        raise UserError(f"{what} is not a valid tokenizer.json ({str(e).splitlines()[0]}); "
+                        "re-create it with gptforge train-tokenizer") from None
+
+
 def _add_specials(hf: HFTokenizer) -> None:
     """Reserve the chat special tokens (no-op for those already present: GPT-2's <|endoftext|> keeps 50256)."""
-    hf.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+    hf.add_special_tokens([_lib().AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
 
 
 def _start_ids(hf: HFTokenizer) -> list[int]:
@@ -129,9 +173,16 @@ def _start_ids(hf: HFTokenizer) -> list[int]:
 
 
 def _byte_level(hf: HFTokenizer) -> HFTokenizer:
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
+    tk = _lib()
+    hf.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = tk.decoders.ByteLevel()
     return hf
+
+
+def bpe_from_files(vocab: Path, merges: Path, kind: str = "bpe") -> Tokenizer:
+    """A byte-level BPE from GPT-2-style files (encoder/vocab.json and merges, e.g. vocab.bpe or merges.txt)."""
+    tk = _lib()
+    return Tokenizer(_byte_level(tk.Tokenizer(tk.models.BPE.from_file(str(vocab), str(merges)))), kind)
 
 
 def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
@@ -146,10 +197,11 @@ def char_tokenizer(texts: Iterable[str]) -> Tokenizer:
     vocab = {s: i for i, s in enumerate([*SPECIAL_TOKENS, UNK])}
     for c in sorted(chars):
         vocab.setdefault(c, len(vocab))
-    hf = HFTokenizer(models.WordLevel(vocab, unk_token=UNK))
-    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character alone
-    hf.decoder = decoders.Fuse()  # decode concatenates exactly
-    hf.add_special_tokens([AddedToken(UNK, special=True, normalized=False)])
+    tk = _lib()
+    hf = tk.Tokenizer(tk.models.WordLevel(vocab, unk_token=UNK))
+    hf.pre_tokenizer = tk.pre_tokenizers.Split(tk.Regex(r"[\s\S]"), behavior="isolated")  # every character alone
+    hf.decoder = tk.decoders.Fuse()  # decode concatenates exactly
+    hf.add_special_tokens([tk.AddedToken(UNK, special=True, normalized=False)])
     return Tokenizer(hf, "char")
 
 
@@ -169,7 +221,7 @@ def gpt2_files() -> tuple[Path, Path]:
 def gpt2_tokenizer() -> Tokenizer:
     """GPT-2's BPE: ids 0..50256 as in GPT-2 (<|endoftext|>=50256), then <|im_start|>, <|im_end|>, <|pad|>."""
     encoder, merges = gpt2_files()
-    return Tokenizer(_byte_level(HFTokenizer(models.BPE.from_file(str(encoder), str(merges)))), "gpt2")
+    return bpe_from_files(encoder, merges, "gpt2")
 
 
 def train_bpe(files_or_texts: Iterable[str | Path] | Iterable[str], vocab_size: int,
@@ -180,9 +232,10 @@ def train_bpe(files_or_texts: Iterable[str | Path] | Iterable[str], vocab_size: 
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise UserError(f"--vocab-size {vocab_size} is too small for a byte-level BPE; use at least "
                         f"{len(SPECIAL_TOKENS) + 256} (e.g. 8192)")
-    hf = _byte_level(HFTokenizer(models.BPE()))
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
-                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk = _lib()
+    hf = _byte_level(tk.Tokenizer(tk.models.BPE()))
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=True,
+                                     special_tokens=SPECIAL_TOKENS, initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
     items = files_or_texts if isinstance(files_or_texts, (list, tuple)) else None
     if items and all(isinstance(p, Path) for p in items):
         hf.train([str(p) for p in items], trainer)
@@ -195,23 +248,43 @@ def train_bpe(files_or_texts: Iterable[str | Path] | Iterable[str], vocab_size: 
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    """Load a tokenizer.json (or a directory holding one, e.g. a prepared dataset or a checkpoint)."""
+    """Load a tokenizer.json (or a directory holding one, e.g. a prepared dataset or a checkpoint). When its
+    tokenizer_meta.json records the ids and sizes and the sha256 of this very file (written by this version), the
+    HF tokenizer is built on first use, not here (Tokenizer.hf); else it is built and checked now."""
     p = Path(path).expanduser()
     file = p / "tokenizer.json" if p.is_dir() else p
     if not file.is_file():
         raise UserError(f"no tokenizer at '{path}'; give a tokenizer.json, a directory holding one, "
                         "or one of: char, gpt2")
     try:
-        hf = HFTokenizer.from_file(str(file))
-    except Exception as e:  # the tokenizers library raises plain Exception subclasses
-        raise UserError(f"'{file}' is not a valid tokenizer.json ({str(e).splitlines()[0]}); "
-                        "re-create it with gptforge train-tokenizer") from None
-    meta = file.parent / META_FILE
-    if meta.is_file():
-        kind = json.loads(meta.read_text()).get("kind", "bpe")
-    else:  # a tokenizer.json from elsewhere: guess the kind from its model
-        kind = "char" if isinstance(hf.model, models.WordLevel) else "bpe"
-    return Tokenizer(hf, kind)
+        text = file.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"'{file}' is not a readable tokenizer.json ({e}); re-create it with gptforge "
+                        "train-tokenizer") from None
+    meta = _read_meta(file.parent / META_FILE)
+    if _complete(meta) and meta.get("sha256") == hashlib.sha256(text.encode("utf-8")).hexdigest():
+        return Tokenizer(None, meta["kind"], source=text, facts=meta, origin=f"'{file}'")
+    hf = _parse(text, f"'{file}'")
+    kind = meta.get("kind") or ("char" if isinstance(hf.model, _lib().models.WordLevel) else "bpe")
+    return Tokenizer(hf, kind)  # a tokenizer.json from elsewhere (no meta: the kind guessed from its model)
+
+
+def _read_meta(meta: Path) -> dict:
+    try:
+        data = json.loads(meta.read_text()) if meta.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _complete(meta: dict) -> bool:
+    """Does tokenizer_meta.json hold everything a Tokenizer needs before its HF tokenizer is built?"""
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    special, bos = meta.get("special"), meta.get("bos_ids")
+    return (meta.get("kind") in KINDS and whole(meta.get("vocab_size")) and isinstance(special, dict)
+            and all(whole(special.get(s)) for s in SPECIAL_TOKENS) and isinstance(bos, list)
+            and all(whole(i) for i in bos))
 
 
 def build_tokenizer(spec: str | Path, texts: Iterable[str] | None = None) -> Tokenizer:

@@ -13,12 +13,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers
 
 from gptforge.data.chat_template import CHAT_TEMPLATE_FILE
-from gptforge.data.tokenizer import Tokenizer, load_tokenizer
+from gptforge.data.tokenizer import bpe_from_files, load_tokenizer
 from gptforge.errors import UserError
 
 _PICKLES = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
@@ -77,6 +74,7 @@ def weight_files(folder: str | Path) -> list[Path]:
 
 
 def read_safetensors(files: list[Path], dtype: torch.dtype | None = torch.float32) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open  # here: a training run that never reads a folder never loads it
     out: dict[str, torch.Tensor] = {}
     for f in files:
         try:
@@ -93,6 +91,7 @@ def read_safetensors(files: list[Path], dtype: torch.dtype | None = torch.float3
 def safetensors_shapes(files: list[Path]) -> dict[str, tuple[int, ...]]:
     """Every tensor's name and shape (only the headers are read): a config can be checked against the weights
     before anything is allocated."""
+    from safetensors import safe_open
     out: dict[str, tuple[int, ...]] = {}
     for f in files:
         try:
@@ -112,10 +111,7 @@ def hf_tokenizer(folder: str | Path):
     if (p / "tokenizer.json").is_file():
         return load_tokenizer(p)
     if (p / "vocab.json").is_file() and (p / "merges.txt").is_file():
-        hf = HFTokenizer(models.BPE.from_file(str(p / "vocab.json"), str(p / "merges.txt")))
-        hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        hf.decoder = decoders.ByteLevel()
-        return Tokenizer(hf, "bpe")
+        return bpe_from_files(p / "vocab.json", p / "merges.txt")
     return None
 
 

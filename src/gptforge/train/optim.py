@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import math
 import re
-import sys
 
 import torch
 
@@ -73,7 +72,7 @@ def skip_on_device(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> No
         return
     optimizer.found_inf, optimizer.grad_scale = (~finite).float(), None
     try:
-        with _implicit_replication():  # the plain flag beside DTensor parameters (FSDP2, TP)
+        with _implicit_replication(optimizer):  # the plain flag beside DTensor parameters (FSDP2, TP)
             optimizer.step()
     finally:
         optimizer.found_inf = None
@@ -140,10 +139,10 @@ def adjusted_lr(lr: float, adjust_lr_fn: str | None, shape) -> float:
     raise ValueError(f"unknown adjust_lr_fn {adjust_lr_fn!r}")
 
 
-def _implicit_replication():
-    """DTensor's implicit_replication where DTensors can exist (torch.distributed.tensor imported: see
-    parallel.mesh.is_dtensor), else nothing to do."""
-    if "torch.distributed.tensor" not in sys.modules:
+def _implicit_replication(optimizer: torch.optim.Optimizer):
+    """DTensor's implicit_replication where the optimizer holds DTensor parameters (FSDP2, TP), else nothing to
+    do (its module imports context parallel and FlexAttention: not for a plain run)."""
+    if not any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
         return contextlib.nullcontext()
     from torch.distributed.tensor.experimental import implicit_replication
     return implicit_replication()
