@@ -1,7 +1,9 @@
 """Tokenizers: character-level, GPT-2 BPE and trained byte-level BPE, all as HF `tokenizers.Tokenizer`.
 
 Every kind is saved as a standard `tokenizer.json` (so `PreTrainedTokenizerFast(tokenizer_file=...)` loads
-it and the HF export just copies it) plus `tokenizer_meta.json` holding the kind. Every kind reserves the
+it and the HF export just copies it) plus `tokenizer_meta.json` holding the kind, the vocab size, the special and
+BOS ids and the sha256 of that tokenizer.json: enough for a training process that only reads prepared token files,
+which then never builds the tokenizer (load_tokenizer, Tokenizer.hf). Every kind reserves the
 special tokens chat needs (SPECIAL_TOKENS); their literal strings in text encode to their single ids, except
 where the text is data (`encode_batch(..., specials=False)`: chat content, raw training text in `prepare`).
 
