@@ -176,7 +176,9 @@ def prepare_tokens(docs: list[str], tokenizer: str, val_fraction: float, max_cha
     gf_data = work / "gptforge_data"
     shutil.rmtree(gf_data, ignore_errors=True)
     meta = prepare([str(train_file)], gf_data, tokenizer, val_fraction=0.0, progress=False)
-    val_dir = ensure_val_prepared(str(val_file), gf_data, cache=work / "cache", progress=False)
+    # in gptforge's own cache (GPTFORGE_CACHE), where the timed run looks for it: it finds the validation set
+    # prepared, as nanoGPT finds its val.bin (else it tokenizes it first, and its peak memory holds that work)
+    val_dir = ensure_val_prepared(str(val_file), gf_data, progress=False)
     if meta["dtype"] != "uint16":
         raise SystemExit(f"the tokenizer has {meta['vocab_size']} tokens: nanoGPT reads uint16 ids only")
     nano_data.mkdir(parents=True, exist_ok=True)

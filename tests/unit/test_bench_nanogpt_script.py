@@ -42,6 +42,21 @@ def test_both_sides_get_the_same_token_ids(bn, tmp_path, shakespeare_small):
     assert Path(out["val_file"]).read_text(encoding="utf-8") == val_text[0]
 
 
+def test_the_validation_set_is_prepared_where_the_timed_run_looks(bn, tmp_path, shakespeare_small, monkeypatch):
+    """The run of gptforge finds data.val_path prepared in its cache (GPTFORGE_CACHE), as nanoGPT finds its
+    val.bin: tokenizing it inside the timed run would add that work to its peak memory."""
+    from gptforge.data import prepare as P
+
+    text = shakespeare_small.read_text(encoding="utf-8")[:30_000]
+    out = bn.prepare_tokens([text], "char", 0.1, None, tmp_path / "work", tmp_path / "nano")
+
+    def refuse(*a, **k):
+        raise AssertionError("the validation set was prepared again")
+    monkeypatch.setattr(P, "prepare", refuse)
+    val_dir = P.ensure_val_prepared(out["val_file"], out["gptforge_data"], progress=False)
+    assert (val_dir / "val.bin").read_bytes() == (tmp_path / "nano" / "val.bin").read_bytes()
+
+
 def test_many_documents_split_at_a_document(bn):
     docs = [f"doc {i} " + "x" * 90 for i in range(20)]
     train, val = bn.split(docs, 0.1, None)
