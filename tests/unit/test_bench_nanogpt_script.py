@@ -47,6 +47,7 @@ def test_the_validation_set_is_prepared_where_the_timed_run_looks(bn, tmp_path, 
     val.bin: tokenizing it inside the timed run would add that work to its peak memory."""
     from gptforge.data import prepare as P
 
+    monkeypatch.setenv("GPTFORGE_CACHE", str(tmp_path / "cache"))  # a cold cache: the check can fail
     text = shakespeare_small.read_text(encoding="utf-8")[:30_000]
     out = bn.prepare_tokens([text], "char", 0.1, None, tmp_path / "work", tmp_path / "nano")
 
