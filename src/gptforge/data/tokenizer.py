@@ -50,8 +50,7 @@ class Tokenizer:
         self._hf, self._source, self._origin, self.kind = hf, source, origin, kind
         if hf is not None:
             _add_specials(hf)
-            facts = {"special": {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}, "bos_ids": _start_ids(hf),
-                     "vocab_size": max(hf.get_vocab(with_added_tokens=True).values()) + 1}
+            facts = _facts_of(hf)
         self.special = {s: int(facts["special"][s]) for s in SPECIAL_TOKENS}
         self.eos_id, self.pad_id = self.special[EOS], self.special[PAD]
         self.vocab_size, self.bos_ids = int(facts["vocab_size"]), [int(i) for i in facts["bos_ids"]]
@@ -69,7 +68,8 @@ class Tokenizer:
         only reads prepared token files never loads it (a GPT-2 tokenizer holds ~17 MiB, the library ~6 MiB)."""
         if self._hf is None:
             hf = _parse(self._source, self._origin)
-            if self.facts() != Tokenizer(hf, self.kind).facts():  # (that adds the special tokens, as eager loads do)
+            _add_specials(hf)  # as an eager load does
+            if self.facts() != _facts_of(hf):
                 raise UserError(f"{self._origin} does not match the {META_FILE} beside it (vocab size, ids of the "
                                 "special tokens); prepare the data again, or delete that meta file")
             self._hf = hf
@@ -132,8 +132,8 @@ class Tokenizer:
     def save(self, out_dir: str | Path) -> Path:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        if self._hf is None:  # not loaded: the text it was read from, as it was
-            (out / "tokenizer.json").write_text(self._source, encoding="utf-8")
+        if self._hf is None:  # not loaded: the bytes it was read from, as they were
+            (out / "tokenizer.json").write_bytes(self._source.encode("utf-8"))
         else:
             self._hf.save(str(out / "tokenizer.json"))
         digest = hashlib.sha256((out / "tokenizer.json").read_bytes()).hexdigest()  # ties the meta to this file
@@ -161,6 +161,12 @@ def _parse(text: str, what: str) -> HFTokenizer:
 def _add_specials(hf: HFTokenizer) -> None:
     """Reserve the chat special tokens (no-op for those already present: GPT-2's <|endoftext|> keeps 50256)."""
     hf.add_special_tokens([_lib().AddedToken(s, special=True, normalized=False) for s in SPECIAL_TOKENS])
+
+
+def _facts_of(hf: HFTokenizer) -> dict:
+    """Tokenizer.facts() of a built HF tokenizer (its special tokens added)."""
+    return {"vocab_size": max(hf.get_vocab(with_added_tokens=True).values()) + 1,
+            "special": {s: hf.token_to_id(s) for s in SPECIAL_TOKENS}, "bos_ids": _start_ids(hf)}
 
 
 def _start_ids(hf: HFTokenizer) -> list[int]:
